@@ -1,0 +1,108 @@
+"""The `safety-checker` console command: `check` images against a server, `serve` a repository."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator, List, Optional, Sequence, TextIO, Tuple
+
+from safety_checker_client.client import DEFAULT_URLS, PROTOCOLS, CheckError, SafetyCheckerClient
+from safety_checker_client.preprocess import ImageError, load_image, preprocess
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="safety-checker", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    check = commands.add_parser("check", help="check image files; one JSON object per image on stdout")
+    check.add_argument("files", nargs="+", metavar="FILE")
+    check.add_argument("--url", help=f"HOST:PORT of the server (default {DEFAULT_URLS['grpc']} for gRPC, "
+                                     f"{DEFAULT_URLS['http']} for HTTP)")
+    check.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
+
+    serve = commands.add_parser("serve", help="serve a model repository with the bundled CPU tritonserver")
+    serve.add_argument("--repository", required=True, type=Path)
+    serve.add_argument("--host", default="127.0.0.1", help="address HTTP and gRPC bind to (default 127.0.0.1)")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument("--model-config-name", default="cpu",
+                       help="use configs/NAME.pbtxt where a model has one (default: cpu)")
+    return parser
+
+
+def _chunks(paths: Sequence[str], size: int) -> Iterator[Sequence[str]]:
+    for start in range(0, len(paths), size):
+        yield paths[start:start + size]
+
+
+def _emit(out: TextIO, record: dict) -> None:
+    out.write(json.dumps(record) + "\n")
+    out.flush()
+
+
+def check_files(paths: Sequence[str], client: SafetyCheckerClient, out: TextIO) -> int:
+    """Print one JSON line per file, in order; return the number of files that got no answer.
+
+    Files are read and sent a batch at a time, so memory stays flat for any
+    number of files. A file that cannot be read, or whose batch the server did
+    not answer, gets an "error" line and never a "flagged" field.
+    """
+    failures = 0
+    batch_size = client.max_batch_size
+    for chunk in _chunks(paths, batch_size):
+        loaded: List[Tuple[str, object]] = []
+        errors = {}
+        for path in chunk:
+            try:
+                loaded.append((path, load_image(path)))
+            except ImageError as err:
+                errors[path] = str(err)
+        answers = {}
+        if loaded:
+            try:
+                results = client.check_pixels(preprocess([image for _, image in loaded]))
+                answers = {path: result for (path, _), result in zip(loaded, results)}
+            except (CheckError, ImageError) as err:
+                errors.update({path: str(err) for path, _ in loaded})
+        for path in chunk:
+            if path in answers:
+                _emit(out, {"path": path, **answers[path].as_dict()})
+            else:
+                failures += 1
+                _emit(out, {"path": path, "error": errors[path]})
+    return failures
+
+
+def _check(args: argparse.Namespace) -> int:
+    try:
+        client = SafetyCheckerClient(args.url, protocol=args.protocol)
+        with client:
+            failures = check_files(args.files, client, sys.stdout)
+    except CheckError as err:  # the server could not even be asked for its config
+        for path in args.files:
+            _emit(sys.stdout, {"path": path, "error": str(err)})
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    if failures:
+        print(f"error: {failures} of {len(args.files)} images were not checked", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from safety_checker_client.server import serve_forever
+
+    return serve_forever(args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
+                         metrics_port=args.metrics_port, host=args.host, model_config_name=args.model_config_name)
+
+
+def main(argv: Optional[Iterable[str]] = None) -> int:
+    args = _parser().parse_args(None if argv is None else list(argv))
+    return _check(args) if args.command == "check" else _serve(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

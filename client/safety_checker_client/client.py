@@ -1,0 +1,136 @@
+"""A thin client for the served `safety_checker` ensemble, over gRPC or HTTP.
+
+It only ever returns a result for an image the server actually answered: any
+transport or server error raises, so a caller cannot mistake a failure for a
+"not flagged".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from safety_checker_client import spec
+from safety_checker_client.preprocess import ImageLike, preprocess
+
+DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
+PROTOCOLS = tuple(DEFAULT_URLS)
+
+
+class CheckError(RuntimeError):
+    """The server did not answer; no image of the failed request was checked."""
+
+
+@dataclass
+class CheckResult:
+    """The answer for one image."""
+
+    flagged: bool
+    concept_scores: List[float]
+    special_scores: List[float]
+    image_embeds: np.ndarray = field(repr=False)
+
+    def as_dict(self) -> Dict[str, object]:
+        """The JSON-ready view (without the embedding)."""
+        return {"flagged": self.flagged, "concept_scores": self.concept_scores, "special_scores": self.special_scores}
+
+
+def _triton_module(protocol: str):
+    if protocol == "grpc":
+        import tritonclient.grpc as module
+    elif protocol == "http":
+        import tritonclient.http as module
+    else:
+        raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
+    return module
+
+
+class SafetyCheckerClient:
+    """Sends pixel batches to the ensemble, split to fit the served max_batch_size."""
+
+    def __init__(self, url: Optional[str] = None, protocol: str = "grpc", model_name: str = spec.ENSEMBLE_MODEL,
+                 timeout_s: Optional[float] = 120.0) -> None:
+        self.protocol = protocol
+        self._triton = _triton_module(protocol)
+        self.url = url or DEFAULT_URLS[protocol]
+        self.model_name = model_name
+        self.timeout_s = timeout_s
+        kwargs = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
+        self._client = self._triton.InferenceServerClient(self.url, **kwargs)
+        self._max_batch_size: Optional[int] = None
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "SafetyCheckerClient":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    @property
+    def max_batch_size(self) -> int:
+        """Read once from the served config, so the client follows the deployment."""
+        if self._max_batch_size is None:
+            config = self._call(self._client.get_model_config, self.model_name)
+            if self.protocol == "grpc":
+                config = {"max_batch_size": config.config.max_batch_size}
+            self._max_batch_size = int(config["max_batch_size"])
+            if self._max_batch_size < 1:
+                raise CheckError(f"model {self.model_name} does not batch (max_batch_size {self._max_batch_size})")
+        return self._max_batch_size
+
+    def _call(self, function, *args, **kwargs):
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return function(*args, **kwargs)
+        except InferenceServerException as err:
+            raise CheckError(f"{self.model_name} at {self.url} ({self.protocol}): {err.message()}") from err
+        except Exception as err:  # connection refused, timeouts: tritonclient raises several types
+            raise CheckError(f"{self.model_name} at {self.url} ({self.protocol}): {err}") from err
+
+    def infer_pixels(self, pixel_values: np.ndarray) -> Dict[str, np.ndarray]:
+        """Run float32 [N, 3, 224, 224] pixel values, in as many requests as max_batch_size needs."""
+        pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
+        if len(pixel_values) == 0:
+            raise ValueError("no images to check")
+        chunks = [self._infer_once(pixel_values[i:i + self.max_batch_size])
+                  for i in range(0, len(pixel_values), self.max_batch_size)]
+        return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+    def _infer_once(self, pixel_values: np.ndarray) -> Dict[str, np.ndarray]:
+        tensor = self._triton.InferInput(spec.PIXEL_VALUES.name, list(pixel_values.shape), spec.PIXEL_VALUES.client_dtype)
+        tensor.set_data_from_numpy(pixel_values)
+        outputs = [self._triton.InferRequestedOutput(t.name) for t in spec.ENSEMBLE_OUTPUTS]
+        kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        result = self._call(self._client.infer, self.model_name, [tensor], outputs=outputs, **kwargs)
+        answer = {t.name: result.as_numpy(t.name) for t in spec.ENSEMBLE_OUTPUTS}
+        for name, value in answer.items():
+            if value is None or len(value) != len(pixel_values):
+                raise CheckError(f"{self.model_name} answered {name} for "
+                                 f"{0 if value is None else len(value)} of {len(pixel_values)} images")
+        return answer
+
+    def check_pixels(self, pixel_values: np.ndarray) -> List[CheckResult]:
+        answer = self.infer_pixels(pixel_values)
+        return [
+            CheckResult(
+                flagged=bool(answer[spec.HAS_NSFW_CONCEPTS.name][i].reshape(-1)[0]),
+                concept_scores=_thousandths(answer[spec.CONCEPT_SCORES.name][i]),
+                special_scores=_thousandths(answer[spec.SPECIAL_SCORES.name][i]),
+                image_embeds=answer[spec.IMAGE_EMBEDS.name][i],
+            )
+            for i in range(len(pixel_values))
+        ]
+
+    def check(self, images: Sequence[ImageLike], value_range: Tuple[float, float] = (0.0, 1.0)) -> List[CheckResult]:
+        """Check images (PIL, uint8 arrays or float arrays in `value_range`), one result each, in order."""
+        return self.check_pixels(preprocess(images, value_range=value_range))
+
+
+def _thousandths(scores: np.ndarray) -> List[float]:
+    """Scores are multiples of 0.001 sent as float32; give back the exact decimals diffusers reports."""
+    return [round(float(s), 3) for s in scores]

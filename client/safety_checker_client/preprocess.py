@@ -1,0 +1,196 @@
+"""Turn images into the checker's `pixel_values`, exactly as transformers does.
+
+The safety checker was trained on what `CLIPImageProcessor` makes of an image,
+so the client reproduces its PIL path (`CLIPImageProcessorPil` in
+transformers 5) step by step with numpy and Pillow only: convert to RGB
+(compositing transparency onto white), bicubic resize of the uint8 image so
+that its shortest edge is 224, centre crop to 224x224, scale by 1/255 in
+float64, cast to float32, normalise per channel in float32, channels first.
+Each step copies transformers' arithmetic and dtypes, so the result is
+bit-identical to the processor's `pixel_values`.
+
+Float arrays from a Stable Diffusion pipeline become uint8 the way diffusers'
+`VaeImageProcessor.postprocess` makes the PIL images it hands to the checker.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from safety_checker_client.spec import IMAGE_SIZE
+
+# The feature extractor config of CompVis/stable-diffusion-safety-checker.
+SHORTEST_EDGE = IMAGE_SIZE
+CROP_SIZE = IMAGE_SIZE
+RESAMPLE = Image.Resampling.BICUBIC
+RESCALE_FACTOR = 1 / 255
+IMAGE_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+IMAGE_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+
+ZERO_ONE = (0.0, 1.0)  # diffusers' output_type="np"
+MINUS_ONE_ONE = (-1.0, 1.0)  # decoded latents
+# How far a float may stray outside its stated range and still be clamped;
+# anything further means the caller stated the wrong range.
+RANGE_TOLERANCE = 1e-3
+
+_FLOAT_DTYPES = (np.float16, np.float32, np.float64)
+_CHANNEL_COUNTS = (1, 3, 4)  # grayscale, RGB, RGBA
+
+ImageLike = Union[Image.Image, np.ndarray]
+"""A PIL image of any mode, or an array as `to_uint8_image` accepts it."""
+
+
+class ImageError(ValueError):
+    """An input that is not an image the checker can be given.
+
+    Raised for unreadable or corrupt files and for arrays of the wrong shape,
+    dtype or value range, so that callers can tell bad input from a failing
+    server with one `except`.
+    """
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Open and fully decode an image file, upright as its EXIF tag says.
+
+    Decoding everything here makes truncated or corrupt files fail at once,
+    with the path in the message, instead of somewhere inside `preprocess`.
+    The EXIF orientation is applied as transformers' and diffusers'
+    `load_image` do, so the checker sees the picture a person would see.
+    The mode is kept: `to_uint8_image` converts it as CLIPImageProcessor does.
+    """
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
+        raise ImageError(f"cannot read image file {os.fspath(path)!r}: {error}") from error
+
+
+def to_uint8_image(image: ImageLike, value_range: tuple[float, float] = ZERO_ONE) -> Image.Image:
+    """Convert one image to the 8-bit RGB PIL image that CLIPImageProcessor resizes.
+
+    Accepts a PIL image of any mode, or an array of shape (H, W), (H, W, C)
+    or (C, H, W) with C in 1 (gray), 3 (RGB), 4 (RGBA); channels-last wins
+    when both ends could be channels. uint8 arrays are taken as they are.
+    float16/32/64 arrays hold values in `value_range`, (0, 1) as diffusers'
+    output_type="np" gives or (-1, 1) as the VAE decodes, and become uint8
+    as diffusers' postprocess does it: x / 2 + 0.5 for (-1, 1) in the
+    input's dtype, clamp to [0, 1], cast to float32, round(x * 255). Floats
+    more than RANGE_TOLERANCE outside the range raise ImageError, since
+    clamping them would hide that the caller passed the wrong range.
+    """
+    value_range = _checked_value_range(value_range)
+    if isinstance(image, np.ndarray):
+        image = Image.fromarray(_uint8_array(image, value_range))
+    elif not isinstance(image, Image.Image):
+        raise ImageError(f"expected a PIL image or a numpy array, got {type(image).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise ImageError(f"image is empty ({image.width}x{image.height})")
+    return _convert_rgb(image)
+
+
+def preprocess(
+    images: Sequence[ImageLike] | np.ndarray, value_range: tuple[float, float] = ZERO_ONE
+) -> np.ndarray:
+    """Make the checker's `pixel_values`: float32 [N, 3, 224, 224], C-contiguous.
+
+    `images` is a sequence of images as `to_uint8_image` accepts them, or one
+    4-D array holding a batch, (N, H, W, C) or (N, C, H, W). The result equals
+    CLIPImageProcessor's (PIL path) `pixel_values` for the same uint8 images.
+    """
+    if isinstance(images, np.ndarray) and images.ndim != 4:
+        raise ImageError(
+            f"a batch array must be 4-D (N, H, W, C) or (N, C, H, W), got shape {images.shape}; "
+            "pass a single image as a list of one"
+        )
+    if isinstance(images, Image.Image) or len(images) == 0:
+        raise ImageError("expected a non-empty sequence of images")
+    pixels = []
+    for index, image in enumerate(images):
+        try:
+            pixels.append(_pixel_values(to_uint8_image(image, value_range)))
+        except ImageError as error:
+            raise ImageError(f"image {index}: {error}") from error
+    return np.ascontiguousarray(np.stack(pixels))
+
+
+def _checked_value_range(value_range: tuple[float, float]) -> tuple[float, float]:
+    value_range = tuple(value_range)
+    if value_range not in (ZERO_ONE, MINUS_ONE_ONE):
+        raise ValueError(f"value_range must be {ZERO_ONE} or {MINUS_ONE_ONE}, got {value_range}")
+    return value_range
+
+
+def _uint8_array(array: np.ndarray, value_range: tuple[float, float]) -> np.ndarray:
+    """Validate an image array and return it as uint8 (H, W) or (H, W, 3|4)."""
+    if array.ndim == 3:
+        if array.shape[0] in _CHANNEL_COUNTS and array.shape[-1] not in _CHANNEL_COUNTS:
+            array = np.moveaxis(array, 0, -1)
+        if array.shape[-1] not in _CHANNEL_COUNTS:
+            raise ImageError(
+                f"image array of shape {array.shape} has no channel axis of size 1, 3 or 4 "
+                "first or last"
+            )
+        if array.shape[-1] == 1:
+            array = array[..., 0]
+    elif array.ndim != 2:
+        raise ImageError(
+            f"image array must be 2-D (H, W) or 3-D (H, W, C) / (C, H, W), got shape {array.shape}"
+        )
+    if array.size == 0:
+        raise ImageError(f"image array is empty (shape {array.shape})")
+
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if array.dtype not in _FLOAT_DTYPES:
+        raise ImageError(f"image array dtype must be uint8, float16, float32 or float64, got {array.dtype}")
+    if not np.isfinite(array).all():
+        raise ImageError(f"image array holds {np.count_nonzero(~np.isfinite(array))} NaN or Inf values")
+    low, high = value_range
+    found_low, found_high = float(array.min()), float(array.max())
+    if found_low < low - RANGE_TOLERANCE or found_high > high + RANGE_TOLERANCE:
+        raise ImageError(
+            f"float image values span [{found_low:.4g}, {found_high:.4g}], outside the stated "
+            f"value_range {value_range}; pass the range the image is really in"
+        )
+    if value_range == MINUS_ONE_ONE:
+        array = array / 2 + 0.5  # diffusers' denormalize, in the input's dtype
+    array = np.clip(array, 0, 1).astype(np.float32)  # pt_to_numpy's .float()
+    return np.ascontiguousarray((array * 255).round().astype(np.uint8))  # numpy_to_pil
+
+
+def _convert_rgb(image: Image.Image) -> Image.Image:
+    """transformers' convert_to_rgb: transparency is composited onto white."""
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        image = image.convert("RGBA")
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, image).convert("RGB")
+    return image.convert("RGB")
+
+
+def _pixel_values(image: Image.Image) -> np.ndarray:
+    """Resize, crop, rescale and normalise one RGB image; returns float32 (3, 224, 224)."""
+    # transformers' get_resize_output_image_size(default_to_square=False): the
+    # short side becomes SHORTEST_EDGE and the long side int(SHORTEST_EDGE *
+    # long / short), truncated; applied even when the short side is already
+    # SHORTEST_EDGE (PIL then returns a copy) and for images smaller than it.
+    width, height = image.size
+    if width <= height:
+        size = (SHORTEST_EDGE, int(SHORTEST_EDGE * height / width))
+    else:
+        size = (int(SHORTEST_EDGE * width / height), SHORTEST_EDGE)
+    pixels = np.asarray(image.resize(size, resample=RESAMPLE))
+
+    # transformers' center_crop. Both sides are >= CROP_SIZE after the resize,
+    # so its zero-padding branch for small images can never run here.
+    top = (pixels.shape[0] - CROP_SIZE) // 2
+    left = (pixels.shape[1] - CROP_SIZE) // 2
+    pixels = pixels[top : top + CROP_SIZE, left : left + CROP_SIZE]
+
+    scaled = (pixels.astype(np.float64) * RESCALE_FACTOR).astype(np.float32)
+    return ((scaled - IMAGE_MEAN) / IMAGE_STD).transpose(2, 0, 1)

@@ -1,0 +1,100 @@
+"""The one description of the served networks.
+
+Every tensor name, data type and shape that the export, the model repository
+configs and the client use is defined here and nowhere else (the pattern of
+TensorRT's demo/Diffusion). Shapes may name a model dimension symbolically
+("num_concepts", ...); `ModelDims` resolves them for one exported checker.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Tuple, Union
+
+# Triton model names.
+ENSEMBLE_MODEL = "safety_checker"
+EMBEDDER_MODEL = "safety_checker_embedder"
+POSTPROCESS_MODEL = "safety_checker_postprocess"
+
+# Largest batch one request (and one dynamic batch) may hold.
+MAX_BATCH_SIZE = 32
+
+# The pixel input is what CLIPImageProcessor produces for a ViT-L/14 checker.
+IMAGE_SIZE = 224
+NUM_CHANNELS = 3
+
+# The ONNX file inside the embedder's version folder.
+ONNX_FILENAME = "model.onnx"
+# The thresholds and concept metadata inside the postprocessor's version folder.
+CONCEPTS_FILENAME = "concepts.json"
+
+Dim = Union[int, str]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One tensor without its batch dimension (Triton's `dims`)."""
+
+    name: str
+    triton_dtype: str  # as in config.pbtxt, without the "TYPE_" prefix
+    dims: Tuple[Dim, ...]
+
+    @property
+    def numpy_dtype(self) -> str:
+        return _NUMPY_DTYPES[self.triton_dtype]
+
+    @property
+    def client_dtype(self) -> str:
+        """The datatype string of the KServe v2 protocol (tritonclient)."""
+        return _CLIENT_DTYPES[self.triton_dtype]
+
+    def resolve(self, dims: "ModelDims") -> Tuple[int, ...]:
+        return tuple(dims.value(d) for d in self.dims)
+
+
+_NUMPY_DTYPES = {"FP32": "float32", "BOOL": "bool", "INT64": "int64"}
+_CLIENT_DTYPES = {"FP32": "FP32", "BOOL": "BOOL", "INT64": "INT64"}
+
+
+@dataclass(frozen=True)
+class ModelDims:
+    """The sizes of one checker that tensor shapes refer to by name."""
+
+    num_concepts: int
+    num_special: int
+    projection_dim: int
+
+    def value(self, dim: Dim) -> int:
+        return dim if isinstance(dim, int) else int(getattr(self, dim))
+
+    def as_dict(self) -> Mapping[str, int]:
+        return {"num_concepts": self.num_concepts, "num_special": self.num_special,
+                "projection_dim": self.projection_dim}
+
+
+# The published checkpoint CompVis/stable-diffusion-safety-checker.
+REFERENCE_DIMS = ModelDims(num_concepts=17, num_special=3, projection_dim=768)
+
+# -- Ensemble contract (what users call) ------------------------------------
+PIXEL_VALUES = TensorSpec("pixel_values", "FP32", (NUM_CHANNELS, IMAGE_SIZE, IMAGE_SIZE))
+HAS_NSFW_CONCEPTS = TensorSpec("has_nsfw_concepts", "BOOL", (1,))
+CONCEPT_SCORES = TensorSpec("concept_scores", "FP32", ("num_concepts",))
+SPECIAL_SCORES = TensorSpec("special_scores", "FP32", ("num_special",))
+IMAGE_EMBEDS = TensorSpec("image_embeds", "FP32", ("projection_dim",))
+
+ENSEMBLE_INPUTS = (PIXEL_VALUES,)
+ENSEMBLE_OUTPUTS = (HAS_NSFW_CONCEPTS, CONCEPT_SCORES, SPECIAL_SCORES, IMAGE_EMBEDS)
+
+# -- Embedder (the exported ONNX graph) -------------------------------------
+CONCEPT_COSINES = TensorSpec("concept_cosines", "FP32", ("num_concepts",))
+SPECIAL_COSINES = TensorSpec("special_cosines", "FP32", ("num_special",))
+# Count of NaN/Inf values in each image's pixels, computed inside the graph so
+# that the postprocessor can refuse non-finite input without seeing the pixels.
+NONFINITE_VALUES = TensorSpec("nonfinite_values", "INT64", (1,))
+
+EMBEDDER_INPUTS = (PIXEL_VALUES,)
+EMBEDDER_OUTPUTS = (IMAGE_EMBEDS, CONCEPT_COSINES, SPECIAL_COSINES, NONFINITE_VALUES)
+
+# -- Postprocessor ----------------------------------------------------------
+POSTPROCESS_INPUTS = (CONCEPT_COSINES, SPECIAL_COSINES, NONFINITE_VALUES)
+POSTPROCESS_OUTPUTS = (HAS_NSFW_CONCEPTS, CONCEPT_SCORES, SPECIAL_SCORES)

@@ -1,0 +1,110 @@
+"""Load a safety checker from the hub or a local directory, refusing anything else.
+
+`from_pretrained` happily fills missing or mis-shaped weights with random
+values and only warns; for a guardrail that would silently serve a different
+model, so every such case is an error here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+DEFAULT_MODEL = "CompVis/stable-diffusion-safety-checker"
+
+
+class CheckpointError(RuntimeError):
+    """The source is not a loadable StableDiffusionSafetyChecker."""
+
+
+@dataclass
+class Checkpoint:
+    model: Any  # diffusers StableDiffusionSafetyChecker, in eval mode
+    source: str
+    preprocessor_config: Optional[Dict[str, Any]]
+
+
+def _looks_like_path(source: str) -> bool:
+    """Hub ids are "owner/name"; anything else, or anything that exists here, is a path."""
+    if os.path.exists(source) or os.path.isabs(source) or source.startswith((".", "~")):
+        return True
+    return source.count("/") != 1 or os.path.isdir(source.split("/")[0])
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CheckpointError(f"{path} is not readable JSON: {err}") from err
+
+
+def _check_local_dir(path: Path) -> None:
+    if not path.exists():
+        raise CheckpointError(f"model path {path} does not exist")
+    if not path.is_dir():
+        raise CheckpointError(f"model path {path} is not a directory saved with save_pretrained")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"{path} has no config.json: not a model saved with save_pretrained")
+    config = _read_json(config_path)
+    architectures = config.get("architectures") or []
+    if "StableDiffusionSafetyChecker" not in architectures or "vision_config" not in config:
+        raise CheckpointError(
+            f"{path} is not a StableDiffusionSafetyChecker (config.json architectures={architectures}, "
+            f"model_type={config.get('model_type')!r})"
+        )
+
+
+def load_checkpoint(source: str) -> Checkpoint:
+    """Load `source` (hub id or local directory) as a float32 checker in eval mode."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    local = _looks_like_path(source)
+    if local:
+        path = Path(source).expanduser()
+        _check_local_dir(path)
+        source = str(path)
+    try:
+        model, info = StableDiffusionSafetyChecker.from_pretrained(source, output_loading_info=True)
+    except Exception as err:  # transformers raises many types for the same failures
+        if local:
+            raise CheckpointError(f"cannot load the safety checker in {source}: {_first_line(err)}") from err
+        raise CheckpointError(
+            f"cannot load {source!r} from the Hugging Face hub (is the hub reachable, or pass a local "
+            f"directory saved with save_pretrained?): {_first_line(err)}"
+        ) from err
+    problems = {k: v for k, v in info.items() if k in ("missing_keys", "mismatched_keys", "error_msgs") and v}
+    if problems:
+        raise CheckpointError(f"the weights in {source} do not match its config: {_summarise(problems)}")
+    model = model.float().eval()
+    return Checkpoint(model=model, source=source, preprocessor_config=_preprocessor_config(source, local))
+
+
+def _preprocessor_config(source: str, local: bool) -> Optional[Dict[str, Any]]:
+    if local:
+        path = Path(source) / "preprocessor_config.json"
+        return _read_json(path) if path.is_file() else None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return _read_json(Path(hf_hub_download(source, "preprocessor_config.json")))
+    except Exception:  # optional file: the served contract does not depend on it
+        return None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:400]
+
+
+def _summarise(problems: Dict[str, Any]) -> str:
+    parts = []
+    for key, values in problems.items():
+        values = list(values)
+        shown = ", ".join(str(v) for v in values[:5])
+        more = f" (+{len(values) - 5} more)" if len(values) > 5 else ""
+        parts.append(f"{key.replace('_', ' ')}: {shown}{more}")
+    return "; ".join(parts)

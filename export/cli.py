@@ -1,0 +1,50 @@
+"""`python -m export`: checkpoint -> verified ONNX -> Triton model repository."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+from typing import Optional, Sequence
+
+from export.checkpoint import DEFAULT_MODEL, CheckpointError, load_checkpoint
+from export.onnx_export import DEFAULT_OPSET, DEFAULT_TOLERANCE, VerificationError, export_onnx, verify_onnx
+from export.graph import EmbedderGraph
+from export.repository import concept_metadata, model_dims, write_repository
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"hub id or local directory saved with save_pretrained (default: {DEFAULT_MODEL})")
+    parser.add_argument("--repository", required=True, type=Path, help="model repository to write")
+    parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, at least 17")
+    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
+                        help="largest accepted |cosine(ONNX) - cosine(PyTorch)|")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.opset < 17:
+        print(f"error: --opset {args.opset} is below 17", file=sys.stderr)
+        return 2
+    try:
+        print(f"loading {args.model}", flush=True)
+        checkpoint = load_checkpoint(args.model)
+        dims = model_dims(checkpoint.model)
+        graph = EmbedderGraph(checkpoint.model)
+        with tempfile.TemporaryDirectory(prefix="safety-checker-export-") as scratch:
+            onnx_file = Path(scratch) / "model.onnx"
+            print(f"exporting ONNX (opset {args.opset}, dynamic batch, fp32)", flush=True)
+            export_onnx(graph, onnx_file, opset=args.opset)
+            diff = verify_onnx(checkpoint.model, onnx_file, tolerance=args.tolerance)
+            print(f"verified: max |cosine(ONNX) - cosine(PyTorch)| = {diff:.3g} (tolerance {args.tolerance:g})")
+            write_repository(args.repository, onnx_file, dims, concept_metadata(checkpoint.model, checkpoint.source))
+    except (CheckpointError, VerificationError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"wrote model repository {args.repository} ({dims.num_concepts} concepts, "
+          f"{dims.num_special} special-care concepts, projection_dim {dims.projection_dim})")
+    return 0

@@ -1,0 +1,66 @@
+"""Assemble a complete, servable model repository in a staging folder, then swap it in.
+
+Nothing in the destination changes until the whole repository is written, so
+a failed export never leaves a half-updated repository behind.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Dict
+
+from safety_checker_client import spec
+from safety_checker_client.spec import ModelDims
+
+from export import configs
+
+SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+MODEL_FOLDERS = (spec.ENSEMBLE_MODEL, spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL)
+# Generated files that may sit in a developer's model_repository/ and are never copied from it.
+_NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.onnx", "*.onnx.data", spec.CONCEPTS_FILENAME)
+
+
+def model_dims(checker: Any) -> ModelDims:
+    return ModelDims(
+        num_concepts=int(checker.concept_embeds.shape[0]),
+        num_special=int(checker.special_care_embeds.shape[0]),
+        projection_dim=int(checker.visual_projection.out_features),
+    )
+
+
+def concept_metadata(checker: Any, source: str) -> Dict[str, Any]:
+    """Thresholds as the float32 parameters' exact values, which is what diffusers compares with."""
+    concepts = [float(t) for t in checker.concept_embeds_weights.detach().float().tolist()]
+    special = [float(t) for t in checker.special_care_embeds_weights.detach().float().tolist()]
+    return {
+        "format_version": 1,
+        "source": source,
+        "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "special_care_adjustment": 0.01,
+        "concepts": [{"name": f"concept_{i:02d}", "threshold": t} for i, t in enumerate(concepts)],
+        "special_care": [{"name": f"special_care_{i}", "threshold": t} for i, t in enumerate(special)],
+    }
+
+
+def write_repository(destination: Path, onnx_file: Path, dims: ModelDims, metadata: Dict[str, Any]) -> None:
+    destination.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=destination))
+    try:
+        for folder in MODEL_FOLDERS:
+            shutil.copytree(SOURCE_REPOSITORY / folder, staging / folder, ignore=_NOT_COPIED)
+        configs.write_all(staging, dims)
+        shutil.copyfile(onnx_file, staging / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME)
+        (staging / spec.POSTPROCESS_MODEL / "1" / spec.CONCEPTS_FILENAME).write_text(
+            json.dumps(metadata, indent=2) + "\n"
+        )
+        for folder in MODEL_FOLDERS:
+            target = destination / folder
+            if target.exists():
+                shutil.rmtree(target)
+            (staging / folder).rename(target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,47 @@
+"""CPU embedder: runs model.onnx with onnxruntime inside Triton's Python backend.
+
+Used by the bundled tritonserver, which has no onnxruntime backend
+(configs/cpu.pbtxt). All requests of a dynamic batch go through one session
+run, so batching pays off exactly as it does on the onnxruntime backend.
+"""
+
+import json
+import os
+
+import numpy as np
+import onnxruntime as ort
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.input_name = config["input"][0]["name"]
+        self.output_names = [output["name"] for output in config["output"]]
+        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = int(parameters.get("intra_op_num_threads", "0"))
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        onnx_file = parameters["onnx_filename"]
+        self.session = ort.InferenceSession(
+            os.path.join(version_dir, onnx_file), sess_options=options, providers=["CPUExecutionProvider"]
+        )
+
+    def execute(self, requests):
+        batches = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
+        sizes = [len(b) for b in batches]
+        pixels = batches[0] if len(batches) == 1 else np.concatenate(batches)
+        outputs = self.session.run(self.output_names, {self.input_name: pixels})
+
+        responses = []
+        start = 0
+        for size in sizes:
+            tensors = [
+                pb_utils.Tensor(name, np.ascontiguousarray(value[start:start + size]))
+                for name, value in zip(self.output_names, outputs)
+            ]
+            responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
+            start += size
+        return responses

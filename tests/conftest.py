@@ -1,0 +1,83 @@
+"""Session fixtures: a tiny checker crafted for the parity tests, its export, and a real tritonserver."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pytest
+
+from crafting import Crafted, calibrate_thresholds, craft, unambiguous, varied_inputs
+from tiny_checker import build_tiny_checker, save_tiny_checker
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_export(model: Path | str, repository: Path, *extra: str) -> subprocess.CompletedProcess:
+    """`python -m export` as a user runs it, from the repository root."""
+    return subprocess.run([sys.executable, "-m", "export", "--model", str(model), "--repository", str(repository),
+                           *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@dataclass
+class ParitySet:
+    checker_dir: Path
+    pixels: np.ndarray  # [N, 3, 224, 224]: varied images, real photos and crafted inputs
+    crafted: List[Crafted]
+    crafted_offset: int  # pixels[crafted_offset:] are the crafted ones
+
+
+def photos() -> np.ndarray:
+    """Real photographs from scikit-image, through the client's own preprocessing."""
+    from skimage import data
+
+    from safety_checker_client.preprocess import preprocess
+
+    names = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field", "retina")
+    images = [getattr(data, name)() for name in names]
+    images += [image[::-1] for image in images] + [image[:, ::-1] for image in images]
+    return preprocess(images)
+
+
+@pytest.fixture(scope="session")
+def parity_set(tmp_path_factory) -> ParitySet:
+    rng = np.random.default_rng(20261128)
+    checker = build_tiny_checker(seed=7)
+    pool = varied_inputs(rng, 300)
+    calibrate_thresholds(checker, pool)
+    crafted = craft(checker, pool, rng, per_margin=4)
+    plain = np.concatenate([pool[:220], photos()])
+    plain = plain[unambiguous(checker, plain)]
+    checker_dir = save_tiny_checker(tmp_path_factory.mktemp("checker") / "tiny-checker", checker)
+    pixels = np.concatenate([plain, np.stack([c.pixels for c in crafted])])
+    return ParitySet(checker_dir=checker_dir, pixels=pixels, crafted=crafted, crafted_offset=len(plain))
+
+
+@pytest.fixture(scope="session")
+def reference_checker(parity_set):
+    """The judge: diffusers' class loaded from the saved checkpoint, as a pipeline would."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    return StableDiffusionSafetyChecker.from_pretrained(str(parity_set.checker_dir)).eval()
+
+
+@pytest.fixture(scope="session")
+def repository(parity_set, tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("repository")
+    result = run_export(parity_set.checker_dir, target)
+    assert result.returncode == 0, result.stderr
+    return target
+
+
+@pytest.fixture(scope="session")
+def server(repository):
+    from safety_checker_client.server import TritonServer, free_port
+
+    triton = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    triton.start()
+    yield triton
+    triton.stop()

@@ -1,0 +1,169 @@
+"""`python -m export`: what it writes, and what it refuses (leaving the destination untouched)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import ROOT, run_export
+from export import configs
+from export.onnx_export import VerificationError, export_onnx, verify_onnx
+from export.graph import EmbedderGraph
+from safety_checker_client import spec
+from safety_checker_client.spec import ModelDims
+from tiny_checker import build_tiny_checker, save_tiny_checker
+
+
+def test_writes_a_complete_repository(repository, reference_checker):
+    onnx_file = repository / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME
+    model = onnx.load(str(onnx_file))
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    inputs = {i.name: i for i in model.graph.input}
+    assert list(inputs) == [t.name for t in spec.EMBEDDER_INPUTS]
+    assert [o.name for o in model.graph.output] == [t.name for t in spec.EMBEDDER_OUTPUTS]
+    pixel = inputs[spec.PIXEL_VALUES.name].type.tensor_type
+    assert pixel.elem_type == onnx.TensorProto.FLOAT
+    assert pixel.shape.dim[0].dim_param  # dynamic batch axis
+    assert [d.dim_value for d in pixel.shape.dim[1:]] == list(spec.PIXEL_VALUES.dims)
+
+    dims = ModelDims(17, 3, reference_checker.config.projection_dim)
+    for relative, text in configs.render_all(dims).items():
+        assert (repository / relative).read_text() == text
+    metadata = json.loads((repository / spec.POSTPROCESS_MODEL / "1" / spec.CONCEPTS_FILENAME).read_text())
+    assert [c["threshold"] for c in metadata["concepts"]] == reference_checker.concept_embeds_weights.tolist()
+    assert [c["threshold"] for c in metadata["special_care"]] == reference_checker.special_care_embeds_weights.tolist()
+    for folder in (spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL):
+        assert (repository / folder / "1" / "model.py").is_file()
+
+
+def test_committed_configs_are_the_rendered_reference_configs():
+    for relative, text in configs.render_all(spec.REFERENCE_DIMS).items():
+        assert (ROOT / "model_repository" / relative).read_text() == text, relative
+
+
+@pytest.fixture(scope="module")
+def existing_repository(tmp_path_factory) -> Path:
+    """A destination that already holds a repository; refusals must leave it byte for byte."""
+    target = tmp_path_factory.mktemp("existing")
+    (target / "marker.txt").write_text("untouched")
+    return target
+
+
+def assert_refused(result, *fragments, destination: Path):
+    assert result.returncode == 1, result.stdout + result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in destination.iterdir()) == ["marker.txt"]
+
+
+def test_missing_path(existing_repository, tmp_path):
+    result = run_export(tmp_path / "nowhere", existing_repository)
+    assert_refused(result, "does not exist", destination=existing_repository)
+
+
+def test_directory_that_is_not_a_safety_checker(existing_repository, tmp_path):
+    from transformers import CLIPVisionModel
+
+    from tiny_checker import tiny_config
+
+    CLIPVisionModel(tiny_config().vision_config).save_pretrained(str(tmp_path / "vision"))
+    result = run_export(tmp_path / "vision", existing_repository)
+    assert_refused(result, "not a StableDiffusionSafetyChecker", destination=existing_repository)
+    (tmp_path / "empty").mkdir()
+    result = run_export(tmp_path / "empty", existing_repository)
+    assert_refused(result, "no config.json", destination=existing_repository)
+
+
+def test_corrupted_weights(existing_repository, tmp_path):
+    checker_dir = save_tiny_checker(tmp_path / "corrupt")
+    weights = checker_dir / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    result = run_export(checker_dir, existing_repository)
+    assert_refused(result, "cannot load the safety checker", destination=existing_repository)
+
+
+def test_weights_that_do_not_match_the_config(existing_repository, tmp_path):
+    checker_dir = save_tiny_checker(tmp_path / "mismatch")
+    config = json.loads((checker_dir / "config.json").read_text())
+    config["projection_dim"] = 24  # the saved projection is 32 -> 16
+    (checker_dir / "config.json").write_text(json.dumps(config))
+    result = run_export(checker_dir, existing_repository)
+    assert result.returncode == 1
+    assert "cannot load the safety checker" in result.stderr or "do not match" in result.stderr, result.stderr
+    assert_refused(result, destination=existing_repository)
+
+
+def test_missing_weights_are_not_filled_with_random_values(existing_repository, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    checker_dir = save_tiny_checker(tmp_path / "partial")
+    weights = load_file(str(checker_dir / "model.safetensors"))
+    del weights["concept_embeds"]
+    save_file(weights, str(checker_dir / "model.safetensors"), metadata={"format": "pt"})
+    result = run_export(checker_dir, existing_repository)
+    assert_refused(result, "concept_embeds", destination=existing_repository)
+
+
+def test_unreachable_hub(existing_repository):
+    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "2",
+           "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        result = run_export("CompVis/stable-diffusion-safety-checker", existing_repository)
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    assert_refused(result, "hub", destination=existing_repository)
+
+
+def test_low_opset_is_refused(existing_repository, tmp_path):
+    result = run_export(tmp_path / "unused", existing_repository, "--opset", "13")
+    assert result.returncode == 2 and "17" in result.stderr
+
+
+def test_verification_catches_a_graph_that_differs(tmp_path):
+    """An ONNX file whose weights drifted from the PyTorch model is rejected with the measured diff."""
+    checker = build_tiny_checker(seed=3)
+    onnx_file = tmp_path / "model.onnx"
+    export_onnx(EmbedderGraph(checker), onnx_file)
+    assert verify_onnx(checker, onnx_file) <= 1e-5
+
+    model = onnx.load(str(onnx_file))
+    largest = max(model.graph.initializer, key=lambda t: np.prod(t.dims))
+    values = onnx.numpy_helper.to_array(largest).copy()
+    values *= 1.01
+    largest.CopyFrom(onnx.numpy_helper.from_array(values, largest.name))
+    onnx.save(model, str(onnx_file))
+    with pytest.raises(VerificationError, match=r"differ from PyTorch by [0-9.e-]+ \(max abs\)"):
+        verify_onnx(checker, onnx_file)
+
+
+def test_a_tolerance_that_cannot_be_met_fails_the_export(existing_repository, tmp_path):
+    checker_dir = save_tiny_checker(tmp_path / "strict", build_tiny_checker(seed=4))
+    result = run_export(checker_dir, existing_repository, "--tolerance", "0")
+    if result.returncode == 0:  # bit-identical cosines: then the export wrote a repository
+        pytest.fail("onnxruntime matched PyTorch bit for bit; pick a seed whose cosines differ")
+    assert_refused(result, "above the tolerance 0", destination=existing_repository)
+
+
+def test_export_is_repeatable_into_the_same_place(tmp_path):
+    checker_dir = save_tiny_checker(tmp_path / "checker")
+    target = tmp_path / "repo"
+    (target / "other_model").mkdir(parents=True)  # someone else's model stays
+    for _ in range(2):
+        result = run_export(checker_dir, target)
+        assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in target.iterdir()) == sorted(
+        [spec.ENSEMBLE_MODEL, spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL, "other_model"])
