@@ -1,0 +1,120 @@
+"""The console command as a user runs it: `safety-checker serve`, then `safety-checker check FILE...`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from safety_checker_client.server import free_port
+
+COMMAND = str(Path(sys.executable).parent / "safety-checker")
+
+
+@pytest.fixture(scope="module")
+def served(repository, tmp_path_factory):
+    """`safety-checker serve` in its own process; yields (http_port, grpc_port)."""
+    ports = [free_port() for _ in range(3)]
+    log = tmp_path_factory.mktemp("serve") / "serve.out"
+    with log.open("w") as out:
+        process = subprocess.Popen([COMMAND, "serve", "--repository", str(repository), "--http-port", str(ports[0]),
+                                    "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])],
+                                   stdout=out, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 180
+    while "Press Ctrl-C" not in log.read_text():
+        assert process.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    banner = log.read_text()
+    assert f"http://127.0.0.1:{ports[0]}" in banner and f"127.0.0.1:{ports[1]}" in banner
+    assert "safety_checker" in banner
+    yield ports[0], ports[1]
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 0
+
+
+@pytest.fixture(scope="module")
+def image_files(tmp_path_factory):
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("images")
+    paths = {}
+    for name in ("astronaut", "coffee", "camera"):
+        path = folder / f"{name}.png"
+        Image.fromarray(getattr(data, name)()).save(path)
+        paths[name] = path
+    corrupt = folder / "corrupt.png"
+    corrupt.write_bytes(paths["coffee"].read_bytes()[:2000])
+    text = folder / "notes.txt"
+    text.write_text("not an image\n")
+    paths.update(corrupt=corrupt, text=text, missing=folder / "missing.jpg")
+    return paths
+
+
+def check(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([COMMAND, "check", *args], capture_output=True, text=True, timeout=300)
+
+
+def lines(result: subprocess.CompletedProcess):
+    return [json.loads(line) for line in result.stdout.splitlines()]
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_check_prints_one_json_object_per_image(served, image_files, protocol, repository):
+    from reference import diffusers_forward
+    from safety_checker_client.preprocess import load_image, preprocess
+
+    http_port, grpc_port = served
+    port = grpc_port if protocol == "grpc" else http_port
+    files = [str(image_files[n]) for n in ("astronaut", "coffee", "camera")]
+    result = check("--url", f"127.0.0.1:{port}", "--protocol", protocol, *files)
+    assert result.returncode == 0, result.stderr
+    records = lines(result)
+    assert [r["path"] for r in records] == files
+    for record in records:
+        assert isinstance(record["flagged"], bool)
+        assert len(record["concept_scores"]) == 17 and len(record["special_scores"]) == 3
+
+
+def test_check_matches_diffusers_on_real_photos(served, image_files, reference_checker):
+    import torch
+
+    from reference import diffusers_forward
+    from safety_checker_client.preprocess import load_image, preprocess
+
+    files = [str(image_files[n]) for n in ("astronaut", "coffee", "camera")]
+    records = lines(check("--url", f"127.0.0.1:{served[1]}", *files))
+    pixels = preprocess([load_image(f) for f in files])
+    flagged, concept, special = diffusers_forward(reference_checker, torch.from_numpy(pixels))
+    assert [r["flagged"] for r in records] == flagged.tolist()
+    np.testing.assert_allclose([r["concept_scores"] for r in records], concept, atol=1e-6, rtol=0)
+    np.testing.assert_allclose([r["special_scores"] for r in records], special, atol=1e-6, rtol=0)
+
+
+def test_unreadable_files_get_an_error_line_and_a_failing_exit(served, image_files):
+    files = [str(image_files[n]) for n in ("astronaut", "corrupt", "text", "missing", "coffee")]
+    result = check("--url", f"127.0.0.1:{served[1]}", *files)
+    assert result.returncode != 0
+    records = lines(result)
+    assert [r["path"] for r in records] == files
+    good, corrupt, text, missing, good_again = records
+    assert "flagged" in good and "flagged" in good_again
+    for bad in (corrupt, text, missing):
+        assert "flagged" not in bad
+        assert bad["error"] and bad["path"] in bad["error"]
+    assert "3 of 5 images were not checked" in result.stderr
+
+
+def test_no_server_means_errors_never_safe(image_files):
+    result = check("--url", f"127.0.0.1:{free_port()}", "--protocol", "http", str(image_files["astronaut"]))
+    assert result.returncode != 0
+    (record,) = lines(result)
+    assert "flagged" not in record and record["error"]
