@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+import numpy as np
+
 DEFAULT_MODEL = "CompVis/stable-diffusion-safety-checker"
 
 
@@ -93,6 +95,41 @@ def _preprocessor_config(source: str, local: bool) -> Optional[Dict[str, Any]]:
         return _read_json(Path(hf_hub_download(source, "preprocessor_config.json")))
     except Exception:  # optional file: the served contract does not depend on it
         return None
+
+
+def check_preprocessor(config: Optional[Dict[str, Any]], source: str) -> None:
+    """Refuse a checker whose own preprocessing differs from what the client sends.
+
+    The client reproduces CompVis' CLIPImageProcessor settings; a checkpoint
+    that expects other pixels would be served garbage without a word.
+    """
+    if config is None:
+        return
+    from safety_checker_client import preprocess
+
+    expected = {
+        "image_mean": [float(v) for v in preprocess.IMAGE_MEAN],
+        "image_std": [float(v) for v in preprocess.IMAGE_STD],
+        "size": preprocess.SHORTEST_EDGE,
+        "crop_size": preprocess.CROP_SIZE,
+        "resample": int(preprocess.RESAMPLE),
+    }
+    found = {
+        "image_mean": [float(v) for v in config.get("image_mean", [])],
+        "image_std": [float(v) for v in config.get("image_std", [])],
+        "size": (config.get("size") or {}).get("shortest_edge"),
+        "crop_size": (config.get("crop_size") or {}).get("height"),
+        "resample": config.get("resample"),
+    }
+    for key, want in expected.items():
+        have = found[key]
+        same = np.allclose(have, want, rtol=0, atol=1e-6) if isinstance(want, list) and len(have) == len(want) \
+            else have == want
+        if not same:
+            raise CheckpointError(
+                f"{source}: preprocessor_config.json has {key}={have}, but the client sends pixels made "
+                f"with {key}={want}"
+            )
 
 
 def _first_line(err: BaseException) -> str:

@@ -8,7 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
-from export.checkpoint import DEFAULT_MODEL, CheckpointError, load_checkpoint
+from export.checkpoint import DEFAULT_MODEL, CheckpointError, check_preprocessor, load_checkpoint
 from export.onnx_export import DEFAULT_OPSET, DEFAULT_TOLERANCE, VerificationError, export_onnx, verify_onnx
 from export.graph import EmbedderGraph
 from export.repository import concept_metadata, model_dims, write_repository
@@ -33,6 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         print(f"loading {args.model}", flush=True)
         checkpoint = load_checkpoint(args.model)
+        check_preprocessor(checkpoint.preprocessor_config, checkpoint.source)
         dims = model_dims(checkpoint.model)
         graph = EmbedderGraph(checkpoint.model)
         with tempfile.TemporaryDirectory(prefix="safety-checker-export-") as scratch:

@@ -52,6 +52,8 @@ def write_repository(destination: Path, onnx_file: Path, dims: ModelDims, metada
     try:
         for folder in MODEL_FOLDERS:
             shutil.copytree(SOURCE_REPOSITORY / folder, staging / folder, ignore=_NOT_COPIED)
+            # Version 1 of every model; the ensemble's is empty, which git does not keep.
+            (staging / folder / "1").mkdir(exist_ok=True)
         configs.write_all(staging, dims)
         shutil.copyfile(onnx_file, staging / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME)
         (staging / spec.POSTPROCESS_MODEL / "1" / spec.CONCEPTS_FILENAME).write_text(

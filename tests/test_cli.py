@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -68,10 +67,7 @@ def lines(result: subprocess.CompletedProcess):
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-def test_check_prints_one_json_object_per_image(served, image_files, protocol, repository):
-    from reference import diffusers_forward
-    from safety_checker_client.preprocess import load_image, preprocess
-
+def test_check_prints_one_json_object_per_image(served, image_files, protocol):
     http_port, grpc_port = served
     port = grpc_port if protocol == "grpc" else http_port
     files = [str(image_files[n]) for n in ("astronaut", "coffee", "camera")]
@@ -111,6 +107,26 @@ def test_unreadable_files_get_an_error_line_and_a_failing_exit(served, image_fil
         assert "flagged" not in bad
         assert bad["error"] and bad["path"] in bad["error"]
     assert "3 of 5 images were not checked" in result.stderr
+
+
+def test_plain_json_request_as_in_the_readme(served, image_files):
+    """The curl example: KServe v2 JSON over HTTP, no tritonclient."""
+    import urllib.request
+
+    from safety_checker_client.preprocess import load_image, preprocess
+
+    pixels = preprocess([load_image(image_files["astronaut"])])
+    body = {"inputs": [{"name": "pixel_values", "shape": list(pixels.shape), "datatype": "FP32",
+                        "data": pixels.ravel().tolist()}]}
+    request = urllib.request.Request(f"http://127.0.0.1:{served[0]}/v2/models/safety_checker/infer",
+                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(request, timeout=60) as response:
+        outputs = {o["name"]: o for o in json.load(response)["outputs"]}
+    expected = lines(check("--url", f"127.0.0.1:{served[1]}", str(image_files["astronaut"])))[0]
+    assert outputs["has_nsfw_concepts"]["data"] == [expected["flagged"]]
+    assert outputs["concept_scores"]["shape"] == [1, 17]
+    np.testing.assert_allclose(outputs["concept_scores"]["data"], expected["concept_scores"], atol=1e-6)
 
 
 def test_no_server_means_errors_never_safe(image_files):

@@ -112,6 +112,15 @@ def test_missing_weights_are_not_filled_with_random_values(existing_repository, 
     assert_refused(result, "concept_embeds", destination=existing_repository)
 
 
+def test_preprocessing_that_the_client_does_not_do(existing_repository, tmp_path):
+    checker_dir = save_tiny_checker(tmp_path / "other-preprocessing")
+    config = json.loads((checker_dir / "preprocessor_config.json").read_text())
+    config["image_mean"] = [0.5, 0.5, 0.5]
+    (checker_dir / "preprocessor_config.json").write_text(json.dumps(config))
+    result = run_export(checker_dir, existing_repository)
+    assert_refused(result, "image_mean", destination=existing_repository)
+
+
 def test_unreachable_hub(existing_repository):
     env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "2",
            "HF_HUB_DOWNLOAD_TIMEOUT": "2"}

@@ -8,12 +8,14 @@ The vision tower keeps the real input size (3x224x224, patch 14) and the real
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Optional, Sequence
 
 import torch
 
-THRESHOLDS = json.loads((Path(__file__).parent / "data" / "reference_thresholds.json").read_text())
+DATA = Path(__file__).parent / "data"
+THRESHOLDS = json.loads((DATA / "reference_thresholds.json").read_text())
 
 
 def tiny_config(projection_dim: int = 16):
@@ -47,5 +49,7 @@ def build_tiny_checker(seed: int = 0, projection_dim: int = 16,
 
 
 def save_tiny_checker(path: Path, checker=None) -> Path:
+    """Save like the published checkpoint: weights, config and the CLIP preprocessor config."""
     (checker if checker is not None else build_tiny_checker()).save_pretrained(str(path))
+    shutil.copyfile(DATA / "preprocessor_config.json", path / "preprocessor_config.json")
     return path
