@@ -35,7 +35,7 @@ def _tensors(kind: str, tensors: Iterable[TensorSpec], dims: ModelDims) -> str:
     for tensor in tensors:
         shape = ", ".join(str(d) for d in tensor.resolve(dims))
         entries.append(
-            f'  {{\n    name: "{tensor.name}"\n    data_type: TYPE_{tensor.triton_dtype}\n    dims: [ {shape} ]\n  }}'
+            f'  {{\n    name: "{tensor.name}"\n    data_type: TYPE_{tensor.datatype}\n    dims: [ {shape} ]\n  }}'
         )
     return f"{kind} [\n" + ",\n".join(entries) + "\n]\n"
 

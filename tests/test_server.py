@@ -119,13 +119,7 @@ def model_config(server: TritonServer, model: str) -> dict:
 
 
 def bindable(port: int, host: str = "127.0.0.1") -> bool:
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
+    return not server_module._port_in_use(host, port)
 
 
 def connectable(host: str, port: int) -> bool:

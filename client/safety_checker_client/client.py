@@ -102,7 +102,7 @@ class SafetyCheckerClient:
         return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
     def _infer_once(self, pixel_values: np.ndarray) -> Dict[str, np.ndarray]:
-        tensor = self._triton.InferInput(spec.PIXEL_VALUES.name, list(pixel_values.shape), spec.PIXEL_VALUES.client_dtype)
+        tensor = self._triton.InferInput(spec.PIXEL_VALUES.name, list(pixel_values.shape), spec.PIXEL_VALUES.datatype)
         tensor.set_data_from_numpy(pixel_values)
         outputs = [self._triton.InferRequestedOutput(t.name) for t in spec.ENSEMBLE_OUTPUTS]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}

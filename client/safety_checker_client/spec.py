@@ -9,7 +9,7 @@ TensorRT's demo/Diffusion). Shapes may name a model dimension symbolically
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Tuple, Union
+from typing import Tuple, Union
 
 # Triton model names.
 ENSEMBLE_MODEL = "safety_checker"
@@ -36,24 +36,11 @@ class TensorSpec:
     """One tensor without its batch dimension (Triton's `dims`)."""
 
     name: str
-    triton_dtype: str  # as in config.pbtxt, without the "TYPE_" prefix
+    datatype: str  # KServe v2 datatype, also config.pbtxt's type without "TYPE_"
     dims: Tuple[Dim, ...]
-
-    @property
-    def numpy_dtype(self) -> str:
-        return _NUMPY_DTYPES[self.triton_dtype]
-
-    @property
-    def client_dtype(self) -> str:
-        """The datatype string of the KServe v2 protocol (tritonclient)."""
-        return _CLIENT_DTYPES[self.triton_dtype]
 
     def resolve(self, dims: "ModelDims") -> Tuple[int, ...]:
         return tuple(dims.value(d) for d in self.dims)
-
-
-_NUMPY_DTYPES = {"FP32": "float32", "BOOL": "bool", "INT64": "int64"}
-_CLIENT_DTYPES = {"FP32": "FP32", "BOOL": "BOOL", "INT64": "INT64"}
 
 
 @dataclass(frozen=True)
@@ -66,10 +53,6 @@ class ModelDims:
 
     def value(self, dim: Dim) -> int:
         return dim if isinstance(dim, int) else int(getattr(self, dim))
-
-    def as_dict(self) -> Mapping[str, int]:
-        return {"num_concepts": self.num_concepts, "num_special": self.num_special,
-                "projection_dim": self.projection_dim}
 
 
 # The published checkpoint CompVis/stable-diffusion-safety-checker.
