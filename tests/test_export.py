@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
-import torch
 
 from conftest import ROOT, run_export
 from export import configs

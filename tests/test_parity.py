@@ -110,3 +110,19 @@ def _batch_stats(server, model: str):
     stats = client.get_inference_statistics(model)["model_stats"][0]
     client.close()
     return {"executions": int(stats["execution_count"]), "requests": int(stats["inference_stats"]["success"]["count"])}
+
+
+def test_client_takes_what_a_pipeline_produces(server):
+    """PIL images, uint8 arrays and SD pipeline float outputs of one picture get one answer."""
+    from PIL import Image
+    from skimage import data
+
+    photo = data.coffee()  # uint8 HWC
+    as_float = photo.astype(np.float32) / 255  # output_type="np": [0, 1], HWC
+    as_latent_range = (as_float * 2 - 1).transpose(2, 0, 1)  # decoded latents: [-1, 1], CHW
+    with client_for(server, "grpc") as client:
+        want = client.check([Image.fromarray(photo)])[0]
+        for images, value_range in (([photo], (0, 1)), ([as_float], (0, 1)), ([as_latent_range], (-1, 1))):
+            got = client.check(images, value_range=value_range)[0]
+            assert (got.flagged, got.concept_scores, got.special_scores) == \
+                (want.flagged, want.concept_scores, want.special_scores)

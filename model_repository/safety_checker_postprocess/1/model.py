@@ -30,6 +30,7 @@ class TritonPythonModel:
 
         self.inputs = [i["name"] for i in config["input"]]
         self.concept_input, self.special_input, self.nonfinite_input = self.inputs
+        # The rendered config lists the outputs as decision, concept scores, special-care scores.
         outputs = {o["name"]: o for o in config["output"]}
         self.flag_output, self.concept_output, self.special_output = outputs
         for output, thresholds in ((self.concept_output, self.concept_thresholds),
