@@ -15,6 +15,8 @@ from typing import Any, Dict, Optional
 
 import numpy as np
 
+from safety_checker_client import preprocess
+
 DEFAULT_MODEL = "CompVis/stable-diffusion-safety-checker"
 
 
@@ -105,8 +107,6 @@ def check_preprocessor(config: Optional[Dict[str, Any]], source: str) -> None:
     """
     if config is None:
         return
-    from safety_checker_client import preprocess
-
     expected = {
         "image_mean": [float(v) for v in preprocess.IMAGE_MEAN],
         "image_std": [float(v) for v in preprocess.IMAGE_STD],
@@ -122,14 +122,18 @@ def check_preprocessor(config: Optional[Dict[str, Any]], source: str) -> None:
         "resample": config.get("resample"),
     }
     for key, want in expected.items():
-        have = found[key]
-        same = np.allclose(have, want, rtol=0, atol=1e-6) if isinstance(want, list) and len(have) == len(want) \
-            else have == want
-        if not same:
+        if not _same(found[key], want):
             raise CheckpointError(
-                f"{source}: preprocessor_config.json has {key}={have}, but the client sends pixels made "
+                f"{source}: preprocessor_config.json has {key}={found[key]}, but the client sends pixels made "
                 f"with {key}={want}"
             )
+
+
+def _same(have: Any, want: Any) -> bool:
+    """Equal, with float lists compared to the precision the config files are written with."""
+    if isinstance(want, list):
+        return len(have) == len(want) and bool(np.allclose(have, want, rtol=0, atol=1e-6))
+    return have == want
 
 
 def _first_line(err: BaseException) -> str:
