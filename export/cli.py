@@ -11,7 +11,9 @@ from typing import Optional, Sequence
 from export.checkpoint import DEFAULT_MODEL, CheckpointError, check_preprocessor, load_checkpoint
 from export.onnx_export import DEFAULT_OPSET, DEFAULT_TOLERANCE, VerificationError, export_onnx, verify_onnx
 from export.graph import EmbedderGraph
-from export.repository import concept_metadata, model_dims, write_repository
+from export.repository import (RepositoryError, concept_metadata, existing_custom_concepts, model_dims,
+                               write_repository)
+from safety_checker_client import spec
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,6 +24,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, at least 17")
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="largest accepted |cosine(ONNX) - cosine(PyTorch)|")
+    parser.add_argument("--strictness", choices=list(spec.STRICTNESS_PRESETS), default=spec.DEFAULT_STRICTNESS,
+                        help="strictness preset the server applies to requests that do not choose one "
+                             f"(default {spec.DEFAULT_STRICTNESS}: the reference checker's decisions)")
     return parser
 
 
@@ -35,6 +40,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         checkpoint = load_checkpoint(args.model)
         check_preprocessor(checkpoint.preprocessor_config, checkpoint.source)
         dims = model_dims(checkpoint.model)
+        existing_custom_concepts(args.repository, dims)  # refuse now, not after the ONNX export
         graph = EmbedderGraph(checkpoint.model)
         with tempfile.TemporaryDirectory(prefix="safety-checker-export-") as scratch:
             onnx_file = Path(scratch) / "model.onnx"
@@ -42,8 +48,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             export_onnx(graph, onnx_file, opset=args.opset)
             diff = verify_onnx(checkpoint.model, onnx_file, tolerance=args.tolerance)
             print(f"verified: max |cosine(ONNX) - cosine(PyTorch)| = {diff:.3g} (tolerance {args.tolerance:g})")
-            write_repository(args.repository, onnx_file, dims, concept_metadata(checkpoint.model, checkpoint.source))
-    except (CheckpointError, VerificationError) as err:
+            write_repository(args.repository, onnx_file, dims, concept_metadata(checkpoint.model, checkpoint.source),
+                             strictness=args.strictness)
+    except (CheckpointError, VerificationError, RepositoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote model repository {args.repository} ({dims.num_concepts} concepts, "

@@ -4,15 +4,18 @@ The configs committed under model_repository/ are this module's output for the
 published checkpoint's sizes (a test keeps them in sync); the export renders
 them again for the sizes of the checker it exports.
 
-`python -m export.configs` rewrites the committed ones.
+`python -m export.configs` rewrites the committed ones, and copies the client's
+concept_set.py next to the postprocessor's model.py (a test keeps it in sync).
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 from typing import Dict, Iterable
 
-from safety_checker_client import spec
+from safety_checker_client import concept_set, spec
 from safety_checker_client.spec import ModelDims, TensorSpec
 
 # Where each rendered file goes, relative to the repository root.
@@ -20,6 +23,7 @@ ENSEMBLE_CONFIG = Path(spec.ENSEMBLE_MODEL, "config.pbtxt")
 EMBEDDER_GPU_CONFIG = Path(spec.EMBEDDER_MODEL, "config.pbtxt")
 EMBEDDER_CPU_CONFIG = Path(spec.EMBEDDER_MODEL, "configs", "cpu.pbtxt")
 POSTPROCESS_CONFIG = Path(spec.POSTPROCESS_MODEL, "config.pbtxt")
+CONCEPT_SET_MODULE = Path(spec.POSTPROCESS_MODEL, spec.POSTPROCESS_VERSION, "concept_set.py")
 
 # The name given to --model-config-name by the bundled CPU server.
 CPU_CONFIG_NAME = "cpu"
@@ -35,7 +39,7 @@ def _tensors(kind: str, tensors: Iterable[TensorSpec], dims: ModelDims) -> str:
     for tensor in tensors:
         shape = ", ".join(str(d) for d in tensor.resolve(dims))
         entries.append(
-            f'  {{\n    name: "{tensor.name}"\n    data_type: TYPE_{tensor.datatype}\n    dims: [ {shape} ]\n  }}'
+            f'  {{\n    name: "{tensor.name}"\n    data_type: {tensor.config_type}\n    dims: [ {shape} ]\n  }}'
         )
     return f"{kind} [\n" + ",\n".join(entries) + "\n]\n"
 
@@ -131,10 +135,18 @@ parameters [
 """
 
 
-def render_postprocess(dims: ModelDims) -> str:
+def _pbtxt_string(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def render_postprocess(dims: ModelDims, strictness: str = spec.DEFAULT_STRICTNESS) -> str:
+    if strictness not in spec.STRICTNESS_PRESETS:
+        raise ValueError(f"unknown strictness preset {strictness!r} (one of {', '.join(spec.STRICTNESS_PRESETS)})")
+    presets = json.dumps(spec.STRICTNESS_PRESETS)
     return f"""# Thresholds, rounding and the special-care rule of diffusers'
 # StableDiffusionSafetyChecker.forward(), vectorised over every request of a
-# batch. Thresholds are read from 1/{spec.CONCEPTS_FILENAME}, written by the export.
+# batch. Thresholds are read from 1/{spec.CONCEPTS_FILENAME}, written by the export;
+# custom concepts from 1/{spec.CUSTOM_CONCEPTS_FILENAME}, re-read whenever it changes.
 name: "{spec.POSTPROCESS_MODEL}"
 backend: "python"
 max_batch_size: {spec.MAX_BATCH_SIZE}
@@ -149,23 +161,60 @@ instance_group [
 dynamic_batching {{
   max_queue_delay_microseconds: {POSTPROCESS_QUEUE_DELAY_US}
 }}
+
+parameters [
+  {{
+    # The strictness preset every request gets unless it sends the request
+    # parameter "{spec.STRICTNESS_PARAMETER}" (a preset) or "{spec.STRICTNESS_ADJUSTMENT_PARAMETER}" (a number).
+    # "{spec.DEFAULT_STRICTNESS}" reproduces the reference checker exactly.
+    key: "{spec.STRICTNESS_CONFIG_KEY}"
+    value: {{ string_value: "{strictness}" }}
+  }},
+  {{
+    # Adjustment added to every score before the "> 0" test (diffusers PR #9068).
+    key: "strictness_presets"
+    value: {{ string_value: {_pbtxt_string(presets)} }}
+  }},
+  {{
+    # Largest |strictness_adjustment| a request may ask for.
+    key: "max_strictness_adjustment"
+    value: {{ string_value: "{spec.MAX_STRICTNESS_ADJUSTMENT:g}" }}
+  }},
+  {{
+    key: "custom_concepts_file"
+    value: {{ string_value: "{spec.CUSTOM_CONCEPTS_FILENAME}" }}
+  }}
+]
 """
 
 
-def render_all(dims: ModelDims) -> Dict[Path, str]:
+def render_all(dims: ModelDims, strictness: str = spec.DEFAULT_STRICTNESS) -> Dict[Path, str]:
     return {
         ENSEMBLE_CONFIG: render_ensemble(dims),
         EMBEDDER_GPU_CONFIG: render_embedder_gpu(dims),
         EMBEDDER_CPU_CONFIG: render_embedder_cpu(dims),
-        POSTPROCESS_CONFIG: render_postprocess(dims),
+        POSTPROCESS_CONFIG: render_postprocess(dims, strictness),
     }
 
 
-def write_all(repository: Path, dims: ModelDims) -> None:
-    for relative, text in render_all(dims).items():
+def shared_files() -> Dict[Path, Path]:
+    """Client modules the served models import too: {path in the repository: the client's file}.
+
+    The postprocessor reads custom_concepts.json with the very module the
+    `safety-checker concepts` commands write it with.
+    """
+    return {CONCEPT_SET_MODULE: Path(concept_set.__file__)}
+
+
+def write_all(repository: Path, dims: ModelDims, strictness: str = spec.DEFAULT_STRICTNESS) -> None:
+    """Render every config.pbtxt and copy the shared client modules into `repository`."""
+    for relative, text in render_all(dims, strictness).items():
         target = repository / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
+    for relative, source in shared_files().items():
+        (repository / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, repository / relative)
 
 
 if __name__ == "__main__":

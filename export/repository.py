@@ -1,7 +1,9 @@
 """Assemble a complete, servable model repository in a staging folder, then swap it in.
 
 Nothing in the destination changes until the whole repository is written, so
-a failed export never leaves a half-updated repository behind.
+a failed export never leaves a half-updated repository behind. The operator's
+custom concept set (safety_checker_postprocess/1/custom_concepts.json) is
+carried over byte for byte; a first export writes an empty one (version 0).
 """
 
 from __future__ import annotations
@@ -11,9 +13,9 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
-from safety_checker_client import spec
+from safety_checker_client import concept_set, spec
 from safety_checker_client.spec import ModelDims
 
 from export import configs
@@ -21,7 +23,35 @@ from export import configs
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 MODEL_FOLDERS = (spec.ENSEMBLE_MODEL, spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL)
 # Generated files that may sit in a developer's model_repository/ and are never copied from it.
-_NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.onnx", "*.onnx.data", spec.CONCEPTS_FILENAME)
+_NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.onnx", "*.onnx.data", spec.CONCEPTS_FILENAME,
+                                     spec.CUSTOM_CONCEPTS_FILENAME, f".{spec.CUSTOM_CONCEPTS_FILENAME}.*")
+
+
+class RepositoryError(RuntimeError):
+    """The destination holds something the export must not overwrite or cannot keep."""
+
+
+def custom_concepts_path(repository: Path) -> Path:
+    return Path(repository) / spec.POSTPROCESS_MODEL / spec.POSTPROCESS_VERSION / spec.CUSTOM_CONCEPTS_FILENAME
+
+
+def existing_custom_concepts(destination: Path, dims: ModelDims) -> Optional[bytes]:
+    """The destination's custom concept file, kept byte for byte by a re-export; None if there is none.
+
+    A file the new checker could not serve (invalid, or embeddings of another
+    width) stops the export before anything is written: overwriting it would
+    lose the operator's concepts, keeping it would stop the server from loading.
+    """
+    path = custom_concepts_path(destination)
+    if not path.is_file():
+        return None
+    data = path.read_bytes()
+    try:
+        concept_set.parse(data, embedding_dim=dims.projection_dim, origin=str(path))
+    except concept_set.ConceptSetError as error:
+        raise RepositoryError(f"the repository's custom concept set cannot be kept: {error}; fix it, or move it "
+                              "away to start with an empty set") from None
+    return data
 
 
 def model_dims(checker: Any) -> ModelDims:
@@ -46,7 +76,10 @@ def concept_metadata(checker: Any, source: str) -> Dict[str, Any]:
     }
 
 
-def write_repository(destination: Path, onnx_file: Path, dims: ModelDims, metadata: Dict[str, Any]) -> None:
+def write_repository(destination: Path, onnx_file: Path, dims: ModelDims, metadata: Dict[str, Any],
+                     strictness: str = spec.DEFAULT_STRICTNESS) -> None:
+    """Write the three model folders; an existing custom concept set is kept, otherwise an empty one is made."""
+    custom = existing_custom_concepts(destination, dims)
     destination.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=destination))
     try:
@@ -54,11 +87,16 @@ def write_repository(destination: Path, onnx_file: Path, dims: ModelDims, metada
             shutil.copytree(SOURCE_REPOSITORY / folder, staging / folder, ignore=_NOT_COPIED)
             # Version 1 of every model; the ensemble's is empty, which git does not keep.
             (staging / folder / "1").mkdir(exist_ok=True)
-        configs.write_all(staging, dims)
+        configs.write_all(staging, dims, strictness)
         shutil.copyfile(onnx_file, staging / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME)
         (staging / spec.POSTPROCESS_MODEL / "1" / spec.CONCEPTS_FILENAME).write_text(
             json.dumps(metadata, indent=2) + "\n"
         )
+        custom_file = custom_concepts_path(staging)
+        if custom is not None:
+            custom_file.write_bytes(custom)
+        else:
+            concept_set.write(custom_file, concept_set.empty(dims.projection_dim))
         for folder in MODEL_FOLDERS:
             target = destination / folder
             if target.exists():

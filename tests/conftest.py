@@ -81,3 +81,64 @@ def server(repository):
     triton.start()
     yield triton
     triton.stop()
+
+
+# -- custom concepts ----------------------------------------------------------
+# A second checker and server, so that changing the concept set never touches
+# the parity tests' server: see concept_models.py.
+
+@dataclass
+class ConceptModels:
+    checker: object  # the StableDiffusionSafetyChecker served by concept_server
+    checker_dir: Path
+    clip_dir: Path  # a tiny CLIPModel + tokenizer sharing its vision tower
+    phrase_targets: dict
+
+
+@pytest.fixture(scope="session")
+def concept_models(tmp_path_factory) -> ConceptModels:
+    from concept_models import build_concept_checker, build_tiny_clip, save_concept_checker
+
+    folder = tmp_path_factory.mktemp("concept-models")
+    checker = build_concept_checker()
+    checker_dir = save_concept_checker(folder / "checker", checker)
+    clip_dir, targets = build_tiny_clip(checker, folder / "clip")
+    return ConceptModels(checker=checker, checker_dir=checker_dir, clip_dir=clip_dir, phrase_targets=targets)
+
+
+@pytest.fixture(scope="session")
+def concept_repository(concept_models, tmp_path_factory) -> Path:
+    target = tmp_path_factory.mktemp("concept-repository")
+    result = run_export(concept_models.checker_dir, target)
+    assert result.returncode == 0, result.stderr
+    return target
+
+
+@pytest.fixture(scope="session")
+def concept_server(concept_repository):
+    from safety_checker_client.server import TritonServer, free_port
+
+    triton = TritonServer(concept_repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    triton.start()
+    yield triton
+    triton.stop()
+
+
+@pytest.fixture(scope="session")
+def pictures(tmp_path_factory):
+    """PNG files: stripe examples, other stripe pictures (matches), and pictures that are not stripes."""
+    from PIL import Image
+
+    from concept_models import other_pictures, stripe_examples, stripe_matches
+
+    root = tmp_path_factory.mktemp("pictures")
+    files = {}
+    for group, images in (("examples", dict(enumerate(stripe_examples()))),
+                          ("matches", dict(enumerate(stripe_matches()))), ("others", other_pictures())):
+        (root / group).mkdir()
+        files[group] = []
+        for name, image in images.items():
+            path = root / group / f"{name}.png"
+            Image.fromarray(image).save(path)
+            files[group].append(path)
+    return files

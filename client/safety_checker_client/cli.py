@@ -1,4 +1,5 @@
-"""The `safety-checker` console command: `check` images against a server, `serve` a repository."""
+"""The `safety-checker` console command: `check` images against a server, `serve` a repository,
+manage its custom `concepts`."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ import sys
 from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, TextIO, Tuple
 
-from safety_checker_client.client import DEFAULT_URLS, PROTOCOLS, CheckError, SafetyCheckerClient
+from safety_checker_client import concepts, spec
+from safety_checker_client.client import DEFAULT_URLS, PROTOCOLS, CheckError, SafetyCheckerClient, Strictness
 from safety_checker_client.preprocess import ImageError, load_image, preprocess
 
 
@@ -21,6 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--url", help=f"HOST:PORT of the server (default {DEFAULT_URLS['grpc']} for gRPC, "
                                      f"{DEFAULT_URLS['http']} for HTTP)")
     check.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
+    check.add_argument("--strictness", type=_strictness, metavar="PRESET|NUMBER",
+                       help=f"a preset ({', '.join(spec.STRICTNESS_PRESETS)}) or an adjustment in "
+                            f"[-{spec.MAX_STRICTNESS_ADJUSTMENT:g}, {spec.MAX_STRICTNESS_ADJUSTMENT:g}] "
+                            "(default: the server's configured preset)")
 
     serve = commands.add_parser("serve", help="serve a model repository with the bundled CPU tritonserver")
     serve.add_argument("--repository", required=True, type=Path)
@@ -30,7 +36,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--metrics-port", type=int, default=8002)
     serve.add_argument("--model-config-name", default="cpu",
                        help="use configs/NAME.pbtxt where a model has one (default: cpu)")
+
+    concepts.add_parser(commands)
     return parser
+
+
+def _strictness(text: str) -> Strictness:
+    """A preset name as it is, anything that reads as a number as that number."""
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def _chunks(paths: Sequence[str], size: int) -> Iterator[Sequence[str]]:
@@ -43,7 +59,8 @@ def _emit(out: TextIO, record: dict) -> None:
     out.flush()
 
 
-def check_files(paths: Sequence[str], client: SafetyCheckerClient, out: TextIO) -> int:
+def check_files(paths: Sequence[str], client: SafetyCheckerClient, out: TextIO,
+                strictness: Strictness = None) -> int:
     """Print one JSON line per file, in order; return the number of files that got no answer.
 
     Files are read and sent a batch at a time, so memory stays flat for any
@@ -63,7 +80,7 @@ def check_files(paths: Sequence[str], client: SafetyCheckerClient, out: TextIO) 
         answers = {}
         if loaded:
             try:
-                results = client.check_pixels(preprocess([image for _, image in loaded]))
+                results = client.check_pixels(preprocess([image for _, image in loaded]), strictness)
                 answers = {path: result for (path, _), result in zip(loaded, results)}
             except (CheckError, ImageError) as err:
                 errors.update({path: str(err) for path, _ in loaded})
@@ -80,7 +97,7 @@ def _check(args: argparse.Namespace) -> int:
     try:
         client = SafetyCheckerClient(args.url, protocol=args.protocol)
         with client:
-            failures = check_files(args.files, client, sys.stdout)
+            failures = check_files(args.files, client, sys.stdout, args.strictness)
     except CheckError as err:  # the server could not even be asked for its config
         for path in args.files:
             _emit(sys.stdout, {"path": path, "error": str(err)})
@@ -101,6 +118,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
     args = _parser().parse_args(None if argv is None else list(argv))
+    if args.command == "concepts":
+        return concepts.run(args)
     return _check(args) if args.command == "check" else _serve(args)
 
 

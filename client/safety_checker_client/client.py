@@ -7,8 +7,9 @@ transport or server error raises, so a caller cannot mistake a failure for a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -23,18 +24,41 @@ class CheckError(RuntimeError):
     """The server did not answer; no image of the failed request was checked."""
 
 
+Strictness = Union[str, float, None]
+"""A preset name ("weak", "normal", ...), an adjustment in [-0.1, 0.1], or None for the server's preset."""
+
+
 @dataclass
 class CheckResult:
     """The answer for one image."""
 
-    flagged: bool
+    flagged: bool  # a built-in concept or a custom concept fired
     concept_scores: List[float]
     special_scores: List[float]
     image_embeds: np.ndarray = field(repr=False)
+    custom_scores: Dict[str, float] = field(default_factory=dict)  # custom concept name -> score
+    fired_concepts: List[str] = field(default_factory=list)  # every concept whose score is > 0
+    concept_set_version: int = 0  # the custom concept set that answered
+    strictness_adjustment: float = 0.0  # what every threshold was shifted by
+    custom_cosines: Dict[str, float] = field(default_factory=dict, repr=False)
 
     def as_dict(self) -> Dict[str, object]:
-        """The JSON-ready view (without the embedding)."""
-        return {"flagged": self.flagged, "concept_scores": self.concept_scores, "special_scores": self.special_scores}
+        """The JSON-ready view (without the embedding and the raw cosines)."""
+        return {"flagged": self.flagged, "concept_scores": self.concept_scores, "special_scores": self.special_scores,
+                "custom_scores": self.custom_scores, "fired_concepts": self.fired_concepts,
+                "concept_set_version": self.concept_set_version,
+                "strictness_adjustment": self.strictness_adjustment}
+
+
+def request_parameters(strictness: Strictness) -> Optional[Dict[str, object]]:
+    """The Triton request parameters that choose a strictness (None: the server's configured preset)."""
+    if strictness is None:
+        return None
+    if isinstance(strictness, str):
+        return {spec.STRICTNESS_PARAMETER: strictness}
+    if isinstance(strictness, bool) or not isinstance(strictness, (int, float)):
+        raise ValueError(f"strictness must be a preset name or a number, not {strictness!r}")
+    return {spec.STRICTNESS_ADJUSTMENT_PARAMETER: float(strictness)}
 
 
 def _triton_module(protocol: str):
@@ -92,20 +116,24 @@ class SafetyCheckerClient:
         except Exception as err:  # connection refused, timeouts: tritonclient raises several types
             raise CheckError(f"{self.model_name} at {self.url} ({self.protocol}): {err}") from err
 
-    def infer_pixels(self, pixel_values: np.ndarray) -> Dict[str, np.ndarray]:
+    def infer_pixels(self, pixel_values: np.ndarray, strictness: Strictness = None) -> Dict[str, np.ndarray]:
         """Run float32 [N, 3, 224, 224] pixel values, in as many requests as max_batch_size needs."""
         pixel_values = np.ascontiguousarray(pixel_values, dtype=np.float32)
         if len(pixel_values) == 0:
             raise ValueError("no images to check")
-        chunks = [self._infer_once(pixel_values[i:i + self.max_batch_size])
+        parameters = request_parameters(strictness)
+        chunks = [self._infer_once(pixel_values[i:i + self.max_batch_size], parameters)
                   for i in range(0, len(pixel_values), self.max_batch_size)]
         return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
-    def _infer_once(self, pixel_values: np.ndarray) -> Dict[str, np.ndarray]:
+    def _infer_once(self, pixel_values: np.ndarray, parameters: Optional[Dict[str, object]] = None
+                    ) -> Dict[str, np.ndarray]:
         tensor = self._triton.InferInput(spec.PIXEL_VALUES.name, list(pixel_values.shape), spec.PIXEL_VALUES.datatype)
         tensor.set_data_from_numpy(pixel_values)
         outputs = [self._triton.InferRequestedOutput(t.name) for t in spec.ENSEMBLE_OUTPUTS]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
+        if parameters:
+            kwargs["parameters"] = parameters
         result = self._call(self._client.infer, self.model_name, [tensor], outputs=outputs, **kwargs)
         answer = {t.name: result.as_numpy(t.name) for t in spec.ENSEMBLE_OUTPUTS}
         for name, value in answer.items():
@@ -114,21 +142,35 @@ class SafetyCheckerClient:
                                  f"{0 if value is None else len(value)} of {len(pixel_values)} images")
         return answer
 
-    def check_pixels(self, pixel_values: np.ndarray) -> List[CheckResult]:
-        answer = self.infer_pixels(pixel_values)
-        return [
-            CheckResult(
-                flagged=bool(answer[spec.HAS_NSFW_CONCEPTS.name][i].reshape(-1)[0]),
-                concept_scores=_thousandths(answer[spec.CONCEPT_SCORES.name][i]),
-                special_scores=_thousandths(answer[spec.SPECIAL_SCORES.name][i]),
-                image_embeds=answer[spec.IMAGE_EMBEDS.name][i],
-            )
-            for i in range(len(pixel_values))
-        ]
+    def check_pixels(self, pixel_values: np.ndarray, strictness: Strictness = None) -> List[CheckResult]:
+        answer = self.infer_pixels(pixel_values, strictness)
+        return [result_from(answer, i) for i in range(len(pixel_values))]
 
-    def check(self, images: Sequence[ImageLike], value_range: Tuple[float, float] = (0.0, 1.0)) -> List[CheckResult]:
+    def check(self, images: Sequence[ImageLike], value_range: Tuple[float, float] = (0.0, 1.0),
+              strictness: Strictness = None) -> List[CheckResult]:
         """Check images (PIL, uint8 arrays or float arrays in `value_range`), one result each, in order."""
-        return self.check_pixels(preprocess(images, value_range=value_range))
+        return self.check_pixels(preprocess(images, value_range=value_range), strictness)
+
+
+def result_from(answer: Dict[str, np.ndarray], i: int) -> CheckResult:
+    """Image i of an ensemble answer (the output tensors by name) as a CheckResult."""
+    return CheckResult(
+        flagged=bool(answer[spec.HAS_NSFW_CONCEPTS.name][i].reshape(-1)[0]),
+        concept_scores=_thousandths(answer[spec.CONCEPT_SCORES.name][i]),
+        special_scores=_thousandths(answer[spec.SPECIAL_SCORES.name][i]),
+        image_embeds=answer[spec.IMAGE_EMBEDS.name][i],
+        custom_scores=_json_text(answer[spec.CUSTOM_SCORES.name][i]),
+        fired_concepts=_json_text(answer[spec.FIRED_CONCEPTS.name][i]),
+        concept_set_version=int(answer[spec.CONCEPT_SET_VERSION.name][i].reshape(-1)[0]),
+        strictness_adjustment=float(answer[spec.STRICTNESS_ADJUSTMENT.name][i].reshape(-1)[0]),
+        custom_cosines=_json_text(answer[spec.CUSTOM_COSINES.name][i]),
+    )
+
+
+def _json_text(value: np.ndarray):
+    """A BYTES output element holding JSON text."""
+    item = value.reshape(-1)[0]
+    return json.loads(item.decode() if isinstance(item, bytes) else item)
 
 
 def _thousandths(scores: np.ndarray) -> List[float]:

@@ -27,6 +27,35 @@ NUM_CHANNELS = 3
 ONNX_FILENAME = "model.onnx"
 # The thresholds and concept metadata inside the postprocessor's version folder.
 CONCEPTS_FILENAME = "concepts.json"
+# The operator's own concepts, next to them; re-read by the running server when it changes.
+CUSTOM_CONCEPTS_FILENAME = "custom_concepts.json"
+# The postprocessor's version folder, where both concept files live.
+POSTPROCESS_VERSION = "1"
+
+# -- Strictness -------------------------------------------------------------
+# A strictness adjustment is added to every score before the "> 0" test, as
+# diffusers' `adjustment` is: positive flags more, negative flags less. It
+# shifts every threshold (built-in, special-care and custom) by the same
+# amount. The presets are the values measured for diffusers PR #9068 (8,000
+# Stable Diffusion 1.5 images, ~1,600 of them flagged): WEAK is the highest
+# concept score seen, MEDIUM the mean score of the flagged images, STRONG the
+# mean of all scores, MAX the absolute value of the lowest score. "normal" is
+# 0.0, which reproduces the reference checker exactly.
+STRICTNESS_PRESETS = {
+    "weak": -0.069,
+    "medium": -0.0175,
+    "normal": 0.0,
+    "strong": 0.015,
+    "max": 0.074,
+}
+DEFAULT_STRICTNESS = "normal"
+# The largest |adjustment| a request may ask for.
+MAX_STRICTNESS_ADJUSTMENT = 0.1
+# Triton request parameters (KServe v2 "parameters") the ensemble reads; give at most one.
+STRICTNESS_PARAMETER = "strictness"  # a preset name
+STRICTNESS_ADJUSTMENT_PARAMETER = "strictness_adjustment"  # a number in [-0.1, 0.1]
+# Key of the preset in the postprocessor's config.pbtxt `parameters`.
+STRICTNESS_CONFIG_KEY = "strictness"
 
 Dim = Union[int, str]
 
@@ -36,8 +65,13 @@ class TensorSpec:
     """One tensor without its batch dimension (Triton's `dims`)."""
 
     name: str
-    datatype: str  # KServe v2 datatype, also config.pbtxt's type without "TYPE_"
+    datatype: str  # KServe v2 datatype; config.pbtxt's type is `config_type`
     dims: Tuple[Dim, ...]
+
+    @property
+    def config_type(self) -> str:
+        """The model config's data type: TYPE_ + datatype, except that BYTES is TYPE_STRING."""
+        return "TYPE_STRING" if self.datatype == "BYTES" else f"TYPE_{self.datatype}"
 
     def resolve(self, dims: "ModelDims") -> Tuple[int, ...]:
         return tuple(dims.value(d) for d in self.dims)
@@ -64,9 +98,22 @@ HAS_NSFW_CONCEPTS = TensorSpec("has_nsfw_concepts", "BOOL", (1,))
 CONCEPT_SCORES = TensorSpec("concept_scores", "FP32", ("num_concepts",))
 SPECIAL_SCORES = TensorSpec("special_scores", "FP32", ("num_special",))
 IMAGE_EMBEDS = TensorSpec("image_embeds", "FP32", ("projection_dim",))
+# One JSON text per image: the names of every concept whose score is > 0, in
+# order: built-in ones as "concept_NN", special-care ones as "special_care_N"
+# (these never flag an image on their own), then custom ones by name.
+FIRED_CONCEPTS = TensorSpec("fired_concepts", "BYTES", (1,))
+# One JSON object per image: custom concept name -> score, scored like the built-in ones.
+CUSTOM_SCORES = TensorSpec("custom_scores", "BYTES", (1,))
+# One JSON object per image: custom concept name -> cosine to the image embedding (float32).
+CUSTOM_COSINES = TensorSpec("custom_cosines", "BYTES", (1,))
+# The `version` of the custom concept set that answered this image.
+CONCEPT_SET_VERSION = TensorSpec("concept_set_version", "INT64", (1,))
+# The strictness adjustment the scores were computed with (preset or request override).
+STRICTNESS_ADJUSTMENT = TensorSpec("strictness_adjustment", "FP64", (1,))
 
 ENSEMBLE_INPUTS = (PIXEL_VALUES,)
-ENSEMBLE_OUTPUTS = (HAS_NSFW_CONCEPTS, CONCEPT_SCORES, SPECIAL_SCORES, IMAGE_EMBEDS)
+ENSEMBLE_OUTPUTS = (HAS_NSFW_CONCEPTS, CONCEPT_SCORES, SPECIAL_SCORES, IMAGE_EMBEDS,
+                    FIRED_CONCEPTS, CUSTOM_SCORES, CUSTOM_COSINES, CONCEPT_SET_VERSION, STRICTNESS_ADJUSTMENT)
 
 # -- Embedder (the exported ONNX graph) -------------------------------------
 CONCEPT_COSINES = TensorSpec("concept_cosines", "FP32", ("num_concepts",))
@@ -79,5 +126,6 @@ EMBEDDER_INPUTS = (PIXEL_VALUES,)
 EMBEDDER_OUTPUTS = (IMAGE_EMBEDS, CONCEPT_COSINES, SPECIAL_COSINES, NONFINITE_VALUES)
 
 # -- Postprocessor ----------------------------------------------------------
-POSTPROCESS_INPUTS = (CONCEPT_COSINES, SPECIAL_COSINES, NONFINITE_VALUES)
-POSTPROCESS_OUTPUTS = (HAS_NSFW_CONCEPTS, CONCEPT_SCORES, SPECIAL_SCORES)
+POSTPROCESS_INPUTS = (CONCEPT_COSINES, SPECIAL_COSINES, NONFINITE_VALUES, IMAGE_EMBEDS)
+POSTPROCESS_OUTPUTS = (HAS_NSFW_CONCEPTS, CONCEPT_SCORES, SPECIAL_SCORES,
+                       FIRED_CONCEPTS, CUSTOM_SCORES, CUSTOM_COSINES, CONCEPT_SET_VERSION, STRICTNESS_ADJUSTMENT)

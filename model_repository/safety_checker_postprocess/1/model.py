@@ -3,38 +3,70 @@
 Every request of a dynamic batch is scored in one vectorised pass. A request
 whose pixels held NaN or Inf is refused with INVALID_ARG: in the reference such
 an image silently comes out "safe", and a guardrail must fail closed.
+
+Besides the built-in concepts (1/concepts.json, written by the export) it
+scores the operator's custom concepts (1/custom_concepts.json). That file is
+re-read while the server runs: execute() stats it first (cheap) and, when its
+inode, size or modification time changed, parses and validates it; a valid,
+newer set replaces the served one in one assignment, an invalid one is logged
+and ignored. Each execute() takes one snapshot for all of its requests, so a
+batch is answered wholly under the old or wholly under the new set.
+
+Strictness: the config's `strictness` preset, or a request's `strictness`
+(preset name) or `strictness_adjustment` (number) parameter, shifts every
+threshold; see scoring.py.
 """
 
 import json
+import math
 import os
 import sys
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scoring import score  # noqa: E402
+import concept_set  # noqa: E402
+from scoring import cosines, score_all  # noqa: E402
 
 CONCEPTS_FILENAME = "concepts.json"
+# The request parameters (spec.STRICTNESS_PARAMETER / spec.STRICTNESS_ADJUSTMENT_PARAMETER).
+STRICTNESS_PARAMETER = "strictness"
+STRICTNESS_ADJUSTMENT_PARAMETER = "strictness_adjustment"
+# Tensor names (spec.py); the rendered config must declare exactly these.
+INPUTS = ("concept_cosines", "special_cosines", "nonfinite_values", "image_embeds")
+FLAG, CONCEPT_SCORES, SPECIAL_SCORES = "has_nsfw_concepts", "concept_scores", "special_scores"
+FIRED, CUSTOM_SCORES, CUSTOM_COSINES = "fired_concepts", "custom_scores", "custom_cosines"
+SET_VERSION, STRICTNESS_ADJUSTMENT = "concept_set_version", "strictness_adjustment"
+OUTPUTS = (FLAG, CONCEPT_SCORES, SPECIAL_SCORES, FIRED, CUSTOM_SCORES, CUSTOM_COSINES, SET_VERSION,
+           STRICTNESS_ADJUSTMENT)
+# A file rejected while it was being written in place is looked at again for this long.
+RECENT_WRITE_S = 2.0
+RETRY_INTERVAL_S = 0.25
 
 
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
-        path = os.path.join(args["model_repository"], args["model_version"], CONCEPTS_FILENAME)
-        with open(path) as handle:
+        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        with open(os.path.join(version_dir, CONCEPTS_FILENAME)) as handle:
             metadata = json.load(handle)
         self.concept_thresholds = np.array([c["threshold"] for c in metadata["concepts"]], dtype=np.float64)
         self.special_thresholds = np.array([c["threshold"] for c in metadata["special_care"]], dtype=np.float64)
+        self.concept_names = [c["name"] for c in metadata["concepts"]]
+        self.special_names = [c["name"] for c in metadata["special_care"]]
         self.adjustment = float(metadata["special_care_adjustment"])
 
-        self.inputs = [i["name"] for i in config["input"]]
-        self.concept_input, self.special_input, self.nonfinite_input = self.inputs
-        # The rendered config lists the outputs as decision, concept scores, special-care scores.
+        inputs = {i["name"]: i for i in config["input"]}
         outputs = {o["name"]: o for o in config["output"]}
-        self.flag_output, self.concept_output, self.special_output = outputs
-        for output, thresholds in ((self.concept_output, self.concept_thresholds),
-                                   (self.special_output, self.special_thresholds)):
+        if tuple(inputs) != INPUTS or set(outputs) != set(OUTPUTS):
+            raise pb_utils.TritonModelException(
+                f"config declares inputs {list(inputs)} and outputs {list(outputs)}; this model.py serves "
+                f"{list(INPUTS)} -> {list(OUTPUTS)}: render the config again with the export")
+        for output, thresholds in ((CONCEPT_SCORES, self.concept_thresholds),
+                                   (SPECIAL_SCORES, self.special_thresholds)):
             width = int(outputs[output]["dims"][-1])
             if width != len(thresholds):
                 raise pb_utils.TritonModelException(
@@ -42,32 +74,209 @@ class TritonPythonModel:
                     f"the config declares {width}"
                 )
 
+        self.presets = {name: float(value) for name, value in json.loads(parameters["strictness_presets"]).items()}
+        self.max_adjustment = float(parameters["max_strictness_adjustment"])
+        preset = parameters.get("strictness", "normal").strip().lower()
+        if preset not in self.presets:
+            raise pb_utils.TritonModelException(
+                f"config parameter strictness: unknown preset {preset!r} (one of {', '.join(self.presets)})")
+        self.default_strictness = self.presets[preset]
+
+        embedding_dim = int(inputs["image_embeds"]["dims"][-1])
+        path = os.path.join(version_dir, parameters.get("custom_concepts_file", concept_set.FILENAME))
+        self.custom = CustomConceptFile(path, embedding_dim)
+        pb_utils.Logger.log_info(
+            f"strictness preset {preset!r} (adjustment {self.default_strictness:+g}); "
+            f"custom concept set version {self.custom.snapshot.version} "
+            f"({len(self.custom.snapshot.names)} concepts)")
+
     def execute(self, requests):
-        gathered = [[pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs]
-                    for r in requests]
-        concept_cos, special_cos, nonfinite = (np.concatenate(columns) for columns in zip(*gathered))
-        flagged, concept_scores, special_scores = score(
-            concept_cos, special_cos, self.concept_thresholds, self.special_thresholds, self.adjustment
-        )
+        custom = self.custom.refresh()  # one snapshot for every request of this batch
+        gathered = [[pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in INPUTS] for r in requests]
+        sizes = [len(g[0]) for g in gathered]
+        concept_cos, special_cos, nonfinite, embeds = (np.concatenate(columns) for columns in zip(*gathered))
+        strictness, errors = [], []
+        for request in requests:
+            value, error = self._strictness(request)
+            strictness.append(value)
+            errors.append(error)
+        per_image = np.repeat(np.array(strictness, dtype=np.float64), sizes)
+        custom_cos = cosines(embeds, custom.unit_embeddings)
+        scores = score_all(concept_cos, special_cos, self.concept_thresholds, self.special_thresholds,
+                           self.adjustment, per_image, custom_cos, custom.thresholds)
 
         responses = []
         start = 0
-        for request_inputs in gathered:
-            end = start + len(request_inputs[0])
-            error = _refusal(nonfinite[start:end], concept_cos[start:end], special_cos[start:end])
+        for size, error in zip(sizes, errors):
+            end = start + size
+            if error is None:
+                error = _refusal(nonfinite[start:end], concept_cos[start:end], special_cos[start:end],
+                                 custom_cos[start:end])
             if error is not None:
                 responses.append(pb_utils.InferenceResponse(error=error))
             else:
-                responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor(self.flag_output, flagged[start:end].reshape(-1, 1)),
-                    pb_utils.Tensor(self.concept_output, concept_scores[start:end].astype(np.float32)),
-                    pb_utils.Tensor(self.special_output, special_scores[start:end].astype(np.float32)),
-                ]))
+                responses.append(self._response(scores, custom, custom_cos, per_image, start, end))
             start = end
         return responses
 
+    def _response(self, scores, custom, custom_cos, per_image, start, end):
+        fired, custom_scores, custom_cosines = [], [], []
+        for i in range(start, end):
+            names = [n for n, s in zip(self.concept_names, scores.concept_scores[i]) if s > 0]
+            names += [n for n, s in zip(self.special_names, scores.special_scores[i]) if s > 0]
+            names += [n for n, s in zip(custom.names, scores.custom_scores[i]) if s > 0]
+            fired.append(_json(names))
+            custom_scores.append(_json({n: round(float(s), 3) + 0.0
+                                        for n, s in zip(custom.names, scores.custom_scores[i])}))
+            custom_cosines.append(_json({n: float(str(c)) for n, c in zip(custom.names, custom_cos[i])}))
+        count = end - start
+        return pb_utils.InferenceResponse(output_tensors=[
+            pb_utils.Tensor(FLAG, scores.flagged[start:end].reshape(-1, 1)),
+            pb_utils.Tensor(CONCEPT_SCORES, scores.concept_scores[start:end].astype(np.float32)),
+            pb_utils.Tensor(SPECIAL_SCORES, scores.special_scores[start:end].astype(np.float32)),
+            pb_utils.Tensor(FIRED, np.array(fired, dtype=object).reshape(-1, 1)),
+            pb_utils.Tensor(CUSTOM_SCORES, np.array(custom_scores, dtype=object).reshape(-1, 1)),
+            pb_utils.Tensor(CUSTOM_COSINES, np.array(custom_cosines, dtype=object).reshape(-1, 1)),
+            pb_utils.Tensor(SET_VERSION, np.full((count, 1), custom.version, dtype=np.int64)),
+            pb_utils.Tensor(STRICTNESS_ADJUSTMENT, per_image[start:end].reshape(-1, 1).copy()),
+        ])
 
-def _refusal(nonfinite, concept_cos, special_cos):
+    def _strictness(self, request):
+        """(adjustment, None) for this request, or (default, TritonError) naming the bad parameter."""
+        try:
+            parameters = json.loads(request.parameters() or "{}")
+        except ValueError:
+            parameters = {}
+        preset = parameters.get(STRICTNESS_PARAMETER)
+        value = parameters.get(STRICTNESS_ADJUSTMENT_PARAMETER)
+        if preset is not None and value is not None:
+            return self.default_strictness, _invalid(
+                f"request parameters {STRICTNESS_PARAMETER!r} and {STRICTNESS_ADJUSTMENT_PARAMETER!r} "
+                "were both given; give one")
+        if preset is not None:
+            if not isinstance(preset, str) or preset.lower() not in self.presets:
+                return self.default_strictness, _invalid(
+                    f"request parameter {STRICTNESS_PARAMETER!r}: unknown preset {preset!r} "
+                    f"(one of {', '.join(self.presets)})")
+            return self.presets[preset.lower()], None
+        if value is not None:
+            number = None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                number = float(value)
+            elif isinstance(value, str):
+                try:
+                    number = float(value)
+                except ValueError:
+                    number = None
+            limit = self.max_adjustment
+            if number is None or not math.isfinite(number) or abs(number) > limit:
+                return self.default_strictness, _invalid(
+                    f"request parameter {STRICTNESS_ADJUSTMENT_PARAMETER!r} = {value!r} must be a number "
+                    f"in [{-limit:g}, {limit:g}]")
+            return number, None
+        return self.default_strictness, None
+
+
+class Snapshot:
+    """One validated custom concept set, in the form execute() uses."""
+
+    def __init__(self, concepts):
+        self.concepts = concepts
+        self.version = concepts.version
+        self.names = concepts.names
+        self.unit_embeddings = concepts.unit_embeddings()
+        self.thresholds = concepts.thresholds()
+
+
+class CustomConceptFile:
+    """The custom concept file, re-read when it changes; `snapshot` is what is served."""
+
+    def __init__(self, path, embedding_dim):
+        self.path = path
+        self.embedding_dim = embedding_dim
+        self.seen = None  # (device, inode, size, mtime_ns) of the file last looked at
+        self.rejected = None  # the message of the last rejected file, while it is the one on disk
+        self.last_try = 0.0
+        self.missing_logged = False
+        if not os.path.exists(path):
+            # A repository exported before custom concepts existed: serve none until a file appears.
+            pb_utils.Logger.log_warn(f"no custom concept set at {path}; serving none (version 0)")
+            self.snapshot = Snapshot(concept_set.empty(embedding_dim))
+            return
+        try:
+            with open(path, "rb") as handle:
+                self.seen = _signature(os.fstat(handle.fileno()))
+                text = handle.read()
+            loaded = concept_set.parse(text, embedding_dim=embedding_dim, origin=path)
+        except (OSError, concept_set.ConceptSetError) as error:
+            # Fail closed: without a last valid set there is nothing safe to serve.
+            raise pb_utils.TritonModelException(f"custom concept set rejected: {error}") from None
+        self.snapshot = Snapshot(loaded)
+
+    def refresh(self):
+        try:
+            stat = os.stat(self.path)
+        except OSError:
+            if not self.missing_logged:
+                pb_utils.Logger.log_warn(f"custom concept set {self.path} is missing; still serving version "
+                                         f"{self.snapshot.version}")
+                self.missing_logged = True
+            self.seen = None
+            return self.snapshot
+        self.missing_logged = False
+        signature = _signature(stat)
+        if signature == self.seen and not self._retry(stat):
+            return self.snapshot
+        self.last_try = time.monotonic()
+        try:
+            with open(self.path, "rb") as handle:
+                signature = _signature(os.fstat(handle.fileno()))
+                text = handle.read()
+            loaded = concept_set.parse(text, embedding_dim=self.embedding_dim, origin=self.path)
+            served = self.snapshot.concepts
+            if loaded.version <= served.version and not (loaded.version == served.version
+                                                         and loaded.same_concepts(served)):
+                raise concept_set.ConceptSetError(
+                    f"{self.path}: version {loaded.version} is not newer than the served version "
+                    f"{served.version}; every change must increase \"version\"")
+        except (OSError, concept_set.ConceptSetError) as error:
+            self.seen = signature
+            message = f"custom concept set rejected, still serving version {self.snapshot.version}: {error}"
+            if message != self.rejected:
+                pb_utils.Logger.log_error(message)
+            self.rejected = message
+            return self.snapshot
+        self.seen = signature
+        if self.rejected is not None:
+            self.rejected = None
+            if loaded.version == self.snapshot.version:
+                pb_utils.Logger.log_info(f"custom concept set {self.path} is valid again (version {loaded.version})")
+        if loaded.version != self.snapshot.version:
+            self.snapshot = Snapshot(loaded)  # one assignment: the next execute() sees all of it
+            pb_utils.Logger.log_info(
+                f"custom concept set version {loaded.version} loaded: {len(loaded.concepts)} concepts "
+                f"({', '.join(loaded.names) or 'none'})")
+        return self.snapshot
+
+    def _retry(self, stat):
+        """A rejected file written moments ago may have been caught half-written in place: look again."""
+        return (self.rejected is not None and time.time() - stat.st_mtime < RECENT_WRITE_S
+                and time.monotonic() - self.last_try > RETRY_INTERVAL_S)
+
+
+def _signature(stat):
+    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
+def _json(value):
+    return json.dumps(value, separators=(",", ":")).encode()
+
+
+def _invalid(message):
+    return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+
+
+def _refusal(nonfinite, concept_cos, special_cos, custom_cos):
     """The error for a request that must not get a decision, or None."""
     counts = nonfinite.reshape(-1)
     if np.any(counts > 0):
@@ -77,6 +286,7 @@ def _refusal(nonfinite, concept_cos, special_cos):
             f"pixel_values holds non-finite values (NaN or Inf) ({detail}); nothing in this request was checked",
             pb_utils.TritonError.INVALID_ARG,
         )
-    if not (np.all(np.isfinite(concept_cos)) and np.all(np.isfinite(special_cos))):
+    if not (np.all(np.isfinite(concept_cos)) and np.all(np.isfinite(special_cos))
+            and np.all(np.isfinite(custom_cos))):
         return pb_utils.TritonError("the embedder returned non-finite cosines; nothing in this request was checked")
     return None

@@ -1,0 +1,358 @@
+"""`safety-checker concepts ...`: manage the custom concept set of a served model repository.
+
+Every change is validated with the same module the server reads the file
+with, written atomically (temporary file + os.replace, under a lock so two
+commands cannot lose each other's change), and then confirmed: the command
+sends small requests until the running server answers with the new set's
+version, or fails with a clear error after --wait-timeout seconds.
+
+A file that does not validate (edited by hand into invalid JSON, say) is
+never modified: the command names the problem and where it is, and the
+server keeps serving the last valid set meanwhile.
+
+Only `add --text` needs torch and transformers (imported when used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence, TextIO
+
+import numpy as np
+
+from safety_checker_client import concept_set, spec
+from safety_checker_client.client import PROTOCOLS, CheckError, SafetyCheckerClient
+from safety_checker_client.concept_set import ConceptSet, ConceptSetError
+from safety_checker_client.preprocess import ImageError, load_image, preprocess
+
+DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
+DEFAULT_WAIT_S = 30.0
+POLL_INTERVAL_S = 0.2
+# Default threshold of an image concept: this far below the least similar example.
+IMAGE_THRESHOLD_MARGIN = 0.02
+
+
+class ConceptCommandError(RuntimeError):
+    """A concepts command that could not do what was asked; nothing was changed unless the message says so."""
+
+
+# -- the file --------------------------------------------------------------
+def concept_file(repository: Path) -> Path:
+    repository = Path(repository)
+    if not repository.is_dir():
+        raise ConceptCommandError(f"model repository not found: {repository}")
+    path = repository / spec.POSTPROCESS_MODEL / spec.POSTPROCESS_VERSION / spec.CUSTOM_CONCEPTS_FILENAME
+    if not path.is_file():
+        raise ConceptCommandError(
+            f"{path} does not exist: is {repository} a model repository written by `python -m export`? "
+            "(a repository exported before custom concepts existed must be exported again)")
+    return path
+
+
+def read_set(path: Path) -> ConceptSet:
+    try:
+        return concept_set.read(path)
+    except ConceptSetError as error:
+        raise ConceptCommandError(
+            f"{error}. Not modifying it: fix the file by hand (or restore it from a backup); until then the "
+            "server keeps serving the last valid set") from None
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Serialise read-modify-write of the concept file between commands (POSIX advisory lock)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock, os.replace still keeps every write whole
+        yield
+        return
+    with open(path.parent / f".{path.name}.lock", "a+") as handle:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+
+
+def builtin_thresholds(repository: Path) -> List[float]:
+    path = Path(repository) / spec.POSTPROCESS_MODEL / spec.POSTPROCESS_VERSION / spec.CONCEPTS_FILENAME
+    try:
+        return [float(c["threshold"]) for c in json.loads(path.read_text())["concepts"]]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ConceptCommandError(f"cannot read the built-in thresholds from {path}: {error}") from None
+
+
+# -- the server ------------------------------------------------------------
+def connect(url: str, protocol: str) -> SafetyCheckerClient:
+    return SafetyCheckerClient(url, protocol=protocol, timeout_s=60.0)
+
+
+def probe(client: SafetyCheckerClient) -> tuple:
+    """(served concept set version, image_embeds width) from a one-image request."""
+    pixels = np.zeros((1, spec.NUM_CHANNELS, spec.IMAGE_SIZE, spec.IMAGE_SIZE), dtype=np.float32)
+    try:
+        answer = client.check_pixels(pixels)[0]
+    except CheckError as error:
+        raise ConceptCommandError(f"cannot reach the server: {error}") from None
+    return answer.concept_set_version, int(answer.image_embeds.shape[-1])
+
+
+def check_server(client: SafetyCheckerClient, current: ConceptSet, repository: Path) -> None:
+    """Refuse to change a set the server at --url is evidently not serving."""
+    version, width = probe(client)
+    if width != current.embedding_dim:
+        raise ConceptCommandError(
+            f"the server at {client.url} serves image embeddings of width {width}, but {repository}'s concept set "
+            f"has embedding_dim {current.embedding_dim}: is the server serving {repository}?")
+    if version > current.version:
+        raise ConceptCommandError(
+            f"the server at {client.url} serves concept set version {version}, newer than {repository}'s "
+            f"version {current.version}: is the server serving {repository}?")
+
+
+def wait_for_version(client: SafetyCheckerClient, version: int, timeout_s: float, path: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    served = None
+    while True:
+        try:
+            served, _ = probe(client)
+        except ConceptCommandError:
+            served = None
+        if served is not None and served >= version:
+            return
+        if time.monotonic() >= deadline:
+            now = "did not answer" if served is None else f"still serves version {served}"
+            raise ConceptCommandError(
+                f"wrote version {version} to {path}, but after {timeout_s:g} s the server at {client.url} {now}: "
+                "check that it serves this repository, and its log for a rejected concept set")
+        time.sleep(POLL_INTERVAL_S)
+
+
+def commit(args: argparse.Namespace, path: Path, change, client: SafetyCheckerClient, out: TextIO) -> ConceptSet:
+    """Apply `change` (ConceptSet -> ConceptSet) to the file under the lock, then wait for the server."""
+    with locked(path):
+        current = read_set(path)  # again, under the lock: another command may have changed it
+        try:
+            new = change(current)
+            concept_set.write(path, new)
+        except ConceptSetError as error:
+            raise ConceptCommandError(str(error)) from None
+        except OSError as error:
+            raise ConceptCommandError(f"cannot write {path}: {error}") from None
+    print(f"wrote {path} (version {new.version})", file=out, flush=True)
+    wait_for_version(client, new.version, args.wait_timeout, path)
+    print(f"the server at {client.url} now serves version {new.version} "
+          f"({len(new.concepts)} custom concept{'s' if len(new.concepts) != 1 else ''})", file=out, flush=True)
+    return new
+
+
+# -- embeddings --------------------------------------------------------------
+def image_embeddings(client: SafetyCheckerClient, files: Sequence[str]) -> tuple:
+    """(image_embeds [N, D] from the server, sha256 of each file)."""
+    images, hashes = [], []
+    for name in files:
+        try:
+            images.append(load_image(name))
+            hashes.append(hashlib.sha256(Path(name).read_bytes()).hexdigest())
+        except ImageError as error:
+            raise ConceptCommandError(str(error)) from None
+        except OSError as error:
+            raise ConceptCommandError(f"cannot read image file {name!r}: {error}") from None
+    try:
+        results = client.check_pixels(preprocess(images))
+    except (CheckError, ImageError) as error:
+        raise ConceptCommandError(f"cannot embed the images: {error}") from None
+    return np.stack([r.image_embeds for r in results]).astype(np.float64), hashes
+
+
+# -- commands ------------------------------------------------------------------
+def _add(args: argparse.Namespace, out: TextIO) -> int:
+    if bool(args.image) == bool(args.text):
+        raise ConceptCommandError("give the examples as --image FILE (one or more) or the phrase as --text PHRASE "
+                                  "(exactly one of the two)")
+    if args.text is not None and not args.text.strip():
+        raise ConceptCommandError("--text is empty")
+    if args.threshold is not None:
+        try:
+            concept_set.check_threshold(args.threshold, "--threshold")
+        except ConceptSetError as error:
+            raise ConceptCommandError(str(error)) from None
+    if not concept_set.NAME_PATTERN.match(args.name) or concept_set.RESERVED_NAME.match(args.name):
+        raise ConceptCommandError(f"--name {args.name!r}: a name is 1-64 letters, digits, '_', '.' or '-', starting "
+                                  "with a letter or digit, and not concept_NN or special_care_N (the built-ins)")
+    path = concept_file(args.repository)
+    current = read_set(path)
+    if current.get(args.name) is not None:
+        raise ConceptCommandError(f"a concept named {args.name!r} already exists in {path} (version "
+                                  f"{current.version}); remove it first or choose another name")
+    with connect(args.url, args.protocol) as client:
+        check_server(client, current, args.repository)
+        if args.image:
+            embeds, hashes = image_embeddings(client, args.image)
+            source = {"kind": "images", "sha256": hashes}
+            embedding = concept_set.unit_vector(embeds)
+            if args.threshold is None:
+                unit = embeds / np.linalg.norm(embeds, axis=1, keepdims=True)
+                lowest = float(np.min(unit @ embedding))
+                threshold = max(-1.0, math.floor((lowest - IMAGE_THRESHOLD_MARGIN) * 1000) / 1000)
+                how = f"the least similar example's cosine {lowest:.3f} less {IMAGE_THRESHOLD_MARGIN}"
+        else:
+            from safety_checker_client.text_embedding import TextEmbeddingError, embed_text
+
+            try:
+                embedding = embed_text(args.text, args.clip_model, client)
+            except TextEmbeddingError as error:
+                raise ConceptCommandError(str(error)) from None
+            source = {"kind": "text", "text": args.text}
+            if args.threshold is None:
+                thresholds = builtin_thresholds(args.repository)
+                threshold = round(float(np.mean(thresholds)), 3)
+                how = "the mean threshold of the built-in concepts, which are text embeddings too"
+        if args.threshold is not None:
+            threshold, how = float(args.threshold), "--threshold"
+        if embedding.shape[-1] != current.embedding_dim:
+            raise ConceptCommandError(f"the embedding has {embedding.shape[-1]} values, the served image_embeds "
+                                      f"have {current.embedding_dim}")
+        try:
+            concept = concept_set.make_concept(args.name, embedding, threshold, source, category=args.category)
+        except ConceptSetError as error:
+            raise ConceptCommandError(str(error)) from None
+        print(f"concept {concept.name!r}: {concept.describe_source()}, category {concept.category!r}, "
+              f"threshold {threshold:g} ({how})", file=out, flush=True)
+        commit(args, path, lambda s: s.with_concept(concept), client, out)
+    return 0
+
+
+def _remove(args: argparse.Namespace, out: TextIO) -> int:
+    path = concept_file(args.repository)
+    current = read_set(path)
+    if current.get(args.name) is None:
+        raise ConceptCommandError(f"no concept named {args.name!r} in {path} (version {current.version}); it holds: "
+                                  f"{', '.join(current.names) or 'none'}")
+    with connect(args.url, args.protocol) as client:
+        check_server(client, current, args.repository)
+        commit(args, path, lambda s: s.without(args.name), client, out)
+    print(f"removed concept {args.name!r}", file=out)
+    return 0
+
+
+def _set_threshold(args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        concept_set.check_threshold(args.threshold, "--threshold")
+    except ConceptSetError as error:
+        raise ConceptCommandError(str(error)) from None
+    path = concept_file(args.repository)
+    current = read_set(path)
+    if current.get(args.name) is None:
+        raise ConceptCommandError(f"no concept named {args.name!r} in {path} (version {current.version})")
+    with connect(args.url, args.protocol) as client:
+        check_server(client, current, args.repository)
+        commit(args, path, lambda s: s.with_threshold(args.name, args.threshold), client, out)
+    print(f"concept {args.name!r} now has threshold {args.threshold:g}", file=out)
+    return 0
+
+
+def _list(args: argparse.Namespace, out: TextIO) -> int:
+    path = concept_file(args.repository)
+    current = read_set(path)
+    if args.json:
+        summary = current.to_json()
+        for concept in summary["concepts"]:
+            del concept["embedding"]
+        out.write(json.dumps(summary, indent=2) + "\n")
+        return 0
+    print(f"custom concept set version {current.version} ({path}): {len(current.concepts)} concept"
+          f"{'s' if len(current.concepts) != 1 else ''}, embedding_dim {current.embedding_dim}", file=out)
+    if current.concepts:
+        rows = [("NAME", "CATEGORY", "THRESHOLD", "CREATED", "SOURCE")]
+        rows += [(c.name, c.category, f"{c.threshold:g}", c.created, c.describe_source()) for c in current.concepts]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        for row in rows:
+            print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4], file=out)
+    return 0
+
+
+def _calibrate(args: argparse.Namespace, out: TextIO) -> int:
+    from safety_checker_client.calibrate import calibrate
+
+    with connect(args.url, args.protocol) as client:
+        return calibrate(client, Path(args.positive), Path(args.negative), name=args.name,
+                         target_fpr=args.target_fpr, plot=Path(args.plot), out=out)
+
+
+# -- argument parsing ----------------------------------------------------------
+def _server_arguments(parser: argparse.ArgumentParser, wait: bool = True) -> None:
+    parser.add_argument("--url", required=True, metavar="HOST:PORT", help="the running server (gRPC by default)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
+    if wait:
+        parser.add_argument("--wait-timeout", type=float, default=DEFAULT_WAIT_S, metavar="SECONDS",
+                            help=f"how long to wait for the server to serve the new set (default {DEFAULT_WAIT_S:g})")
+
+
+def add_parser(commands) -> None:
+    concepts = commands.add_parser("concepts", help="manage the custom concept set of a served model repository",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = concepts.add_subparsers(dest="action", required=True)
+
+    add = actions.add_parser("add", help="add a concept from example images (embedded by the server) or a phrase")
+    add.add_argument("--repository", required=True, type=Path, help="the model repository the server serves")
+    _server_arguments(add)
+    add.add_argument("--name", required=True)
+    add.add_argument("--image", action="extend", nargs="+", metavar="FILE", default=[],
+                     help="example image; repeat (or list several) for more")
+    add.add_argument("--text", metavar="PHRASE", help="a phrase, embedded with the CLIP text encoder")
+    add.add_argument("--threshold", type=float, help="cosine threshold in [-1, 1] (default: images: the least "
+                                                     f"similar example's cosine less {IMAGE_THRESHOLD_MARGIN}; text: "
+                                                     "the mean built-in threshold)")
+    add.add_argument("--category", default=concept_set.DEFAULT_CATEGORY, help="free-form label (default: custom)")
+    add.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
+                     help=f"CLIP model for --text: hub id or local directory (default {DEFAULT_CLIP_MODEL}); its "
+                          "vision tower must be the served checker's")
+
+    listing = actions.add_parser("list", help="print the custom concept set")
+    listing.add_argument("--repository", required=True, type=Path)
+    listing.add_argument("--json", action="store_true", help="print JSON (without the embeddings)")
+
+    remove = actions.add_parser("remove", help="remove a concept")
+    remove.add_argument("--repository", required=True, type=Path)
+    _server_arguments(remove)
+    remove.add_argument("--name", required=True)
+
+    threshold = actions.add_parser("set-threshold", help="change a concept's threshold (e.g. to what calibrate "
+                                                         "proposed)")
+    threshold.add_argument("--repository", required=True, type=Path)
+    _server_arguments(threshold)
+    threshold.add_argument("--name", required=True)
+    threshold.add_argument("--threshold", required=True, type=float)
+
+    calibrate = actions.add_parser(
+        "calibrate", help="score labelled images and propose a threshold",
+        description="Score the images in --positive (should fire) and --negative (should not) and propose a "
+                    "threshold: for --name, the cosine threshold of that custom concept; without it, a cut on the "
+                    "highest built-in concept score, given as the equivalent strictness adjustment.")
+    _server_arguments(calibrate, wait=False)
+    calibrate.add_argument("--positive", required=True, metavar="DIR")
+    calibrate.add_argument("--negative", required=True, metavar="DIR")
+    calibrate.add_argument("--name", help="a custom concept served now (default: the built-in concepts)")
+    calibrate.add_argument("--target-fpr", type=float, metavar="F",
+                           help="propose the threshold with the best recall whose false-positive rate is <= F "
+                                "(default: the threshold maximising F1)")
+    calibrate.add_argument("--plot", default="calibration.png", metavar="FILE.png",
+                           help="where to write the histogram of both score distributions (default calibration.png)")
+
+
+def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
+    action = {"add": _add, "list": _list, "remove": _remove, "set-threshold": _set_threshold,
+              "calibrate": _calibrate}[args.action]
+    try:
+        return action(args, out)
+    except ConceptCommandError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
