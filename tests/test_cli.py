@@ -134,3 +134,23 @@ def test_no_server_means_errors_never_safe(image_files):
     assert result.returncode != 0
     (record,) = lines(result)
     assert "flagged" not in record and record["error"]
+
+
+def test_check_reports_custom_concepts_and_takes_a_strictness(served, image_files):
+    files = [str(image_files["astronaut"]), str(image_files["coffee"])]
+    normal = lines(check("--url", f"127.0.0.1:{served[1]}", *files))
+    for record in normal:
+        assert record["custom_scores"] == {} and record["concept_set_version"] == 0
+        assert record["strictness_adjustment"] == 0.0
+        assert record["flagged"] == any(name.startswith("concept_") for name in record["fired_concepts"])
+    result = check("--url", f"127.0.0.1:{served[1]}", "--strictness", "max", *files)
+    assert result.returncode == 0, result.stderr
+    for before, after in zip(normal, lines(result)):
+        assert after["strictness_adjustment"] == 0.074
+        cascade = 0.01 * (any(v > 0 for v in after["special_scores"]) - any(v > 0 for v in before["special_scores"]))
+        np.testing.assert_allclose(after["concept_scores"], np.array(before["concept_scores"]) + 0.074 + cascade,
+                                   atol=1.01e-3)
+    refused = check("--url", f"127.0.0.1:{served[1]}", "--strictness", "0.5", *files)
+    assert refused.returncode != 0
+    for record in lines(refused):
+        assert "flagged" not in record and "'strictness_adjustment'" in record["error"]

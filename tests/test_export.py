@@ -14,7 +14,7 @@ from conftest import ROOT, run_export
 from export import configs
 from export.onnx_export import VerificationError, export_onnx, verify_onnx
 from export.graph import EmbedderGraph
-from safety_checker_client import spec
+from safety_checker_client import concept_set, spec
 from safety_checker_client.spec import ModelDims
 from tiny_checker import build_tiny_checker, save_tiny_checker
 
@@ -39,11 +39,18 @@ def test_writes_a_complete_repository(repository, reference_checker):
     assert [c["threshold"] for c in metadata["special_care"]] == reference_checker.special_care_embeds_weights.tolist()
     for folder in (spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL):
         assert (repository / folder / "1" / "model.py").is_file()
+    custom = concept_set.read(repository / spec.POSTPROCESS_MODEL / "1" / spec.CUSTOM_CONCEPTS_FILENAME)
+    assert (custom.version, custom.embedding_dim, custom.concepts) == (0, dims.projection_dim, ())
+    for relative, source in configs.shared_files().items():
+        assert (repository / relative).read_bytes() == source.read_bytes()
 
 
 def test_committed_configs_are_the_rendered_reference_configs():
+    """`python -m export.configs` output is committed: the configs, and the client module the postprocessor imports."""
     for relative, text in configs.render_all(spec.REFERENCE_DIMS).items():
         assert (ROOT / "model_repository" / relative).read_text() == text, relative
+    for relative, source in configs.shared_files().items():
+        assert (ROOT / "model_repository" / relative).read_bytes() == source.read_bytes(), relative
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +176,26 @@ def test_export_is_repeatable_into_the_same_place(tmp_path):
     checker_dir = save_tiny_checker(tmp_path / "checker")
     target = tmp_path / "repo"
     (target / "other_model").mkdir(parents=True)  # someone else's model stays
-    for _ in range(2):
+    custom_file = target / spec.POSTPROCESS_MODEL / "1" / spec.CUSTOM_CONCEPTS_FILENAME
+    for attempt in range(2):
         result = run_export(checker_dir, target)
         assert result.returncode == 0, result.stderr
+        if attempt == 0:  # the operator adds a concept between the two exports
+            rng = np.random.default_rng(0)
+            concept = concept_set.make_concept("logo", rng.standard_normal(16), 0.3,
+                                               {"kind": "images", "sha256": ["ab" * 32]}, category="brand")
+            concept_set.write(custom_file, concept_set.read(custom_file).with_concept(concept))
+            kept = custom_file.read_bytes()
+    assert custom_file.read_bytes() == kept  # re-exporting never loses the operator's concepts
     assert sorted(p.name for p in target.iterdir()) == sorted(
         [spec.ENSEMBLE_MODEL, spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL, "other_model"])
+
+    # A set the re-exported checker could not serve stops the export before anything changes.
+    onnx_file = target / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME
+    onnx_bytes = onnx_file.read_bytes()
+    custom_file.write_text(kept.decode().replace('"version": 1', '"version": 1,,'))
+    result = run_export(checker_dir, target)
+    assert result.returncode == 1
+    assert "custom concept set cannot be kept" in result.stderr and "is not valid JSON: line 3" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert onnx_file.read_bytes() == onnx_bytes and ",," in custom_file.read_text()
