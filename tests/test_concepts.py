@@ -21,7 +21,6 @@ from typing import Dict, List, Optional
 import numpy as np
 import pytest
 
-from concept_models import unit
 from safety_checker_client import concept_set, spec
 from safety_checker_client.client import CheckResult, SafetyCheckerClient
 from safety_checker_client.concept_set import ConceptSet
@@ -269,7 +268,8 @@ def test_calibrate_a_custom_concept(concept_server, concept_repository, pictures
 
     target = concepts("calibrate", "--url", url(concept_server), "--positive", folders[0], "--negative", folders[1],
                       "--name", "stripes", "--target-fpr", "0", "--plot", tmp_path / "fpr.png")
-    assert target.returncode == 0 and "false-positive rate 0.000" in target.stdout and "recall    1.000" in target.stdout
+    assert target.returncode == 0, target.stderr
+    assert "false-positive rate 0.000" in target.stdout and "recall    1.000" in target.stdout
 
 
 def test_calibrate_refuses_bad_folders_and_names(concept_server, pictures, tmp_path):

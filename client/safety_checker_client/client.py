@@ -8,6 +8,7 @@ transport or server error raises, so a caller cannot mistake a failure for a
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -58,6 +59,9 @@ def request_parameters(strictness: Strictness) -> Optional[Dict[str, object]]:
         return {spec.STRICTNESS_PARAMETER: strictness}
     if isinstance(strictness, bool) or not isinstance(strictness, (int, float)):
         raise ValueError(f"strictness must be a preset name or a number, not {strictness!r}")
+    if not math.isfinite(strictness):  # JSON cannot carry it; the server would refuse it anyway
+        raise CheckError(f"request parameter {spec.STRICTNESS_ADJUSTMENT_PARAMETER!r} = {strictness!r} must be a "
+                         f"number in [-{spec.MAX_STRICTNESS_ADJUSTMENT:g}, {spec.MAX_STRICTNESS_ADJUSTMENT:g}]")
     return {spec.STRICTNESS_ADJUSTMENT_PARAMETER: float(strictness)}
 
 
