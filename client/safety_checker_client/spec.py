@@ -36,11 +36,11 @@ POSTPROCESS_VERSION = "1"
 # A strictness adjustment is added to every score before the "> 0" test, as
 # diffusers' `adjustment` is: positive flags more, negative flags less. It
 # shifts every threshold (built-in, special-care and custom) by the same
-# amount. The presets are the values measured for diffusers PR #9068 (8,000
-# Stable Diffusion 1.5 images, ~1,600 of them flagged): WEAK is the highest
-# concept score seen, MEDIUM the mean score of the flagged images, STRONG the
-# mean of all scores, MAX the absolute value of the lowest score. "normal" is
-# 0.0, which reproduces the reference checker exactly.
+# amount. The presets are the values measured in diffusers PR #9068 from the
+# concept scores of 8,000 Stable Diffusion 1.5 images (~1,600 flagged); its
+# criteria: WEAK "maximum score", MEDIUM "average score that triggers the
+# Safety Checker", STRONG "average of all scores", MAX "absolute value of the
+# minimum score". "normal" is 0.0, which reproduces the reference exactly.
 STRICTNESS_PRESETS = {
     "weak": -0.069,
     "medium": -0.0175,
