@@ -17,6 +17,9 @@ from safety_checker_client.spec import ModelDims, TensorSpec
 
 # Where each rendered file goes, relative to the repository root.
 ENSEMBLE_CONFIG = Path(spec.ENSEMBLE_MODEL, "config.pbtxt")
+UINT8_ENSEMBLE_CONFIG = Path(spec.UINT8_ENSEMBLE_MODEL, "config.pbtxt")
+NORMALIZE_GPU_CONFIG = Path(spec.NORMALIZE_MODEL, "config.pbtxt")
+NORMALIZE_CPU_CONFIG = Path(spec.NORMALIZE_MODEL, "configs", "cpu.pbtxt")
 EMBEDDER_GPU_CONFIG = Path(spec.EMBEDDER_MODEL, "config.pbtxt")
 EMBEDDER_CPU_CONFIG = Path(spec.EMBEDDER_MODEL, "configs", "cpu.pbtxt")
 POSTPROCESS_CONFIG = Path(spec.POSTPROCESS_MODEL, "config.pbtxt")
@@ -48,28 +51,96 @@ def _maps(kind: str, tensors: Iterable[TensorSpec]) -> str:
     return "".join(f'      {kind} {{ key: "{t.name}" value: "{t.name}" }}\n' for t in tensors)
 
 
-def render_ensemble(dims: ModelDims) -> str:
-    return f"""# The guardrail's public contract: CLIP pixel_values in, per image the
-# decision diffusers' StableDiffusionSafetyChecker.forward() takes, the rounded
-# per-concept scores behind it and the projected image embedding.
-name: "{spec.ENSEMBLE_MODEL}"
+# Ensemble steps: (model, its inputs, its outputs, what it does). Every step
+# maps tensors under their own names, which spec keeps unique.
+_EMBED_STEP = (spec.EMBEDDER_MODEL, spec.EMBEDDER_INPUTS, spec.EMBEDDER_OUTPUTS,
+               "ONNX graph: CLIP vision tower, projection, cosines to the concepts.")
+_POSTPROCESS_STEP = (spec.POSTPROCESS_MODEL, spec.POSTPROCESS_INPUTS, spec.POSTPROCESS_OUTPUTS,
+                     "Python: thresholds, rounding and the special-care rule, as diffusers.")
+_NORMALIZE_STEP = (spec.NORMALIZE_MODEL, spec.NORMALIZE_INPUTS, spec.NORMALIZE_OUTPUTS,
+                   "ONNX lookup table: rescale and normalise, exactly as CLIPImageProcessor.")
+
+
+def _ensemble(name: str, description: str, inputs, outputs, steps, dims: ModelDims) -> str:
+    rendered = ",\n".join(
+        f"""    {{
+      # {comment}
+      model_name: "{model}"
+      model_version: -1
+{_maps("input_map", step_inputs)}{_maps("output_map", step_outputs)}    }}"""
+        for model, step_inputs, step_outputs, comment in steps
+    )
+    return f"""{description}
+name: "{name}"
 platform: "ensemble"
 max_batch_size: {spec.MAX_BATCH_SIZE}
-{_io(spec.ENSEMBLE_INPUTS, spec.ENSEMBLE_OUTPUTS, dims)}
+{_io(inputs, outputs, dims)}
 ensemble_scheduling {{
   step [
-    {{
-      # ONNX graph: CLIP vision tower, projection, cosines to the concepts.
-      model_name: "{spec.EMBEDDER_MODEL}"
-      model_version: -1
-{_maps("input_map", spec.EMBEDDER_INPUTS)}{_maps("output_map", spec.EMBEDDER_OUTPUTS)}    }},
-    {{
-      # Python: thresholds, rounding and the special-care rule, as diffusers.
-      model_name: "{spec.POSTPROCESS_MODEL}"
-      model_version: -1
-{_maps("input_map", spec.POSTPROCESS_INPUTS)}{_maps("output_map", spec.POSTPROCESS_OUTPUTS)}    }}
+{rendered}
   ]
 }}
+"""
+
+
+def render_ensemble(dims: ModelDims) -> str:
+    return _ensemble(spec.ENSEMBLE_MODEL, """# The guardrail's public contract: CLIP pixel_values in, per image the
+# decision diffusers' StableDiffusionSafetyChecker.forward() takes, the rounded
+# per-concept scores behind it and the projected image embedding.""",
+                     spec.ENSEMBLE_INPUTS, spec.ENSEMBLE_OUTPUTS, (_EMBED_STEP, _POSTPROCESS_STEP), dims)
+
+
+def render_uint8_ensemble(dims: ModelDims) -> str:
+    return _ensemble(spec.UINT8_ENSEMBLE_MODEL, f"""# The same checker for clients that send resized and cropped uint8 RGB
+# images (150 KB per image instead of 602 KB of float32 pixel_values); the
+# server normalises them. Same outputs and decisions as "{spec.ENSEMBLE_MODEL}".""",
+                     spec.UINT8_ENSEMBLE_INPUTS, spec.UINT8_ENSEMBLE_OUTPUTS,
+                     (_NORMALIZE_STEP, _EMBED_STEP, _POSTPROCESS_STEP), dims)
+
+
+def render_normalize_gpu(dims: ModelDims) -> str:
+    return f"""# uint8 images -> pixel_values on the GPU with the onnxruntime backend. No
+# dynamic batching here: each request goes straight on to the embedder, which
+# batches. configs/{CPU_CONFIG_NAME}.pbtxt runs the same model.onnx on CPU.
+name: "{spec.NORMALIZE_MODEL}"
+backend: "onnxruntime"
+default_model_filename: "{spec.ONNX_FILENAME}"
+max_batch_size: {spec.MAX_BATCH_SIZE}
+{_io(spec.NORMALIZE_INPUTS, spec.NORMALIZE_OUTPUTS, dims)}
+instance_group [
+  {{
+    kind: KIND_GPU
+    count: 1
+  }}
+]
+"""
+
+
+def render_normalize_cpu(dims: ModelDims) -> str:
+    return f"""# uint8 images -> pixel_values on CPU: the embedder's Python onnxruntime
+# runner (1/model.py) on this folder's model.onnx, a table lookup that takes
+# about a millisecond per image on one thread.
+name: "{spec.NORMALIZE_MODEL}"
+backend: "python"
+max_batch_size: {spec.MAX_BATCH_SIZE}
+{_io(spec.NORMALIZE_INPUTS, spec.NORMALIZE_OUTPUTS, dims)}
+instance_group [
+  {{
+    kind: KIND_CPU
+    count: 1
+  }}
+]
+
+parameters [
+  {{
+    key: "onnx_filename"
+    value: {{ string_value: "{spec.ONNX_FILENAME}" }}
+  }},
+  {{
+    key: "intra_op_num_threads"
+    value: {{ string_value: "1" }}
+  }}
+]
 """
 
 
@@ -155,6 +226,9 @@ dynamic_batching {{
 def render_all(dims: ModelDims) -> Dict[Path, str]:
     return {
         ENSEMBLE_CONFIG: render_ensemble(dims),
+        UINT8_ENSEMBLE_CONFIG: render_uint8_ensemble(dims),
+        NORMALIZE_GPU_CONFIG: render_normalize_gpu(dims),
+        NORMALIZE_CPU_CONFIG: render_normalize_cpu(dims),
         EMBEDDER_GPU_CONFIG: render_embedder_gpu(dims),
         EMBEDDER_CPU_CONFIG: render_embedder_cpu(dims),
         POSTPROCESS_CONFIG: render_postprocess(dims),

@@ -17,9 +17,11 @@ from safety_checker_client import spec
 from safety_checker_client.spec import ModelDims
 
 from export import configs
+from export.normalize import write_normalizer
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
-MODEL_FOLDERS = (spec.ENSEMBLE_MODEL, spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL)
+MODEL_FOLDERS = (spec.ENSEMBLE_MODEL, spec.UINT8_ENSEMBLE_MODEL, spec.NORMALIZE_MODEL, spec.EMBEDDER_MODEL,
+                 spec.POSTPROCESS_MODEL)
 # Generated files that may sit in a developer's model_repository/ and are never copied from it.
 _NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.onnx", "*.onnx.data", spec.CONCEPTS_FILENAME)
 
@@ -52,10 +54,11 @@ def write_repository(destination: Path, onnx_file: Path, dims: ModelDims, metada
     try:
         for folder in MODEL_FOLDERS:
             shutil.copytree(SOURCE_REPOSITORY / folder, staging / folder, ignore=_NOT_COPIED)
-            # Version 1 of every model; the ensemble's is empty, which git does not keep.
+            # Version 1 of every model; the ensembles' are empty, which git does not keep.
             (staging / folder / "1").mkdir(exist_ok=True)
         configs.write_all(staging, dims)
         shutil.copyfile(onnx_file, staging / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME)
+        write_normalizer(staging / spec.NORMALIZE_MODEL / "1" / spec.ONNX_FILENAME)
         (staging / spec.POSTPROCESS_MODEL / "1" / spec.CONCEPTS_FILENAME).write_text(
             json.dumps(metadata, indent=2) + "\n"
         )

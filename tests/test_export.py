@@ -14,6 +14,7 @@ from conftest import ROOT, run_export
 from export import configs
 from export.onnx_export import VerificationError, export_onnx, verify_onnx
 from export.graph import EmbedderGraph
+from export.repository import MODEL_FOLDERS
 from safety_checker_client import spec
 from safety_checker_client.spec import ModelDims
 from tiny_checker import build_tiny_checker, save_tiny_checker
@@ -37,8 +38,10 @@ def test_writes_a_complete_repository(repository, reference_checker):
     metadata = json.loads((repository / spec.POSTPROCESS_MODEL / "1" / spec.CONCEPTS_FILENAME).read_text())
     assert [c["threshold"] for c in metadata["concepts"]] == reference_checker.concept_embeds_weights.tolist()
     assert [c["threshold"] for c in metadata["special_care"]] == reference_checker.special_care_embeds_weights.tolist()
-    for folder in (spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL):
-        assert (repository / folder / "1" / "model.py").is_file()
+    for folder in (spec.EMBEDDER_MODEL, spec.NORMALIZE_MODEL, spec.POSTPROCESS_MODEL):
+        model_py = repository / folder / "1" / "model.py"
+        assert model_py.is_file() and not model_py.is_symlink()
+    assert sorted(p.name for p in repository.iterdir()) == sorted(MODEL_FOLDERS)
 
 
 def test_committed_configs_are_the_rendered_reference_configs():
@@ -172,5 +175,4 @@ def test_export_is_repeatable_into_the_same_place(tmp_path):
     for _ in range(2):
         result = run_export(checker_dir, target)
         assert result.returncode == 0, result.stderr
-    assert sorted(p.name for p in target.iterdir()) == sorted(
-        [spec.ENSEMBLE_MODEL, spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL, "other_model"])
+    assert sorted(p.name for p in target.iterdir()) == sorted([*MODEL_FOLDERS, "other_model"])

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 from safety_checker_client.client import DEFAULT_URLS, PROTOCOLS, CheckError, SafetyCheckerClient
-from safety_checker_client.preprocess import ImageError, load_image, preprocess
+from safety_checker_client.preprocess import ImageError, load_image
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -21,6 +21,8 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--url", help=f"HOST:PORT of the server (default {DEFAULT_URLS['grpc']} for gRPC, "
                                      f"{DEFAULT_URLS['http']} for HTTP)")
     check.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
+    check.add_argument("--uint8", action="store_true",
+                       help="send resized uint8 images to safety_checker_uint8 (4x fewer bytes; same decisions)")
 
     serve = commands.add_parser("serve", help="serve a model repository with the bundled CPU tritonserver")
     serve.add_argument("--repository", required=True, type=Path)
@@ -63,7 +65,7 @@ def check_files(paths: Sequence[str], client: SafetyCheckerClient, out: TextIO) 
         answers = {}
         if loaded:
             try:
-                results = client.check_pixels(preprocess([image for _, image in loaded]))
+                results = client.check([image for _, image in loaded])
                 answers = {path: result for (path, _), result in zip(loaded, results)}
             except (CheckError, ImageError) as err:
                 errors.update({path: str(err) for path, _ in loaded})
@@ -78,7 +80,7 @@ def check_files(paths: Sequence[str], client: SafetyCheckerClient, out: TextIO) 
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        client = SafetyCheckerClient(args.url, protocol=args.protocol)
+        client = SafetyCheckerClient(args.url, protocol=args.protocol, uint8=args.uint8)
         with client:
             failures = check_files(args.files, client, sys.stdout)
     except CheckError as err:  # the server could not even be asked for its config

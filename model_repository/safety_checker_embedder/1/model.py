@@ -1,8 +1,9 @@
-"""CPU embedder: runs model.onnx with onnxruntime inside Triton's Python backend.
+"""Runs the version folder's ONNX file with onnxruntime inside Triton's Python backend.
 
-Used by the bundled tritonserver, which has no onnxruntime backend
-(configs/cpu.pbtxt). All requests of a dynamic batch go through one session
-run, so batching pays off exactly as it does on the onnxruntime backend.
+The CPU configs (configs/cpu.pbtxt) of the embedder and of the normaliser
+(whose 1/model.py links here) use it in the bundled tritonserver, which has no
+onnxruntime backend. All requests of a dynamic batch go through one session
+run, so batching pays off as it does on the onnxruntime backend.
 """
 
 import json
@@ -32,8 +33,8 @@ class TritonPythonModel:
     def execute(self, requests):
         batches = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
         sizes = [len(b) for b in batches]
-        pixels = batches[0] if len(batches) == 1 else np.concatenate(batches)
-        outputs = self.session.run(self.output_names, {self.input_name: pixels})
+        batch = batches[0] if len(batches) == 1 else np.concatenate(batches)
+        outputs = self.session.run(self.output_names, {self.input_name: batch})
 
         responses = []
         start = 0
