@@ -91,9 +91,9 @@ def render_ensemble(dims: ModelDims) -> str:
 
 
 def render_uint8_ensemble(dims: ModelDims) -> str:
-    return _ensemble(spec.UINT8_ENSEMBLE_MODEL, f"""# The same checker for clients that send resized and cropped uint8 RGB
-# images (150 KB per image instead of 602 KB of float32 pixel_values); the
-# server normalises them. Same outputs and decisions as "{spec.ENSEMBLE_MODEL}".""",
+    return _ensemble(spec.UINT8_ENSEMBLE_MODEL, f"""# The same checker for clients that send resized and cropped uint8
+# RGB images (150 KB per image instead of 602 KB of float32 pixel_values);
+# the server normalises them. Same outputs and decisions as "{spec.ENSEMBLE_MODEL}".""",
                      spec.UINT8_ENSEMBLE_INPUTS, spec.UINT8_ENSEMBLE_OUTPUTS,
                      (_NORMALIZE_STEP, _EMBED_STEP, _POSTPROCESS_STEP), dims)
 

@@ -11,19 +11,20 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 from safety_checker_client import spec
 from safety_checker_client.spec import ModelDims
 
 from export import configs
 from export.normalize import write_normalizer
+from export.quantize import REPORT_FILENAME
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 MODEL_FOLDERS = (spec.ENSEMBLE_MODEL, spec.UINT8_ENSEMBLE_MODEL, spec.NORMALIZE_MODEL, spec.EMBEDDER_MODEL,
                  spec.POSTPROCESS_MODEL)
 # Generated files that may sit in a developer's model_repository/ and are never copied from it.
-_NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.onnx", "*.onnx.data", spec.CONCEPTS_FILENAME)
+_NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.onnx", "*.onnx.data", spec.CONCEPTS_FILENAME, REPORT_FILENAME)
 
 
 def model_dims(checker: Any) -> ModelDims:
@@ -48,7 +49,9 @@ def concept_metadata(checker: Any, source: str) -> Dict[str, Any]:
     }
 
 
-def write_repository(destination: Path, onnx_file: Path, dims: ModelDims, metadata: Dict[str, Any]) -> None:
+def write_repository(destination: Path, onnx_file: Path, dims: ModelDims, metadata: Dict[str, Any],
+                     quantization: Optional[Dict[str, Any]] = None) -> None:
+    """`quantization`: the int8 report, stored beside a quantised model.onnx so it is never unlabelled."""
     destination.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=destination))
     try:
@@ -58,6 +61,9 @@ def write_repository(destination: Path, onnx_file: Path, dims: ModelDims, metada
             (staging / folder / "1").mkdir(exist_ok=True)
         configs.write_all(staging, dims)
         shutil.copyfile(onnx_file, staging / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME)
+        if quantization is not None:
+            report = staging / spec.EMBEDDER_MODEL / "1" / REPORT_FILENAME
+            report.write_text(json.dumps(quantization, indent=2) + "\n")
         write_normalizer(staging / spec.NORMALIZE_MODEL / "1" / spec.ONNX_FILENAME)
         (staging / spec.POSTPROCESS_MODEL / "1" / spec.CONCEPTS_FILENAME).write_text(
             json.dumps(metadata, indent=2) + "\n"
