@@ -44,6 +44,33 @@ def test_writes_a_complete_repository(repository, reference_checker):
     assert sorted(p.name for p in repository.iterdir()) == sorted(MODEL_FOLDERS)
 
 
+def test_every_config_is_a_valid_triton_model_config():
+    """Parsed with Triton's own ModelConfig schema, so a misspelt key fails here, not on a GPU."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    for relative, text in configs.render_all(spec.REFERENCE_DIMS).items():
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        assert config.max_batch_size == spec.MAX_BATCH_SIZE, relative
+
+
+def test_gpu_engine_profile_covers_every_batch_the_server_accepts():
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    text = configs.render_all(spec.REFERENCE_DIMS)[configs.EMBEDDER_GPU_CONFIG]
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    (tensorrt,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert tensorrt.name == "tensorrt"
+    assert tensorrt.parameters["precision_mode"] == "FP16"
+    assert tensorrt.parameters["trt_layer_norm_fp32_fallback"] == "1"
+    assert tensorrt.parameters["trt_profile_min_shapes"] == "pixel_values:1x3x224x224"
+    assert tensorrt.parameters["trt_profile_max_shapes"] == f"pixel_values:{spec.MAX_BATCH_SIZE}x3x224x224"
+    assert max(config.dynamic_batching.preferred_batch_size) <= spec.MAX_BATCH_SIZE
+    (warmup,) = config.model_warmup
+    assert warmup.batch_size == spec.MAX_BATCH_SIZE and set(warmup.inputs) == {spec.PIXEL_VALUES.name}
+
+
 def test_committed_configs_are_the_rendered_reference_configs():
     for relative, text in configs.render_all(spec.REFERENCE_DIMS).items():
         assert (ROOT / "model_repository" / relative).read_text() == text, relative

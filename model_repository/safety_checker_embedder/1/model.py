@@ -24,6 +24,11 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(parameters.get("intra_op_num_threads", "0"))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Any onnxruntime session config entry ("session.intra_op.allow_spinning", ...)
+        # can be set from config.pbtxt under its own name.
+        for key, value in parameters.items():
+            if key.startswith("session."):
+                options.add_session_config_entry(key, value)
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         onnx_file = parameters["onnx_filename"]
         self.session = ort.InferenceSession(
