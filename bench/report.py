@@ -64,7 +64,7 @@ def _reference_label(row: Row, rows: Sequence[Row]) -> str:
     """The diffusers baseline gets one unmistakable label; other single-number rows their name."""
     if row.get("kind") == "baseline":
         baselines = [r for r in rows if r.get("kind") == "baseline"]
-        return BASELINE_LABEL if len(baselines) == 1 else f"{BASELINE_LABEL}: {row['name']}"
+        return BASELINE_LABEL if len(baselines) == 1 else f"{row['name']} (baseline)"
     return str(row["name"])
 
 

@@ -59,7 +59,7 @@ class Candidate:
     @property
     def label(self) -> str:
         where = self.extra.get("concurrency")
-        return f"{self.name} c={where}" if where else f"{self.name} batch {self.extra['batch']}"
+        return f"{self.name} c={where}" if where else self.name
 
 
 class Worker:
@@ -144,7 +144,8 @@ def _pooled_triton_row(candidate: Candidate) -> Dict[str, Any]:
                         latencies_ms=[x for r in results for x in r.latencies_ms],
                         errors=sum(r.errors for r in results),
                         first_error=next((r.first_error for r in results if r.first_error), None),
-                        server=_pooled_server_stats([r.server for r in results]))
+                        server=_pooled_server_stats([r.server for r in results]),
+                        cycles=sum(r.cycles for r in results), cycle_s=sum(r.cycle_s for r in results))
     return pooled.as_dict()
 
 
@@ -276,11 +277,11 @@ def _candidates(settings: Settings, servers: Dict[str, TritonServer], diffusers:
                 ort_int8: Worker, pixels: np.ndarray) -> List[Candidate]:
     candidates = []
     for batch in settings.batches:
-        candidates.append(Candidate("diffusers forward() fp32", "baseline",
+        candidates.append(Candidate(f"diffusers forward() fp32, batch {batch}", "baseline",
                                     lambda w, b=batch: diffusers.window(b, w), {"batch": batch}))
-        candidates.append(Candidate("onnxruntime fp32 in-process", "ort",
+        candidates.append(Candidate(f"onnxruntime fp32 in-process, batch {batch}", "ort",
                                     lambda w, b=batch: ort_fp32.window(b, w), {"batch": batch}))
-    candidates.append(Candidate("onnxruntime int8 in-process", "ort-int8",
+    candidates.append(Candidate("onnxruntime int8 in-process, batch 1", "ort-int8",
                                 lambda w: ort_int8.window(1, w), {"batch": 1}))
     request = {spec.PIXEL_VALUES.name: pixels[:1]}
     stats = (spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL, spec.ENSEMBLE_MODEL)

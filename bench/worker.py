@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Callable, Dict
 
 import numpy as np
@@ -34,12 +35,28 @@ def _diffusers(checkpoint: str) -> Callable[[np.ndarray], None]:
     return run
 
 
+def _served_parameters(model: Path) -> Dict[str, str]:
+    """The `parameters` of the CPU config serving this model.onnx (version folder's parent)."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config_file = model.parent.parent / "configs" / "cpu.pbtxt"
+    config = text_format.Parse(config_file.read_text(), model_config_pb2.ModelConfig())
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
 def _onnxruntime(model: str) -> Callable[[np.ndarray], None]:
-    """The exported graph with the session options the served CPU embedder uses."""
+    """The exported graph with the session options of the served CPU embedder, so the
+    two differ only by what serving adds."""
     import onnxruntime as ort
 
+    parameters = _served_parameters(Path(model))
     options = ort.SessionOptions()
+    options.intra_op_num_threads = int(parameters.get("intra_op_num_threads", "0"))
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    for key, value in parameters.items():
+        if key.startswith("session."):
+            options.add_session_config_entry(key, value)
     session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
 
     def run(pixels: np.ndarray) -> None:

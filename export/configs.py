@@ -35,7 +35,7 @@ GPU_ENGINE_CACHE = "/trt-cache"
 
 # Dynamic batching: how long a request may wait for others to fill a batch.
 GPU_QUEUE_DELAY_US = 2000
-CPU_QUEUE_DELAY_US = 5000
+CPU_QUEUE_DELAY_US = 0
 POSTPROCESS_QUEUE_DELAY_US = 500
 
 
@@ -159,7 +159,7 @@ def _warmup(batch: int) -> str:
     pixels = spec.PIXEL_VALUES
     return f"""model_warmup [
   {{
-    name: "{batch} zero images"
+    name: "zero batch of {batch}"
     batch_size: {batch}
     inputs {{
       key: "{pixels.name}"
@@ -237,7 +237,13 @@ name: "{spec.EMBEDDER_MODEL}"
 backend: "python"
 max_batch_size: {spec.MAX_BATCH_SIZE}
 {_io(spec.EMBEDDER_INPUTS, spec.EMBEDDER_OUTPUTS, dims)}
-# One instance: onnxruntime already uses every core for one batch.
+# Tuned with `make bench` on a 2-core AVX2 machine (README, "CPU and GPU
+# configurations"): one instance, because onnxruntime already keeps every
+# core busy on one image and two single-thread instances were no faster; and
+# no queue delay, because on a CPU a bigger batch does not make an image
+# cheaper. Requests that arrive while a batch runs (about a second per image)
+# still go together into the next one; a request that finds the model idle
+# starts at once.
 instance_group [
   {{
     kind: KIND_CPU
@@ -256,12 +262,14 @@ parameters [
     value: {{ string_value: "{spec.ONNX_FILENAME}" }}
   }},
   {{
-    # onnxruntime intra-op threads; 0 lets it use all physical cores.
+    # onnxruntime intra-op threads; 0 lets it use all physical cores. Any
+    # onnxruntime session config entry ("session.*") may be added the same way.
     key: "intra_op_num_threads"
     value: {{ string_value: "0" }}
   }}
 ]
-"""
+
+{_warmup(1)}"""
 
 
 def render_postprocess(dims: ModelDims) -> str:

@@ -59,7 +59,7 @@ def test_every_candidate_was_measured_without_errors(quick_run):
 def test_plot_table_and_int8_report(quick_run):
     result, output = quick_run
     assert (output / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "diffusers forward() fp32" in result.stdout and "triton int8 (gRPC)" in result.stdout
+    assert "diffusers forward() fp32, batch 1" in result.stdout and "triton int8 (gRPC)" in result.stdout
     report = json.loads((output / "results.json").read_text())["int8_report"]
     assert report["max_cosine_deviation"] > 0
     assert 0 <= report["stress_margins"]["decision_agreement"] <= 1
