@@ -11,6 +11,7 @@ from typing import Optional, Sequence
 from export.checkpoint import DEFAULT_MODEL, CheckpointError, check_preprocessor, load_checkpoint
 from export.onnx_export import DEFAULT_OPSET, DEFAULT_TOLERANCE, VerificationError, export_onnx, verify_onnx
 from export.graph import EmbedderGraph
+from export.quantize import DEFAULT_CHECK_IMAGES, compare_int8, quantize_int8, summary
 from export.repository import (RepositoryError, concept_metadata, existing_custom_concepts, model_dims,
                                write_repository)
 from safety_checker_client import spec
@@ -27,6 +28,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--strictness", choices=list(spec.STRICTNESS_PRESETS), default=spec.DEFAULT_STRICTNESS,
                         help="strictness preset the server applies to requests that do not choose one "
                              f"(default {spec.DEFAULT_STRICTNESS}: the reference checker's decisions)")
+    parser.add_argument("--int8", action="store_true",
+                        help="serve a dynamically quantised int8 embedder (faster on CPU; can change decisions "
+                             "next to a threshold: the export measures and reports how often)")
+    parser.add_argument("--int8-check-images", type=int, default=DEFAULT_CHECK_IMAGES, metavar="N",
+                        help=f"random inputs the int8 report runs (default {DEFAULT_CHECK_IMAGES})")
     return parser
 
 
@@ -48,11 +54,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             export_onnx(graph, onnx_file, opset=args.opset)
             diff = verify_onnx(checkpoint.model, onnx_file, tolerance=args.tolerance)
             print(f"verified: max |cosine(ONNX) - cosine(PyTorch)| = {diff:.3g} (tolerance {args.tolerance:g})")
-            write_repository(args.repository, onnx_file, dims, concept_metadata(checkpoint.model, checkpoint.source),
-                             strictness=args.strictness)
+            metadata = concept_metadata(checkpoint.model, checkpoint.source)
+            report = None
+            if args.int8:
+                int8_file = Path(scratch) / "model_int8.onnx"
+                print("quantising to int8 (dynamic) and comparing with fp32", flush=True)
+                quantize_int8(onnx_file, int8_file)
+                report = compare_int8(onnx_file, int8_file, metadata, images=args.int8_check_images)
+                print(summary(report))
+                onnx_file = int8_file
+            write_repository(args.repository, onnx_file, dims, metadata, strictness=args.strictness,
+                             quantization=report)
     except (CheckpointError, VerificationError, RepositoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(f"wrote model repository {args.repository} ({dims.num_concepts} concepts, "
-          f"{dims.num_special} special-care concepts, projection_dim {dims.projection_dim})")
+          f"{dims.num_special} special-care concepts, projection_dim {dims.projection_dim}, "
+          f"{'int8' if args.int8 else 'fp32'} embedder)")
     return 0

@@ -19,11 +19,14 @@ from safety_checker_client import concept_set, spec
 from safety_checker_client.spec import ModelDims
 
 from export import configs
+from export.normalize import write_normalizer
+from export.quantize import REPORT_FILENAME
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
-MODEL_FOLDERS = (spec.ENSEMBLE_MODEL, spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL)
+MODEL_FOLDERS = (spec.ENSEMBLE_MODEL, spec.UINT8_ENSEMBLE_MODEL, spec.NORMALIZE_MODEL, spec.EMBEDDER_MODEL,
+                 spec.POSTPROCESS_MODEL)
 # Generated files that may sit in a developer's model_repository/ and are never copied from it.
-_NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.onnx", "*.onnx.data", spec.CONCEPTS_FILENAME,
+_NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.onnx", "*.onnx.data", spec.CONCEPTS_FILENAME, REPORT_FILENAME,
                                      spec.CUSTOM_CONCEPTS_FILENAME, f".{spec.CUSTOM_CONCEPTS_FILENAME}.*")
 
 
@@ -77,18 +80,25 @@ def concept_metadata(checker: Any, source: str) -> Dict[str, Any]:
 
 
 def write_repository(destination: Path, onnx_file: Path, dims: ModelDims, metadata: Dict[str, Any],
-                     strictness: str = spec.DEFAULT_STRICTNESS) -> None:
-    """Write the three model folders; an existing custom concept set is kept, otherwise an empty one is made."""
+                     strictness: str = spec.DEFAULT_STRICTNESS, quantization: Optional[Dict[str, Any]] = None) -> None:
+    """Write the model folders; an existing custom concept set is kept, otherwise an empty one is made.
+
+    `quantization`: the int8 report, stored beside a quantised model.onnx so it is never unlabelled.
+    """
     custom = existing_custom_concepts(destination, dims)
     destination.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=destination))
     try:
         for folder in MODEL_FOLDERS:
             shutil.copytree(SOURCE_REPOSITORY / folder, staging / folder, ignore=_NOT_COPIED)
-            # Version 1 of every model; the ensemble's is empty, which git does not keep.
+            # Version 1 of every model; the ensembles' are empty, which git does not keep.
             (staging / folder / "1").mkdir(exist_ok=True)
         configs.write_all(staging, dims, strictness)
         shutil.copyfile(onnx_file, staging / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME)
+        if quantization is not None:
+            report = staging / spec.EMBEDDER_MODEL / "1" / REPORT_FILENAME
+            report.write_text(json.dumps(quantization, indent=2) + "\n")
+        write_normalizer(staging / spec.NORMALIZE_MODEL / "1" / spec.ONNX_FILENAME)
         (staging / spec.POSTPROCESS_MODEL / "1" / spec.CONCEPTS_FILENAME).write_text(
             json.dumps(metadata, indent=2) + "\n"
         )

@@ -16,16 +16,8 @@ import numpy as np
 import torch
 
 from export.onnx_export import reference_outputs
-
-# The float32 noise between two correct implementations of the vision tower
-# (onnxruntime vs PyTorch, or PyTorch at batch 1 vs 64) is about 2e-7 on the
-# tiny model, so a margin "at" the tie is crafted 2e-6 to either side of it:
-# close enough that only the rounding rule separates them, far enough that
-# the noise cannot.
-TIE_OFFSET = 2e-6
-PLAIN_MARGINS = (0.0004, 0.0005 - TIE_OFFSET, 0.0005 + TIE_OFFSET, 0.0006, -0.0004, -0.0006)
-# With a fired special-care concept: margin + 0.01 lands next to the tie.
-CASCADE_MARGINS = (-0.0094, -0.0095 - TIE_OFFSET, -0.0095 + TIE_OFFSET, -0.0096)
+# The margins are defined once, in export.stress, which also measures int8 at them.
+from export.stress import CASCADE_MARGINS, PLAIN_MARGINS, TIE_OFFSET
 
 
 @dataclass

@@ -107,15 +107,15 @@ def test_client_splits_large_batches_and_refuses_empty_ones(server, protocol):
     with SafetyCheckerClient(url, protocol=protocol) as client:
         assert client.max_batch_size == spec.MAX_BATCH_SIZE
         pixels = valid(spec.MAX_BATCH_SIZE + 5)
-        many = client.check_pixels(pixels)
+        many = client.check_batch(pixels)
         assert len(many) == len(pixels)
-        alone = client.check_pixels(pixels[-5:])
+        alone = client.check_batch(pixels[-5:])
         assert [r.concept_scores for r in many[-5:]] == [r.concept_scores for r in alone]
         with pytest.raises(ValueError, match="no images"):
-            client.check_pixels(pixels[:0])
+            client.check_batch(pixels[:0])
         pixels[-1, 0, 0, 0] = np.nan  # in the second request: the whole call fails, nothing is reported
         with pytest.raises(CheckError, match="non-finite"):
-            client.check_pixels(pixels)
+            client.check_batch(pixels)
 
 
 def test_client_reports_an_unreachable_server():
@@ -123,7 +123,7 @@ def test_client_reports_an_unreachable_server():
 
     with SafetyCheckerClient(f"127.0.0.1:{free_port()}", protocol="http", timeout_s=5) as client:
         with pytest.raises(CheckError):
-            client.check_pixels(valid(1))
+            client.check_batch(valid(1))
 
 
 def test_logs_hold_no_pixel_values(server):

@@ -95,6 +95,14 @@ def test_check_matches_diffusers_on_real_photos(served, image_files, reference_c
     np.testing.assert_allclose([r["special_scores"] for r in records], special, atol=1e-6, rtol=0)
 
 
+def test_uint8_form_prints_the_same_answers(served, image_files):
+    files = [str(image_files[n]) for n in ("astronaut", "coffee", "camera")]
+    plain = check("--url", f"127.0.0.1:{served[1]}", *files)
+    uint8 = check("--url", f"127.0.0.1:{served[0]}", "--protocol", "http", "--uint8", *files)
+    assert uint8.returncode == 0, uint8.stderr
+    assert lines(uint8) == lines(plain)
+
+
 def test_unreadable_files_get_an_error_line_and_a_failing_exit(served, image_files):
     files = [str(image_files[n]) for n in ("astronaut", "corrupt", "text", "missing", "coffee")]
     result = check("--url", f"127.0.0.1:{served[1]}", *files)

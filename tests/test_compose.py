@@ -279,3 +279,12 @@ def test_triton_starts_after_export_succeeds():
     deps = _service("triton").get("depends_on")
     assert isinstance(deps, dict) and "export" in deps, deps
     assert deps["export"].get("condition") == "service_completed_successfully", deps
+
+
+def test_tensorrt_engine_cache_is_a_volume_at_the_configured_path():
+    from export.configs import GPU_ENGINE_CACHE
+
+    triton = _service("triton")
+    (source,) = [s for s, t, _ in _volumes(triton) if posixpath.normpath(t) == GPU_ENGINE_CACHE]
+    assert not _is_host_path(source), source
+    assert source in (_config().get("volumes") or {}), _config().get("volumes")

@@ -43,7 +43,7 @@ def client_for(server, protocol: str = "grpc") -> SafetyCheckerClient:
 
 def check(server, files, protocol: str = "grpc", strictness=None) -> List[CheckResult]:
     with client_for(server, protocol) as client:
-        return client.check_pixels(preprocess([load_image(f) for f in files]), strictness)
+        return client.check_batch(preprocess([load_image(f) for f in files]), strictness)
 
 
 def served_version(server) -> int:
@@ -52,7 +52,7 @@ def served_version(server) -> int:
 
 def check_pixels(server, pixels, protocol: str = "grpc", strictness=None) -> List[CheckResult]:
     with client_for(server, protocol) as client:
-        return client.check_pixels(pixels, strictness)
+        return client.check_batch(pixels, strictness)
 
 
 def wait_for(server, version: int, timeout_s: float = 30) -> None:
@@ -334,7 +334,7 @@ def test_reload_under_concurrent_load(concept_server, concept_repository, pictur
                 index = rng.sample(range(len(pixels)), rng.randint(1, 6))
                 strictness = rng.choice(strictness_choices)
                 try:
-                    answers.append((index, strictness, client.check_pixels(pixels[index], strictness)))
+                    answers.append((index, strictness, client.check_batch(pixels[index], strictness)))
                 except Exception as error:  # every failure is a test failure
                     failures.append(f"{protocol}: {error}")
 

@@ -14,6 +14,7 @@ from conftest import ROOT, run_export
 from export import configs
 from export.onnx_export import VerificationError, export_onnx, verify_onnx
 from export.graph import EmbedderGraph
+from export.repository import MODEL_FOLDERS
 from safety_checker_client import concept_set, spec
 from safety_checker_client.spec import ModelDims
 from tiny_checker import build_tiny_checker, save_tiny_checker
@@ -37,20 +38,47 @@ def test_writes_a_complete_repository(repository, reference_checker):
     metadata = json.loads((repository / spec.POSTPROCESS_MODEL / "1" / spec.CONCEPTS_FILENAME).read_text())
     assert [c["threshold"] for c in metadata["concepts"]] == reference_checker.concept_embeds_weights.tolist()
     assert [c["threshold"] for c in metadata["special_care"]] == reference_checker.special_care_embeds_weights.tolist()
-    for folder in (spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL):
-        assert (repository / folder / "1" / "model.py").is_file()
+    for folder in (spec.EMBEDDER_MODEL, spec.NORMALIZE_MODEL, spec.POSTPROCESS_MODEL):
+        model_py = repository / folder / "1" / "model.py"
+        assert model_py.is_file() and not model_py.is_symlink()
+    assert sorted(p.name for p in repository.iterdir()) == sorted(MODEL_FOLDERS)
     custom = concept_set.read(repository / spec.POSTPROCESS_MODEL / "1" / spec.CUSTOM_CONCEPTS_FILENAME)
     assert (custom.version, custom.embedding_dim, custom.concepts) == (0, dims.projection_dim, ())
-    for relative, source in configs.shared_files().items():
-        assert (repository / relative).read_bytes() == source.read_bytes()
+    # The postprocessor reads custom_concepts.json with the very module the CLI writes it with.
+    module = repository / spec.POSTPROCESS_MODEL / "1" / "concept_set.py"
+    assert not module.is_symlink() and module.read_bytes() == Path(concept_set.__file__).read_bytes()
+
+
+def test_every_config_is_a_valid_triton_model_config():
+    """Parsed with Triton's own ModelConfig schema, so a misspelt key fails here, not on a GPU."""
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    for relative, text in configs.render_all(spec.REFERENCE_DIMS).items():
+        config = text_format.Parse(text, model_config_pb2.ModelConfig())
+        assert config.max_batch_size == spec.MAX_BATCH_SIZE, relative
+
+
+def test_gpu_engine_profile_covers_every_batch_the_server_accepts():
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    text = configs.render_all(spec.REFERENCE_DIMS)[configs.EMBEDDER_GPU_CONFIG]
+    config = text_format.Parse(text, model_config_pb2.ModelConfig())
+    (tensorrt,) = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert tensorrt.name == "tensorrt"
+    assert tensorrt.parameters["precision_mode"] == "FP16"
+    assert tensorrt.parameters["trt_layer_norm_fp32_fallback"] == "1"
+    assert tensorrt.parameters["trt_profile_min_shapes"] == "pixel_values:1x3x224x224"
+    assert tensorrt.parameters["trt_profile_max_shapes"] == f"pixel_values:{spec.MAX_BATCH_SIZE}x3x224x224"
+    assert max(config.dynamic_batching.preferred_batch_size) <= spec.MAX_BATCH_SIZE
+    (warmup,) = config.model_warmup
+    assert warmup.batch_size == spec.MAX_BATCH_SIZE and set(warmup.inputs) == {spec.PIXEL_VALUES.name}
 
 
 def test_committed_configs_are_the_rendered_reference_configs():
-    """`python -m export.configs` output is committed: the configs, and the client module the postprocessor imports."""
     for relative, text in configs.render_all(spec.REFERENCE_DIMS).items():
         assert (ROOT / "model_repository" / relative).read_text() == text, relative
-    for relative, source in configs.shared_files().items():
-        assert (ROOT / "model_repository" / relative).read_bytes() == source.read_bytes(), relative
 
 
 @pytest.fixture(scope="module")
@@ -187,8 +215,7 @@ def test_export_is_repeatable_into_the_same_place(tmp_path):
             concept_set.write(custom_file, concept_set.read(custom_file).with_concept(concept))
             kept = custom_file.read_bytes()
     assert custom_file.read_bytes() == kept  # re-exporting never loses the operator's concepts
-    assert sorted(p.name for p in target.iterdir()) == sorted(
-        [spec.ENSEMBLE_MODEL, spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL, "other_model"])
+    assert sorted(p.name for p in target.iterdir()) == sorted([*MODEL_FOLDERS, "other_model"])
 
     # A set the re-exported checker could not serve stops the export before anything changes.
     onnx_file = target / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME

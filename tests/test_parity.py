@@ -64,7 +64,7 @@ def test_parity(server, parity_set, expected, protocol, batch):
         results = []
         for start in range(0, len(indices), batch):
             chunk = indices[start:start + batch]
-            answer = client.check_pixels(pixels[chunk])
+            answer = client.check_batch(pixels[chunk])
             assert len(answer) == len(chunk)
             results += answer
     assert_matches(results, expected, indices)
@@ -76,7 +76,7 @@ def test_image_embeds_match_pytorch(server, parity_set, reference_checker):
     pixels = parity_set.pixels[:16]
     want = reference_outputs(reference_checker, torch.from_numpy(pixels))[spec.IMAGE_EMBEDS.name]
     with client_for(server, "grpc") as client:
-        got = np.stack([r.image_embeds for r in client.check_pixels(pixels)])
+        got = np.stack([r.image_embeds for r in client.check_batch(pixels)])
     assert got.shape == want.shape
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
 
@@ -90,7 +90,7 @@ def test_concurrent_requests(server, parity_set, expected):
     def run(job):
         protocol, index = job
         with client_for(server, protocol) as client:
-            return index, client.check_pixels(parity_set.pixels[index])
+            return index, client.check_batch(parity_set.pixels[index])
 
     with ThreadPoolExecutor(max_workers=16) as pool:
         answers = list(pool.map(run, jobs))

@@ -68,7 +68,7 @@ def client_for(server, protocol):
 
 def run(server, pixels, protocol="grpc", strictness=None):
     with client_for(server, protocol) as client:
-        return client.check_pixels(pixels, strictness)
+        return client.check_batch(pixels, strictness)
 
 
 def unambiguous(reference, strictness: float) -> np.ndarray:

@@ -85,7 +85,7 @@ def check_files(client: SafetyCheckerClient, files: Sequence[Path]) -> List[Chec
         chunk = files[start:start + batch]
         try:
             pixels = preprocess([load_image(f) for f in chunk])
-            results += client.check_pixels(pixels, strictness=spec.DEFAULT_STRICTNESS)
+            results += client.check_batch(pixels, strictness=spec.DEFAULT_STRICTNESS)
         except (ImageError, CheckError) as error:
             raise CalibrationError(str(error)) from None
     return results

@@ -11,7 +11,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 from safety_checker_client import concepts, spec
 from safety_checker_client.client import DEFAULT_URLS, PROTOCOLS, CheckError, SafetyCheckerClient, Strictness
-from safety_checker_client.preprocess import ImageError, load_image, preprocess
+from safety_checker_client.preprocess import ImageError, load_image
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +27,8 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"a preset ({', '.join(spec.STRICTNESS_PRESETS)}) or an adjustment in "
                             f"[-{spec.MAX_STRICTNESS_ADJUSTMENT:g}, {spec.MAX_STRICTNESS_ADJUSTMENT:g}] "
                             "(default: the server's configured preset)")
+    check.add_argument("--uint8", action="store_true",
+                       help="send resized uint8 images to safety_checker_uint8 (4x fewer bytes; same decisions)")
 
     serve = commands.add_parser("serve", help="serve a model repository with the bundled CPU tritonserver")
     serve.add_argument("--repository", required=True, type=Path)
@@ -80,7 +82,7 @@ def check_files(paths: Sequence[str], client: SafetyCheckerClient, out: TextIO,
         answers = {}
         if loaded:
             try:
-                results = client.check_pixels(preprocess([image for _, image in loaded]), strictness)
+                results = client.check([image for _, image in loaded], strictness=strictness)
                 answers = {path: result for (path, _), result in zip(loaded, results)}
             except (CheckError, ImageError) as err:
                 errors.update({path: str(err) for path, _ in loaded})
@@ -95,7 +97,7 @@ def check_files(paths: Sequence[str], client: SafetyCheckerClient, out: TextIO,
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        client = SafetyCheckerClient(args.url, protocol=args.protocol)
+        client = SafetyCheckerClient(args.url, protocol=args.protocol, uint8=args.uint8)
         with client:
             failures = check_files(args.files, client, sys.stdout, args.strictness)
     except CheckError as err:  # the server could not even be asked for its config

@@ -98,7 +98,7 @@ def probe(client: SafetyCheckerClient) -> tuple:
     """(served concept set version, image_embeds width) from a one-image request."""
     pixels = np.zeros((1, spec.NUM_CHANNELS, spec.IMAGE_SIZE, spec.IMAGE_SIZE), dtype=np.float32)
     try:
-        answer = client.check_pixels(pixels)[0]
+        answer = client.check_batch(pixels)[0]
     except CheckError as error:
         raise ConceptCommandError(f"cannot reach the server: {error}") from None
     return answer.concept_set_version, int(answer.image_embeds.shape[-1])
@@ -166,7 +166,7 @@ def image_embeddings(client: SafetyCheckerClient, files: Sequence[str]) -> tuple
         except OSError as error:
             raise ConceptCommandError(f"cannot read image file {name!r}: {error}") from None
     try:
-        results = client.check_pixels(preprocess(images))
+        results = client.check_batch(preprocess(images))
     except (CheckError, ImageError) as error:
         raise ConceptCommandError(f"cannot embed the images: {error}") from None
     return np.stack([r.image_embeds for r in results]).astype(np.float64), hashes

@@ -9,6 +9,10 @@ float64, cast to float32, normalise per channel in float32, channels first.
 Each step copies transformers' arithmetic and dtypes, so the result is
 bit-identical to the processor's `pixel_values`.
 
+Rescaling and normalising act on each uint8 value alone, so they are a table
+lookup: `preprocess_uint8` stops before them, and the `safety_checker_uint8`
+ensemble applies the same table on the server.
+
 Float arrays from a Stable Diffusion pipeline become uint8 the way diffusers'
 `VaeImageProcessor.postprocess` makes the PIL images it hands to the checker.
 """
@@ -103,6 +107,17 @@ def preprocess(
     4-D array holding a batch, (N, H, W, C) or (N, C, H, W). The result equals
     CLIPImageProcessor's (PIL path) `pixel_values` for the same uint8 images.
     """
+    return normalize(preprocess_uint8(images, value_range))
+
+
+def preprocess_uint8(
+    images: Sequence[ImageLike] | np.ndarray, value_range: tuple[float, float] = ZERO_ONE
+) -> np.ndarray:
+    """Resize and crop only: uint8 RGB [N, 224, 224, 3], what the uint8 ensemble takes.
+
+    `normalize` of this is exactly `preprocess`, so the server can do the last
+    step and the wire carries a quarter of the bytes.
+    """
     if isinstance(images, np.ndarray) and images.ndim != 4:
         raise ImageError(
             f"a batch array must be 4-D (N, H, W, C) or (N, C, H, W), got shape {images.shape}; "
@@ -110,13 +125,33 @@ def preprocess(
         )
     if isinstance(images, Image.Image) or len(images) == 0:
         raise ImageError("expected a non-empty sequence of images")
-    pixels = []
+    cropped = []
     for index, image in enumerate(images):
         try:
-            pixels.append(_pixel_values(to_uint8_image(image, value_range)))
+            cropped.append(_resized_and_cropped(to_uint8_image(image, value_range)))
         except ImageError as error:
             raise ImageError(f"image {index}: {error}") from error
-    return np.ascontiguousarray(np.stack(pixels))
+    return np.ascontiguousarray(np.stack(cropped))
+
+
+def normalization_table() -> np.ndarray:
+    """float32 [256, 3]: the normalised value of every uint8 level in every channel.
+
+    Rescaling and normalising act on each value alone, so this table holds the
+    whole step; the served normaliser is a lookup in it, bit-identical to
+    CLIPImageProcessor by construction.
+    """
+    levels = np.arange(256, dtype=np.uint8)
+    scaled = (levels.astype(np.float64) * RESCALE_FACTOR).astype(np.float32)
+    return (scaled[:, None] - IMAGE_MEAN) / IMAGE_STD
+
+
+def normalize(images: np.ndarray) -> np.ndarray:
+    """uint8 [N, 224, 224, 3] -> float32 pixel_values [N, 3, 224, 224]: rescale, normalise, channels first."""
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ImageError(f"expected uint8 images [N, H, W, 3], got {images.dtype} {images.shape}")
+    pixels = normalization_table()[images, np.arange(3)]
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))
 
 
 def _checked_value_range(value_range: tuple[float, float]) -> tuple[float, float]:
@@ -173,8 +208,8 @@ def _convert_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
-def _pixel_values(image: Image.Image) -> np.ndarray:
-    """Resize, crop, rescale and normalise one RGB image; returns float32 (3, 224, 224)."""
+def _resized_and_cropped(image: Image.Image) -> np.ndarray:
+    """Resize and centre-crop one RGB image; returns uint8 (224, 224, 3)."""
     # transformers' get_resize_output_image_size(default_to_square=False): the
     # short side becomes SHORTEST_EDGE and the long side int(SHORTEST_EDGE *
     # long / short), truncated; applied even when the short side is already
@@ -190,7 +225,4 @@ def _pixel_values(image: Image.Image) -> np.ndarray:
     # so its zero-padding branch for small images can never run here.
     top = (pixels.shape[0] - CROP_SIZE) // 2
     left = (pixels.shape[1] - CROP_SIZE) // 2
-    pixels = pixels[top : top + CROP_SIZE, left : left + CROP_SIZE]
-
-    scaled = (pixels.astype(np.float64) * RESCALE_FACTOR).astype(np.float32)
-    return ((scaled - IMAGE_MEAN) / IMAGE_STD).transpose(2, 0, 1)
+    return pixels[top : top + CROP_SIZE, left : left + CROP_SIZE]

@@ -13,6 +13,9 @@ from typing import Tuple, Union
 
 # Triton model names.
 ENSEMBLE_MODEL = "safety_checker"
+# The same checker fed uint8 images (4x less on the wire than float32 pixels).
+UINT8_ENSEMBLE_MODEL = "safety_checker_uint8"
+NORMALIZE_MODEL = "safety_checker_normalize"
 EMBEDDER_MODEL = "safety_checker_embedder"
 POSTPROCESS_MODEL = "safety_checker_postprocess"
 
@@ -23,7 +26,7 @@ MAX_BATCH_SIZE = 32
 IMAGE_SIZE = 224
 NUM_CHANNELS = 3
 
-# The ONNX file inside the embedder's version folder.
+# The ONNX file inside the embedder's and the normaliser's version folders.
 ONNX_FILENAME = "model.onnx"
 # The thresholds and concept metadata inside the postprocessor's version folder.
 CONCEPTS_FILENAME = "concepts.json"
@@ -114,6 +117,16 @@ STRICTNESS_ADJUSTMENT = TensorSpec("strictness_adjustment", "FP64", (1,))
 ENSEMBLE_INPUTS = (PIXEL_VALUES,)
 ENSEMBLE_OUTPUTS = (HAS_NSFW_CONCEPTS, CONCEPT_SCORES, SPECIAL_SCORES, IMAGE_EMBEDS,
                     FIRED_CONCEPTS, CUSTOM_SCORES, CUSTOM_COSINES, CONCEPT_SET_VERSION, STRICTNESS_ADJUSTMENT)
+
+# -- uint8 ensemble: resized and cropped RGB images, normalised on the server --
+IMAGES = TensorSpec("images", "UINT8", (IMAGE_SIZE, IMAGE_SIZE, NUM_CHANNELS))
+
+UINT8_ENSEMBLE_INPUTS = (IMAGES,)
+UINT8_ENSEMBLE_OUTPUTS = ENSEMBLE_OUTPUTS
+
+# -- Normaliser (an ONNX lookup table: uint8 -> CLIP pixel_values) ------------
+NORMALIZE_INPUTS = (IMAGES,)
+NORMALIZE_OUTPUTS = (PIXEL_VALUES,)
 
 # -- Embedder (the exported ONNX graph) -------------------------------------
 CONCEPT_COSINES = TensorSpec("concept_cosines", "FP32", ("num_concepts",))

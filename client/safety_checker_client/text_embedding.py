@@ -66,7 +66,7 @@ def check_same_space(model, client, clip_model: str) -> None:
     import torch
 
     pixels = probe_pixels()
-    served = np.stack([r.image_embeds for r in client.check_pixels(pixels)]).astype(np.float64)
+    served = np.stack([r.image_embeds for r in client.check_batch(pixels)]).astype(np.float64)
     with torch.no_grad():
         local = _features(model.get_image_features(pixel_values=torch.from_numpy(pixels))).double().numpy()
     if local.shape != served.shape:

@@ -1,8 +1,9 @@
-"""CPU embedder: runs model.onnx with onnxruntime inside Triton's Python backend.
+"""Runs the version folder's ONNX file with onnxruntime inside Triton's Python backend.
 
-Used by the bundled tritonserver, which has no onnxruntime backend
-(configs/cpu.pbtxt). All requests of a dynamic batch go through one session
-run, so batching pays off exactly as it does on the onnxruntime backend.
+The CPU configs (configs/cpu.pbtxt) of the embedder and of the normaliser
+(whose 1/model.py links here) use it in the bundled tritonserver, which has no
+onnxruntime backend. All requests of a dynamic batch go through one session
+run, so batching pays off as it does on the onnxruntime backend.
 """
 
 import json
@@ -23,6 +24,11 @@ class TritonPythonModel:
         options = ort.SessionOptions()
         options.intra_op_num_threads = int(parameters.get("intra_op_num_threads", "0"))
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # Any onnxruntime session config entry ("session.intra_op.allow_spinning", ...)
+        # can be set from config.pbtxt under its own name.
+        for key, value in parameters.items():
+            if key.startswith("session."):
+                options.add_session_config_entry(key, value)
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         onnx_file = parameters["onnx_filename"]
         self.session = ort.InferenceSession(
@@ -32,8 +38,8 @@ class TritonPythonModel:
     def execute(self, requests):
         batches = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]
         sizes = [len(b) for b in batches]
-        pixels = batches[0] if len(batches) == 1 else np.concatenate(batches)
-        outputs = self.session.run(self.output_names, {self.input_name: pixels})
+        batch = batches[0] if len(batches) == 1 else np.concatenate(batches)
+        outputs = self.session.run(self.output_names, {self.input_name: batch})
 
         responses = []
         start = 0

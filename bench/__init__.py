@@ -1,0 +1,1 @@
+"""`make bench`: diffusers vs onnxruntime vs the served ensemble, measured side by side in one run."""

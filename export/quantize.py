@@ -1,0 +1,86 @@
+"""Optional int8 export: onnxruntime dynamic quantisation of the embedder, with its cost stated.
+
+Dynamic quantisation stores the MatMul weights as int8 and quantises the
+activations per call. It runs about 1.5x faster on an AVX2 CPU but moves
+cosines by about 1e-3, twice the 5e-4 rounding step of the scores, so it can
+change decisions next to a threshold. The export therefore measures, before
+writing anything, how often int8 agrees with the verified fp32 model: on
+random inputs with the checker's real thresholds, and on the near-threshold
+stress margins (`export.stress`). The numbers are printed and stored beside
+the model (`quantization.json`), so the mode is never served unlabelled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+from typing import Any, Dict
+
+import numpy as np
+
+from safety_checker_client import spec
+
+from export.stress import score, stress_agreement
+
+REPORT_FILENAME = "quantization.json"
+DEFAULT_CHECK_IMAGES = 16
+
+
+def quantize_int8(fp32_file: Path, int8_file: Path) -> None:
+    """Signed int8 weights, per tensor: on this CPU the fastest and most accurate of
+    QInt8, QUInt8 and per-channel reduce-range QInt8 (max cosine deviations 1.1e-3,
+    1.2e-3, 1.3e-3 on the ViT-L/14 checker)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # The quantiser logs a suggestion to pre-process the model on every call.
+    logging.getLogger().setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantize_dynamic(str(fp32_file), str(int8_file), weight_type=QuantType.QInt8)
+
+
+def _cosines(path: Path, pixels: np.ndarray):
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = [spec.CONCEPT_COSINES.name, spec.SPECIAL_COSINES.name]
+    concept, special = [], []
+    for start in range(0, len(pixels), 4):
+        c, s = session.run(names, {spec.PIXEL_VALUES.name: pixels[start:start + 4]})
+        concept.append(c)
+        special.append(s)
+    return np.concatenate(concept), np.concatenate(special)
+
+
+def compare_int8(fp32_file: Path, int8_file: Path, metadata: Dict[str, Any],
+                 images: int = DEFAULT_CHECK_IMAGES, seed: int = 0) -> Dict[str, Any]:
+    """Agreement of the int8 model with fp32, on random inputs and at the stress margins."""
+    pixels = np.random.default_rng(seed).standard_normal(
+        (images, spec.NUM_CHANNELS, spec.IMAGE_SIZE, spec.IMAGE_SIZE)).astype(np.float32)
+    concept_thr = np.array([c["threshold"] for c in metadata["concepts"]], dtype=np.float64)
+    special_thr = np.array([c["threshold"] for c in metadata["special_care"]], dtype=np.float64)
+    adjustment = float(metadata["special_care_adjustment"])
+    fp32 = _cosines(fp32_file, pixels)
+    int8 = _cosines(int8_file, pixels)
+    flag_a, concept_a, special_a = score(*fp32, concept_thr, special_thr, adjustment)
+    flag_b, concept_b, special_b = score(*int8, concept_thr, special_thr, adjustment)
+    cosine_deviation = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(fp32, int8))
+    score_deviation = max(float(np.max(np.abs(concept_a - concept_b))), float(np.max(np.abs(special_a - special_b))))
+    return {
+        "weights": "int8 (onnxruntime quantize_dynamic, QInt8 weights, dynamic uint8 activations)",
+        "max_cosine_deviation": cosine_deviation,
+        "random_inputs": {"images": images, "flagged_fp32": int(flag_a.sum()),
+                          "decision_agreement": float(np.mean(flag_a == flag_b)),
+                          "max_score_deviation": round(score_deviation, 3)},
+        "stress_margins": stress_agreement(fp32[0], int8[0], concept_thr, special_thr, adjustment),
+    }
+
+
+def summary(report: Dict[str, Any]) -> str:
+    random, stress = report["random_inputs"], report["stress_margins"]
+    return (f"int8 vs fp32: max |cosine difference| {report['max_cosine_deviation']:.3g}; "
+            f"random inputs ({random['images']}): decisions agree {random['decision_agreement']:.1%}, "
+            f"max score deviation {random['max_score_deviation']:.3f}; "
+            f"near-threshold stress ({stress['cases']} cases): decisions agree {stress['decision_agreement']:.1%}, "
+            f"scores agree {stress['score_agreement']:.1%}, max score deviation {stress['max_score_deviation']:.3f}")

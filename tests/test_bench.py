@@ -1,0 +1,66 @@
+"""`python -m bench --quick`: the whole harness (build, export, serve, measure, report) on a tiny model.
+
+No timing is asserted: only that every candidate was measured, nothing
+failed, and the output has the promised shape.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+SUMMARY_KEYS = {"diffusers_images_per_s", "ort_images_per_s", "triton_images_per_s", "speedup_vs_diffusers",
+                "triton_vs_ort"}
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    output = tmp_path_factory.mktemp("bench")
+    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--output", str(output)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result, output
+
+
+def test_last_line_is_the_summary_json(quick_run):
+    result, output = quick_run
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert SUMMARY_KEYS <= set(summary)
+    assert all(summary[key] > 0 for key in SUMMARY_KEYS)
+    results = json.loads((output / "results.json").read_text())
+    assert summary == pytest.approx(results["summary"])
+    rows = results["rows"]
+    best = {kind: max(r["images_per_s"] for r in rows if r["kind"] == kind) for kind in ("baseline", "ort", "triton")}
+    assert summary["speedup_vs_diffusers"] == pytest.approx(best["triton"] / best["baseline"])
+    assert summary["triton_vs_ort"] == pytest.approx(best["triton"] / best["ort"])
+
+
+def test_every_candidate_was_measured_without_errors(quick_run):
+    _, output = quick_run
+    results = json.loads((output / "results.json").read_text())
+    kinds = {r["kind"] for r in results["rows"]}
+    assert kinds == {"baseline", "ort", "ort-int8", "triton", "triton-int8"}
+    triton = [r for r in results["rows"] if r["kind"] == "triton"]
+    assert [r["concurrency"] for r in triton] == [1, 2]
+    for row in results["rows"]:
+        assert row["images_per_s"] > 0, row
+        assert row.get("errors", 0) == 0, row
+    for row in triton:
+        embedder = row["server"]["safety_checker_embedder"]
+        assert embedder["executions"] > 0 and 1 <= embedder["avg_batch_size"] <= row["concurrency"]
+        assert row["latency_ms"]["p50"] <= row["latency_ms"]["p95"] <= row["latency_ms"]["p99"]
+
+
+def test_plot_table_and_int8_report(quick_run):
+    result, output = quick_run
+    assert (output / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "diffusers forward() fp32, batch 1" in result.stdout and "triton int8 (gRPC)" in result.stdout
+    report = json.loads((output / "results.json").read_text())["int8_report"]
+    assert report["max_cosine_deviation"] > 0
+    assert 0 <= report["stress_margins"]["decision_agreement"] <= 1
+    assert "window" in result.stderr  # the progress bar

@@ -1,0 +1,177 @@
+"""The benchmark's own parts: the load generator against a real tritonserver, and the report writers.
+
+No timing is asserted (the host is shared and slow); what is checked is that
+the numbers are counted consistently and that failures show up.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from bench import loadgen, report
+from safety_checker_client import spec
+
+STATS_MODELS = (spec.ENSEMBLE_MODEL, spec.EMBEDDER_MODEL)
+
+
+# -- loadgen against the session's tritonserver -------------------------------------------------
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_measure_counts_requests_and_reads_server_stats(server, parity_set, protocol):
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    pixels = np.ascontiguousarray(parity_set.pixels[:1], dtype=np.float32)
+    calls = []
+    result = loadgen.measure(url, spec.ENSEMBLE_MODEL, {spec.PIXEL_VALUES.name: pixels}, concurrency=2,
+                             window_s=1.5, warmup_s=0.5, protocol=protocol, stats_models=STATS_MODELS,
+                             progress=lambda: calls.append(1))
+    out = result.as_dict()
+    json.dumps(out)  # JSON-ready as promised
+
+    assert out["errors"] == 0, out["first_error"]
+    assert out["first_error"] is None
+    assert out["concurrency"] == 2 and out["batch"] == 1
+    assert out["requests"] > 0
+    assert out["images"] == out["requests"] * 1
+    assert 1.0 < out["window_s"] < 3.0
+    assert out["completed_images_per_s"] == pytest.approx(out["images"] / out["window_s"])
+    # Two ways to the same rate: per-client cycles and the completion count.
+    assert out["cycles"] > 0
+    assert out["images_per_s"] == pytest.approx(out["completed_images_per_s"], rel=0.25)
+    assert len(calls) >= out["requests"]  # warm-up and drain also report progress
+    latency = out["latency_ms"]
+    assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"]
+    assert latency["mean"] > 0
+
+    embedder = out["server"][spec.EMBEDDER_MODEL]
+    assert embedder["executions"] >= 1
+    assert 1 <= embedder["avg_batch_size"] <= 2
+    assert embedder["inferences"] >= embedder["executions"]
+    assert embedder["failures"] == 0
+    assert embedder["avg_queue_ms"] >= 0 and embedder["avg_compute_infer_ms"] > 0
+    # The window edges cut requests, but not by more than the two in flight at each edge.
+    assert abs(embedder["inferences"] - out["images"]) <= 2 * 2
+    assert out["server"][spec.ENSEMBLE_MODEL]["inferences"] >= 1
+
+
+def test_measure_reports_refused_requests(server, parity_set):
+    pixels = np.array(parity_set.pixels[:1], dtype=np.float32)
+    pixels[0, 1, 100, 100] = np.nan
+    result = loadgen.measure(server.grpc_url, spec.ENSEMBLE_MODEL, {spec.PIXEL_VALUES.name: pixels},
+                             concurrency=2, window_s=0.5, warmup_s=0.5, stats_models=(spec.EMBEDDER_MODEL,))
+    assert result.errors > 0
+    assert result.requests == 0 and result.images_per_s == 0
+    assert "non-finite" in result.first_error, result.first_error
+    assert result.as_dict()["latency_ms"] == {"p50": None, "p95": None, "p99": None, "mean": None}
+
+
+def test_measure_refuses_inputs_that_disagree_on_the_batch():
+    with pytest.raises(ValueError, match="batch"):
+        loadgen.measure("127.0.0.1:1", "m", {"a": np.zeros((1, 2)), "b": np.zeros((2, 2))}, 1, 1.0)
+
+
+class _StatsClient:
+    """Answers get_inference_statistics with the samples given, as tritonclient.grpc's as_json does."""
+
+    def __init__(self, *samples):
+        self.samples = list(samples)
+
+    def get_inference_statistics(self, model_name, as_json=False):
+        assert as_json
+        return self.samples.pop(0)
+
+
+def test_stats_delta_from_grpc_json():
+    # MessageToJson writes uint64 as strings and omits zero fields.
+    start = {"model_stats": [{"name": "m", "version": "1"}]}
+    end = {"model_stats": [{
+        "name": "m", "version": "1", "inference_count": "6", "execution_count": "4",
+        "inference_stats": {"success": {"count": "6", "ns": "60000000"}, "queue": {"count": "6", "ns": "3000000"},
+                            "compute_input": {"count": "6", "ns": "600000"},
+                            "compute_infer": {"count": "6", "ns": "54000000"},
+                            "compute_output": {"count": "6"}},
+    }]}
+    client = _StatsClient(start, end)
+    delta = loadgen._stats_delta(loadgen._stats_counters(client, "m", "grpc"),
+                                 loadgen._stats_counters(client, "m", "grpc"))
+    assert delta["executions"] == 4 and delta["inferences"] == 6 and delta["requests"] == 6
+    assert delta["avg_batch_size"] == pytest.approx(1.5)
+    assert delta["avg_queue_ms"] == pytest.approx(0.5)
+    assert delta["avg_compute_input_ms"] == pytest.approx(0.1)
+    assert delta["avg_compute_infer_ms"] == pytest.approx(9.0)
+    assert delta["avg_compute_output_ms"] == 0.0
+    assert loadgen._stats_delta({}, {})["avg_batch_size"] is None
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+def _triton_row(name, concurrency, images_per_s, errors=0):
+    return {
+        "name": name, "kind": "triton", "concurrency": concurrency, "batch": 1, "images_per_s": images_per_s,
+        "requests": 10 * concurrency, "images": 10 * concurrency, "window_s": 20.0,
+        "latency_ms": {"p50": 900.0 * concurrency, "p95": 1000.0 * concurrency, "p99": 1100.0 * concurrency,
+                       "mean": 950.0 * concurrency},
+        "errors": errors, "first_error": "boom" if errors else None,
+        # In stats_models order; the first model with all three numbers is the one the table shows.
+        "server": {spec.POSTPROCESS_MODEL: {"executions": 0, "avg_batch_size": None, "avg_queue_ms": None,
+                                            "avg_compute_infer_ms": None},
+                   spec.EMBEDDER_MODEL: {"executions": 7, "avg_batch_size": 1.25 + concurrency,
+                                         "avg_queue_ms": 12.5, "avg_compute_infer_ms": 876.5},
+                   spec.ENSEMBLE_MODEL: {"executions": 9, "avg_batch_size": 1.0, "avg_queue_ms": 0.1,
+                                         "avg_compute_infer_ms": 900.0}},
+    }
+
+
+@pytest.fixture
+def results():
+    rows = [
+        {"name": "diffusers forward() fp32", "kind": "baseline", "images_per_s": np.float64(0.53), "batch": 1},
+        {"name": "onnxruntime fp32 in-process", "kind": "ort", "images_per_s": 0.9, "batch": 1},
+    ]
+    rows += [_triton_row("triton fp32 (gRPC)", c, 0.8 + 0.1 * c) for c in (1, 2, 4, 8)]
+    rows += [_triton_row("triton int8 (gRPC)", c, 1.5 + 0.2 * c, errors=int(c == 4)) for c in (1, 2, 4, 8)]
+    return {"machine": {"description": "2-core test VM, no GPU"}, "settings": {"window_s": 20},
+            "rows": rows, "summary": {"speedup_vs_diffusers": np.float32(3.0)}}
+
+
+def test_plot_writes_a_png(results, tmp_path):
+    import matplotlib.image
+
+    path = report.plot(results, tmp_path / "plots" / "bench.png")
+    data = path.read_bytes()
+    assert len(data) > 1000
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    image = matplotlib.image.imread(str(path))
+    assert image.shape[:2] == (550, 1300)  # figsize (13, 5.5) at 100 dpi
+
+
+def test_plot_without_series(results, tmp_path):
+    results["rows"] = results["rows"][:2]
+    assert report.plot(results, tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_table_has_every_row(results):
+    text = report.table(results)
+    lines = text.splitlines()
+    assert len(lines) == 2 + len(results["rows"])
+    for row, line in zip(results["rows"], lines[2:]):
+        assert line.startswith(row["name"])
+        cells = line[len(row["name"]):].split()
+        assert cells[0] == (str(row["concurrency"]) if "concurrency" in row else "-")
+        if row["kind"] == "triton":
+            # Server numbers come from the embedder, the first model that has them.
+            assert f"{1.25 + row['concurrency']:.2f}" in cells and "12.5" in cells and "876.5" in cells
+            assert cells[-1] == str(row["errors"])
+        else:
+            assert cells[3:] == ["-"] * 7
+    assert len({len(line) for line in lines[:2]}) == 1
+
+
+def test_write_json_round_trips(results, tmp_path):
+    path = report.write_json(results, tmp_path / "out" / "results.json")
+    loaded = json.loads(path.read_text())
+    assert loaded["rows"][0]["images_per_s"] == 0.53
+    assert loaded["summary"]["speedup_vs_diffusers"] == 3.0
+    assert loaded == json.loads(json.dumps(results, default=lambda v: v.item()))
