@@ -9,6 +9,7 @@ stdout is one JSON object with the headline numbers.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -182,10 +183,11 @@ def summarize(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         "speedup_vs_diffusers": triton["images_per_s"] / diffusers["images_per_s"],
         "triton_vs_ort": triton["images_per_s"] / ort["images_per_s"],
     }
-    int8 = best("triton-int8")
-    if int8 is not None:
+    int8, ort_int8 = best("triton-int8"), best("ort-int8")
+    if int8 is not None and ort_int8 is not None:
         summary["triton_int8_images_per_s"] = int8["images_per_s"]
         summary["int8_speedup_vs_diffusers"] = int8["images_per_s"] / diffusers["images_per_s"]
+        summary["triton_int8_vs_ort_int8"] = int8["images_per_s"] / ort_int8["images_per_s"]
     return summary
 
 
@@ -204,9 +206,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     args = _parser().parse_args(argv)
     base = QUICK if args.quick else FULL
-    settings = Settings(window_s=args.window or base.window_s, rounds=args.rounds or base.rounds,
-                        warmup_s=base.warmup_s, concurrency=base.concurrency,
-                        int8_concurrency=base.int8_concurrency, batches=base.batches)
+    settings = dataclasses.replace(base, window_s=args.window or base.window_s, rounds=args.rounds or base.rounds)
     output = args.output.resolve()
     logs = output / "logs"
     logs.mkdir(parents=True, exist_ok=True)
