@@ -145,8 +145,7 @@ class SafetyCheckerClient:
         return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
     def _checked(self, batch: np.ndarray) -> np.ndarray:
-        expected = (spec.IMAGE_SIZE, spec.IMAGE_SIZE, spec.NUM_CHANNELS) if self.uint8 else \
-            (spec.NUM_CHANNELS, spec.IMAGE_SIZE, spec.IMAGE_SIZE)
+        expected = tuple(self.input.dims)
         if self.uint8 and batch.dtype != np.uint8:
             raise ValueError(f"{self.input.name} must be uint8, got {batch.dtype}")
         if batch.ndim != 4 or batch.shape[1:] != expected:
