@@ -20,6 +20,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from tritonclient.utils import np_to_triton_dtype
 
+from safety_checker_client.client import triton_module
+
 # numpy.percentile interpolation used for the latency percentiles.
 PERCENTILE_METHOD = "linear"
 # Pause after a failed request, so an unreachable server is not hammered in a busy loop.
@@ -98,16 +100,6 @@ class LoadResult:
             "first_error": self.first_error,
             "server": self.server,
         }
-
-
-def _triton_module(protocol: str):
-    if protocol == "grpc":
-        import tritonclient.grpc as module
-    elif protocol == "http":
-        import tritonclient.http as module
-    else:
-        raise ValueError(f"protocol must be 'grpc' or 'http', not {protocol!r}")
-    return module
 
 
 def _error_text(err: BaseException) -> str:
@@ -267,7 +259,7 @@ def measure(
         raise ValueError(f"concurrency must be >= 1, not {concurrency}")
     if window_s <= 0:
         raise ValueError(f"window_s must be > 0, not {window_s}")
-    module = _triton_module(protocol)
+    module = triton_module(protocol)
     batch = _batch_of(inputs)
 
     control = module.InferenceServerClient(url)

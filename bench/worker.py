@@ -48,16 +48,11 @@ def _served_parameters(model: Path) -> Dict[str, str]:
 def _onnxruntime(model: str) -> Callable[[np.ndarray], None]:
     """The exported graph with the session options of the served CPU embedder, so the
     two differ only by what serving adds."""
-    import onnxruntime as ort
+    from export.served import served_module
+    from safety_checker_client import spec
 
-    parameters = _served_parameters(Path(model))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = int(parameters.get("intra_op_num_threads", "0"))
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    for key, value in parameters.items():
-        if key.startswith("session."):
-            options.add_session_config_entry(key, value)
-    session = ort.InferenceSession(model, sess_options=options, providers=["CPUExecutionProvider"])
+    onnx_session = served_module(spec.EMBEDDER_MODEL, "session").onnx_session
+    session = onnx_session(model, _served_parameters(Path(model)))
 
     def run(pixels: np.ndarray) -> None:
         session.run(None, {"pixel_values": pixels})

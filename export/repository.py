@@ -21,8 +21,8 @@ from safety_checker_client.spec import ModelDims
 from export import configs
 from export.normalize import write_normalizer
 from export.quantize import REPORT_FILENAME
+from export.served import SOURCE_REPOSITORY
 
-SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 MODEL_FOLDERS = (spec.ENSEMBLE_MODEL, spec.UINT8_ENSEMBLE_MODEL, spec.NORMALIZE_MODEL, spec.EMBEDDER_MODEL,
                  spec.POSTPROCESS_MODEL)
 # Generated files that may sit in a developer's model_repository/ and are never copied from it.

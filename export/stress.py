@@ -14,26 +14,16 @@ scores both would compute for such an image, without a pixel search.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
 from typing import Dict
 
 import numpy as np
 
 from safety_checker_client import spec
 
-# The served rule itself: the postprocessor's scoring module, not a copy of it.
-_SCORING = Path(__file__).resolve().parent.parent / "model_repository" / spec.POSTPROCESS_MODEL / "1" / "scoring.py"
+from export.served import served_module
 
-
-def _served_score():
-    module_spec = importlib.util.spec_from_file_location("served_scoring", _SCORING)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.score
-
-
-score = _served_score()
+# The served rule itself: the postprocessor's scoring module.
+score = served_module(spec.POSTPROCESS_MODEL, "scoring").score
 
 # The float32 noise between two correct fp32 implementations of the vision
 # tower is about 2e-7, so "at" the tie means 2e-6 to either side of it.

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List
+from typing import Iterator, List
 
 import numpy as np
 import pytest
@@ -65,22 +65,30 @@ def reference_checker(parity_set):
     return StableDiffusionSafetyChecker.from_pretrained(str(parity_set.checker_dir)).eval()
 
 
-@pytest.fixture(scope="session")
-def repository(parity_set, tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("repository")
-    result = run_export(parity_set.checker_dir, target)
+def exported(checker_dir: Path, target: Path) -> Path:
+    result = run_export(checker_dir, target)
     assert result.returncode == 0, result.stderr
     return target
 
 
-@pytest.fixture(scope="session")
-def server(repository):
+def serving(repository: Path) -> Iterator:
+    """A started tritonserver on free ports for the length of a fixture."""
     from safety_checker_client.server import TritonServer, free_port
 
     triton = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
     triton.start()
     yield triton
     triton.stop()
+
+
+@pytest.fixture(scope="session")
+def repository(parity_set, tmp_path_factory) -> Path:
+    return exported(parity_set.checker_dir, tmp_path_factory.mktemp("repository"))
+
+
+@pytest.fixture(scope="session")
+def server(repository):
+    yield from serving(repository)
 
 
 # -- custom concepts ----------------------------------------------------------
@@ -108,20 +116,12 @@ def concept_models(tmp_path_factory) -> ConceptModels:
 
 @pytest.fixture(scope="session")
 def concept_repository(concept_models, tmp_path_factory) -> Path:
-    target = tmp_path_factory.mktemp("concept-repository")
-    result = run_export(concept_models.checker_dir, target)
-    assert result.returncode == 0, result.stderr
-    return target
+    return exported(concept_models.checker_dir, tmp_path_factory.mktemp("concept-repository"))
 
 
 @pytest.fixture(scope="session")
 def concept_server(concept_repository):
-    from safety_checker_client.server import TritonServer, free_port
-
-    triton = TritonServer(concept_repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-    triton.start()
-    yield triton
-    triton.stop()
+    yield from serving(concept_repository)
 
 
 @pytest.fixture(scope="session")

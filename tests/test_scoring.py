@@ -9,26 +9,15 @@ through tritonserver.
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
+from export.served import served_module
 from reference import diffusers_forward, injected_cosines
+from safety_checker_client import spec
 from tiny_checker import build_tiny_checker
 
-SCORING = Path(__file__).resolve().parent.parent / "model_repository" / "safety_checker_postprocess" / "1" / "scoring.py"
-
-
-def _load_score():
-    module_spec = importlib.util.spec_from_file_location("postprocess_scoring", SCORING)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.score
-
-
-score = _load_score()
+score = served_module(spec.POSTPROCESS_MODEL, "scoring").score
 
 
 @pytest.fixture(scope="module")

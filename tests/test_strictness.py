@@ -20,27 +20,16 @@ from tritonclient.utils import InferenceServerException
 
 from export import configs
 from export.onnx_export import reference_outputs
+from export.served import served_module
 from reference import diffusers_forward
 from safety_checker_client import spec
 from safety_checker_client.client import SafetyCheckerClient
 from safety_checker_client.spec import ModelDims
-from conftest import ROOT
-
-SCORING = ROOT / "model_repository" / "safety_checker_postprocess" / "1" / "scoring.py"
 
 MODULES = {"grpc": grpcclient, "http": httpclient}
 
 
-def _load_scoring():
-    import importlib.util
-
-    module_spec = importlib.util.spec_from_file_location("postprocess_scoring_all", SCORING)
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module
-
-
-score_all = _load_scoring().score_all
+score_all = served_module(spec.POSTPROCESS_MODEL, "scoring").score_all
 INVALID_ARG = {"grpc": "INVALID_ARGUMENT", "http": "400"}
 
 

@@ -65,7 +65,8 @@ def request_parameters(strictness: Strictness) -> Optional[Dict[str, object]]:
     return {spec.STRICTNESS_ADJUSTMENT_PARAMETER: float(strictness)}
 
 
-def _triton_module(protocol: str):
+def triton_module(protocol: str):
+    """tritonclient.grpc or tritonclient.http, imported on demand."""
     if protocol == "grpc":
         import tritonclient.grpc as module
     elif protocol == "http":
@@ -87,7 +88,7 @@ class SafetyCheckerClient:
     def __init__(self, url: Optional[str] = None, protocol: str = "grpc", model_name: Optional[str] = None,
                  timeout_s: Optional[float] = 120.0, uint8: bool = False) -> None:
         self.protocol = protocol
-        self._triton = _triton_module(protocol)
+        self._triton = triton_module(protocol)
         self.url = url or DEFAULT_URLS[protocol]
         self.uint8 = uint8
         self.input = spec.IMAGES if uint8 else spec.PIXEL_VALUES

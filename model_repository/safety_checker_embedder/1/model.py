@@ -8,10 +8,13 @@ run, so batching pays off as it does on the onnxruntime backend.
 
 import json
 import os
+import sys
 
 import numpy as np
-import onnxruntime as ort
 import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from session import onnx_session  # noqa: E402
 
 
 class TritonPythonModel:
@@ -21,19 +24,8 @@ class TritonPythonModel:
         self.output_names = [output["name"] for output in config["output"]]
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = int(parameters.get("intra_op_num_threads", "0"))
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        # Any onnxruntime session config entry ("session.intra_op.allow_spinning", ...)
-        # can be set from config.pbtxt under its own name.
-        for key, value in parameters.items():
-            if key.startswith("session."):
-                options.add_session_config_entry(key, value)
         version_dir = os.path.join(args["model_repository"], args["model_version"])
-        onnx_file = parameters["onnx_filename"]
-        self.session = ort.InferenceSession(
-            os.path.join(version_dir, onnx_file), sess_options=options, providers=["CPUExecutionProvider"]
-        )
+        self.session = onnx_session(os.path.join(version_dir, parameters["onnx_filename"]), parameters)
 
     def execute(self, requests):
         batches = [pb_utils.get_input_tensor_by_name(r, self.input_name).as_numpy() for r in requests]

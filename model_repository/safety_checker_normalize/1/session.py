@@ -1,0 +1,1 @@
+../../safety_checker_embedder/1/session.py
