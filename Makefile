@@ -1,6 +1,9 @@
-# make serve: set up, export the model if needed, serve it on CPU.
-# make test:  set up and run the whole test suite.
-# make bench: diffusers vs onnxruntime vs the served checker, full size (~12 min on 2 cores).
+# make serve:     set up, export the model if needed, serve it on CPU.
+# make test:      set up and run the whole test suite (what CI runs, after make lint).
+# make test-fast: the tests that start no tritonserver and are not slow (under a minute).
+# make lint:      ruff (lint and format check) and vermin (served code runs on Python 3.10).
+# make style:     let ruff fix and format what it can.
+# make bench:     diffusers vs onnxruntime vs the served checker, full size (~12 min on 2 cores).
 
 PYTHON ?= python3
 VENV := .venv
@@ -13,11 +16,14 @@ METRICS_PORT ?= 8002
 # The export records which MODEL it wrote here; a different MODEL re-exports.
 STAMP := $(REPOSITORY)/.exported-from
 
-.PHONY: setup repository serve test bench clean
+# What Triton's Python backend runs: the NGC 24.10 container's Python is 3.10.
+SERVED_PYTHON := model_repository admin/safety_checker_admin/concept_set.py
+
+.PHONY: setup repository serve test test-fast lint style bench clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements/dev.txt requirements/export.txt client/pyproject.toml
+$(VENV)/.installed: requirements/dev.txt requirements/export.txt client/pyproject.toml admin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install -r requirements/dev.txt
@@ -36,6 +42,18 @@ serve: repository
 
 test: setup
 	$(PY) -m pytest
+
+test-fast: setup
+	$(PY) -m pytest -m "not server and not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/vermin --no-tips --violations --target=3.10- --eval-annotations $(SERVED_PYTHON)
+
+style: setup
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 bench: setup
 	$(PY) -m bench --output bench-results

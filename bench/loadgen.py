@@ -120,8 +120,11 @@ def _batch_of(inputs: Mapping[str, np.ndarray]) -> int:
 
 def _output_names(client, model_name: str, protocol: str) -> List[str]:
     """Every output the model declares, so each request asks for the full answer a user gets."""
-    metadata = client.get_model_metadata(model_name, as_json=True) if protocol == "grpc" \
+    metadata = (
+        client.get_model_metadata(model_name, as_json=True)
+        if protocol == "grpc"
         else client.get_model_metadata(model_name)
+    )
     return [output["name"] for output in metadata.get("outputs", [])]
 
 
@@ -197,8 +200,16 @@ class _Recorder:
                 self._progress()
 
 
-def _worker(index: int, module, url: str, model_name: str, inputs: Mapping[str, np.ndarray],
-            outputs: Sequence[str], stop: threading.Event, recorder: _Recorder) -> None:
+def _worker(
+    index: int,
+    module,
+    url: str,
+    model_name: str,
+    inputs: Mapping[str, np.ndarray],
+    outputs: Sequence[str],
+    stop: threading.Event,
+    recorder: _Recorder,
+) -> None:
     """One closed loop: send, wait for the answer, send again, until `stop`."""
     try:
         client = module.InferenceServerClient(url)
@@ -268,8 +279,12 @@ def measure(
         recorder = _Recorder(progress)
         stop = threading.Event()
         workers = [
-            threading.Thread(target=_worker, name=f"loadgen-{i}", daemon=True,
-                             args=(i, module, url, model_name, inputs, outputs, stop, recorder))
+            threading.Thread(
+                target=_worker,
+                name=f"loadgen-{i}",
+                daemon=True,
+                args=(i, module, url, model_name, inputs, outputs, stop, recorder),
+            )
             for i in range(concurrency)
         ]
         for worker in workers:
@@ -288,8 +303,11 @@ def measure(
     finally:
         control.close()
 
-    inside = [(client, sent, received) for client, sent, received in recorder.completed
-              if window_start <= received <= window_end]
+    inside = [
+        (client, sent, received)
+        for client, sent, received in recorder.completed
+        if window_start <= received <= window_end
+    ]
     latencies = [(received - sent) * 1e3 for _, sent, received in inside]
     cycles, cycle_s = 0, 0.0
     for client in range(concurrency):

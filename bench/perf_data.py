@@ -35,6 +35,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from fixtures.photos import photo
 from safety_checker_client import spec
 from safety_checker_client.preprocess import preprocess, preprocess_uint8
 
@@ -56,9 +57,7 @@ ENSEMBLES: Dict[str, Tuple[Tuple[spec.TensorSpec, ...], Callable[[Sequence[np.nd
 
 def photos() -> List[np.ndarray]:
     """The photographs, uint8 RGB (H, W, 3) arrays of assorted sizes, in file order."""
-    from skimage import data
-
-    return [getattr(data, name)() for name in PHOTOS]
+    return [photo(name) for name in PHOTOS]
 
 
 def filename(model: str) -> str:
@@ -90,8 +89,9 @@ def input_data(model: str, images: Optional[Sequence[np.ndarray]] = None) -> dic
     batch = make(photos() if images is None else images)
     dims = tensor.resolve(spec.REFERENCE_DIMS)  # input dims are plain integers
     if batch.dtype != NUMPY_DTYPES[tensor.datatype] or batch.shape[1:] != dims:
-        raise ValueError(f"{model}: preprocessing gave {batch.dtype} {batch.shape[1:]}, "
-                         f"the spec says {tensor.datatype} {dims}")
+        raise ValueError(
+            f"{model}: preprocessing gave {batch.dtype} {batch.shape[1:]}, the spec says {tensor.datatype} {dims}"
+        )
     return {"data": [{tensor.name: encode(image, tensor.datatype)} for image in batch]}
 
 
@@ -113,8 +113,9 @@ def write(output: Path = DEFAULT_OUTPUT) -> List[Path]:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.perf_data", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT,
-                        help="directory for the JSON files (default: %(default)s)")
+    parser.add_argument(
+        "--output", type=Path, default=DEFAULT_OUTPUT, help="directory for the JSON files (default: %(default)s)"
+    )
     args = parser.parse_args(argv)
     for path in write(args.output):
         print(f"{path} ({path.stat().st_size:,} bytes)")

@@ -91,14 +91,18 @@ def plot(results: Mapping[str, object], path: PathLike) -> Path:
         x = [int(r["concurrency"]) for r in group]
         errors = sum(int(r.get("errors") or 0) for r in group)
         label = name if not errors else f"{name} [failed requests: {errors}]"
-        style = dict(color=f"C{colour % 10}", marker="o", label=label)
+        style = {"color": f"C{colour % 10}", "marker": "o", "label": label}
         throughput_ax.plot(x, [float(r["images_per_s"]) for r in group], **style)
         latency_ax.plot(x, [_p95(r) for r in group], **style)
         colour += 1
     for row in references:
         is_baseline = row.get("kind") == "baseline"
-        style = dict(color="black" if is_baseline else f"C{colour % 10}", linestyle="--",
-                     linewidth=1.5 if is_baseline else 1.2, label=_reference_label(row, rows))
+        style = {
+            "color": "black" if is_baseline else f"C{colour % 10}",
+            "linestyle": "--",
+            "linewidth": 1.5 if is_baseline else 1.2,
+            "label": _reference_label(row, rows),
+        }
         colour += 0 if is_baseline else 1
         throughput_ax.axhline(float(row["images_per_s"]), **style)
         p95 = _p95(row)
@@ -151,23 +155,36 @@ def _server_summary(row: Row) -> Tuple[Optional[float], Optional[float], Optiona
 
 def table(results: Mapping[str, object]) -> str:
     """Every row as one line of a fixed-width table ("-" where a row has no such number)."""
-    headers = ("name", "conc", "batch", "images/s", "p50 ms", "p95 ms", "p99 ms",
-               "srv batch", "queue ms", "compute ms", "errors")
+    headers = (
+        "name",
+        "conc",
+        "batch",
+        "images/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "srv batch",
+        "queue ms",
+        "compute ms",
+        "errors",
+    )
     lines: List[Tuple[str, ...]] = []
     for row in results.get("rows", []):
         latency = row.get("latency_ms") or {}
         batch_size, queue_ms, compute_ms = _server_summary(row)
-        lines.append((
-            str(row.get("name", "?")),
-            str(row["concurrency"]) if _is_series(row) else "-",
-            str(row.get("batch", "-")),
-            _number(row.get("images_per_s"), 2),
-            *(_number(latency.get(p), 1) for p in ("p50", "p95", "p99")),
-            _number(batch_size, 2),
-            _number(queue_ms, 1),
-            _number(compute_ms, 1),
-            str(row["errors"]) if row.get("errors") is not None else "-",
-        ))
+        lines.append(
+            (
+                str(row.get("name", "?")),
+                str(row["concurrency"]) if _is_series(row) else "-",
+                str(row.get("batch", "-")),
+                _number(row.get("images_per_s"), 2),
+                *(_number(latency.get(p), 1) for p in ("p50", "p95", "p99")),
+                _number(batch_size, 2),
+                _number(queue_ms, 1),
+                _number(compute_ms, 1),
+                str(row["errors"]) if row.get("errors") is not None else "-",
+            )
+        )
     widths = [max(len(h), *(len(line[i]) for line in lines)) if lines else len(h) for i, h in enumerate(headers)]
 
     def render(cells: Sequence[str]) -> str:

@@ -24,10 +24,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from bench import report
-from bench.checkpoint import save_random_checker
 from bench.loadgen import LoadResult, measure
+from export.quantize import REPORT_FILENAME
+from fixtures.checkers import build_checker, save_checker
+from fixtures.photos import PHOTOS, photo
+from safety_checker_admin.server import TritonServer, free_port
 from safety_checker_client import spec
-from safety_checker_client.server import TritonServer, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -42,8 +44,7 @@ class Settings:
     batches: Sequence[int]  # for the in-process candidates
 
 
-FULL = Settings(window_s=20.0, rounds=2, warmup_s=3.0, concurrency=(1, 2, 4, 8), int8_concurrency=(4,),
-                batches=(1, 4))
+FULL = Settings(window_s=20.0, rounds=2, warmup_s=3.0, concurrency=(1, 2, 4, 8), int8_concurrency=(4,), batches=(1, 4))
 QUICK = Settings(window_s=1.0, rounds=1, warmup_s=0.3, concurrency=(1, 2), int8_concurrency=(2,), batches=(1,))
 
 
@@ -67,9 +68,14 @@ class Worker:
     """A `bench.worker` process holding one in-process candidate."""
 
     def __init__(self, kind: str, model: Path, pixels_file: Path, log: Path) -> None:
-        self.process = subprocess.Popen([sys.executable, "-m", "bench.worker", kind, str(model), str(pixels_file)],
-                                        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                        stderr=log.open("w"), text=True)
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bench.worker", kind, str(model), str(pixels_file)],
+            cwd=ROOT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=log.open("w"),
+            text=True,
+        )
         self._answer()
 
     def _answer(self) -> Dict[str, Any]:
@@ -104,27 +110,34 @@ def machine() -> Dict[str, Any]:
     simd = [name for name in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f" {name}" in flags]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     description = f"{model}, {cores} cores ({', '.join(simd) or 'no AVX2'}), CPU only"
-    return {"description": description, "cpu": model, "cores": cores, "simd": simd,
-            "python": platform.python_version(), "torch": torch.__version__,
-            "onnxruntime": onnxruntime.__version__, "triton": "2.51 (nvidia-pytriton 0.7.0)"}
+    return {
+        "description": description,
+        "cpu": model,
+        "cores": cores,
+        "simd": simd,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "triton": "2.51 (nvidia-pytriton 0.7.0)",
+    }
 
 
 def bench_pixels() -> np.ndarray:
     """Real photographs through the client's preprocessing: 8 images, the largest in-process batch."""
-    from skimage import data
-
     from safety_checker_client.preprocess import preprocess
 
-    names = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field", "retina")
-    images = [getattr(data, name)() for name in names]
+    images = [photo(name) for name in PHOTOS]
     return preprocess(images + [images[0][:, ::-1]])
 
 
 def export(checkpoint: Path, repository: Path, log: Path, *extra: str) -> None:
     with log.open("w") as out:
-        result = subprocess.run([sys.executable, "-m", "export", "--model", str(checkpoint),
-                                 "--repository", str(repository), *extra], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT)
+        result = subprocess.run(
+            [sys.executable, "-m", "export", "--model", str(checkpoint), "--repository", str(repository), *extra],
+            cwd=ROOT,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     if result.returncode != 0:
         raise RuntimeError(f"export failed; see {log}:\n{log.read_text()[-2000:]}")
 
@@ -134,19 +147,29 @@ def _pooled_worker_row(candidate: Candidate) -> Dict[str, Any]:
     seconds = sum(w["seconds"] for w in candidate.windows)
     latencies = [x for w in candidate.windows for x in w["latencies_ms"]]
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
-    return {"images_per_s": images / seconds, "images": images, "seconds": seconds, "calls": len(latencies),
-            "latency_ms": {"p50": p50, "p95": p95, "p99": p99, "mean": float(np.mean(latencies))}}
+    return {
+        "images_per_s": images / seconds,
+        "images": images,
+        "seconds": seconds,
+        "calls": len(latencies),
+        "latency_ms": {"p50": p50, "p95": p95, "p99": p99, "mean": float(np.mean(latencies))},
+    }
 
 
 def _pooled_triton_row(candidate: Candidate) -> Dict[str, Any]:
     results: List[LoadResult] = [w["result"] for w in candidate.windows]
-    pooled = LoadResult(concurrency=results[0].concurrency, batch=results[0].batch,
-                        requests=sum(r.requests for r in results), window_s=sum(r.window_s for r in results),
-                        latencies_ms=[x for r in results for x in r.latencies_ms],
-                        errors=sum(r.errors for r in results),
-                        first_error=next((r.first_error for r in results if r.first_error), None),
-                        server=_pooled_server_stats([r.server for r in results]),
-                        cycles=sum(r.cycles for r in results), cycle_s=sum(r.cycle_s for r in results))
+    pooled = LoadResult(
+        concurrency=results[0].concurrency,
+        batch=results[0].batch,
+        requests=sum(r.requests for r in results),
+        window_s=sum(r.window_s for r in results),
+        latencies_ms=[x for r in results for x in r.latencies_ms],
+        errors=sum(r.errors for r in results),
+        first_error=next((r.first_error for r in results if r.first_error), None),
+        server=_pooled_server_stats([r.server for r in results]),
+        cycles=sum(r.cycles for r in results),
+        cycle_s=sum(r.cycle_s for r in results),
+    )
     return pooled.as_dict()
 
 
@@ -158,9 +181,13 @@ def _pooled_server_stats(windows: List[Dict[str, Dict[str, Optional[float]]]]) -
         executions = sum(s["executions"] for s in stats)
         inferences = sum(s["inferences"] for s in stats)
         requests = sum(s["requests"] for s in stats)
-        entry: Dict[str, Any] = {"executions": executions, "inferences": inferences, "requests": requests,
-                                 "failures": sum(s["failures"] for s in stats),
-                                 "avg_batch_size": inferences / executions if executions else None}
+        entry: Dict[str, Any] = {
+            "executions": executions,
+            "inferences": inferences,
+            "requests": requests,
+            "failures": sum(s["failures"] for s in stats),
+            "avg_batch_size": inferences / executions if executions else None,
+        }
         for key in ("avg_queue_ms", "avg_compute_input_ms", "avg_compute_infer_ms", "avg_compute_output_ms"):
             weighted = [(s[key], s["requests"]) for s in stats if s[key] is not None]
             total = sum(n for _, n in weighted)
@@ -194,8 +221,12 @@ def summarize(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="tiny model and 1 s windows: tests the harness")
-    parser.add_argument("--output", type=Path, default=Path("bench-results"),
-                        help="folder for results.json, throughput.png and logs (default bench-results)")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        default=Path("bench-results"),
+        help="folder for results.json, throughput.png and logs (default bench-results)",
+    )
     parser.add_argument("--window", type=float, help="seconds per measurement window")
     parser.add_argument("--rounds", type=int, help="interleaved rounds over all candidates")
     return parser
@@ -211,31 +242,41 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logs = output / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    say = lambda message: tqdm.write(message, file=sys.stderr)  # noqa: E731
+    say = lambda message: tqdm.write(message, file=sys.stderr)
 
     with tempfile.TemporaryDirectory(prefix="safety-checker-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
         say(f"building the {'tiny' if args.quick else 'full-size (ViT-L/14)'} checker with random weights")
-        save_random_checker(scratch / "checker", quick=args.quick)
+        save_checker(scratch / "checker", build_checker("tiny" if args.quick else "full"))
         say("exporting fp32 and int8 model repositories with `python -m export`")
         export(scratch / "checker", scratch / "fp32", logs / "export-fp32.log")
         export(scratch / "checker", scratch / "int8", logs / "export-int8.log", "--int8")
-        int8_report = json.loads((scratch / "int8" / spec.EMBEDDER_MODEL / "1" / "quantization.json").read_text())
+        int8_report = json.loads((scratch / "int8" / spec.EMBEDDER_MODEL / "1" / REPORT_FILENAME).read_text())
         pixels = bench_pixels()
         np.save(scratch / "pixels.npy", pixels)
 
         say("starting two tritonservers (fp32, int8) and the in-process workers")
-        servers = {name: TritonServer(scratch / name, http_port=free_port(), grpc_port=free_port(),
-                                      metrics_port=free_port()) for name in ("fp32", "int8")}
+        servers = {
+            name: TritonServer(scratch / name, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+            for name in ("fp32", "int8")
+        }
         workers: List[Worker] = []
         try:
             for server in servers.values():
                 server.start()
             diffusers = Worker("diffusers", scratch / "checker", scratch / "pixels.npy", logs / "diffusers.log")
-            ort_fp32 = Worker("onnxruntime", scratch / "fp32" / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME,
-                              scratch / "pixels.npy", logs / "onnxruntime-fp32.log")
-            ort_int8 = Worker("onnxruntime", scratch / "int8" / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME,
-                              scratch / "pixels.npy", logs / "onnxruntime-int8.log")
+            ort_fp32 = Worker(
+                "onnxruntime",
+                scratch / "fp32" / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME,
+                scratch / "pixels.npy",
+                logs / "onnxruntime-fp32.log",
+            )
+            ort_int8 = Worker(
+                "onnxruntime",
+                scratch / "int8" / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME,
+                scratch / "pixels.npy",
+                logs / "onnxruntime-int8.log",
+            )
             workers = [diffusers, ort_fp32, ort_int8]
             candidates = _candidates(settings, servers, diffusers, ort_fp32, ort_int8, pixels)
 
@@ -254,13 +295,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     rows = []
     for candidate in candidates:
-        pooled = _pooled_triton_row(candidate) if candidate.kind.startswith("triton") else \
-            _pooled_worker_row(candidate)
+        pooled = _pooled_triton_row(candidate) if candidate.kind.startswith("triton") else _pooled_worker_row(candidate)
         rows.append({"name": candidate.name, "kind": candidate.kind, **candidate.extra, **pooled})
     results = {
         "machine": machine(),
-        "settings": {**settings.__dict__, "interleaved": True, "duration_s": round(time.monotonic() - started, 1),
-                     "model": "tiny (--quick)" if args.quick else "full-size ViT-L/14, random weights"},
+        "settings": {
+            **settings.__dict__,
+            "interleaved": True,
+            "duration_s": round(time.monotonic() - started, 1),
+            "model": "tiny (--quick)" if args.quick else "full-size ViT-L/14, random weights",
+        },
         "int8_report": int8_report,
         "rows": rows,
         "summary": summarize(rows),
@@ -273,23 +317,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _candidates(settings: Settings, servers: Dict[str, TritonServer], diffusers: Worker, ort_fp32: Worker,
-                ort_int8: Worker, pixels: np.ndarray) -> List[Candidate]:
+def _candidates(
+    settings: Settings,
+    servers: Dict[str, TritonServer],
+    diffusers: Worker,
+    ort_fp32: Worker,
+    ort_int8: Worker,
+    pixels: np.ndarray,
+) -> List[Candidate]:
     candidates = []
     for batch in settings.batches:
-        candidates.append(Candidate(f"diffusers forward() fp32, batch {batch}", "baseline",
-                                    lambda w, b=batch: diffusers.window(b, w), {"batch": batch}))
-        candidates.append(Candidate(f"onnxruntime fp32 in-process, batch {batch}", "ort",
-                                    lambda w, b=batch: ort_fp32.window(b, w), {"batch": batch}))
-    candidates.append(Candidate("onnxruntime int8 in-process, batch 1", "ort-int8",
-                                lambda w: ort_int8.window(1, w), {"batch": 1}))
+        candidates.append(
+            Candidate(
+                f"diffusers forward() fp32, batch {batch}",
+                "baseline",
+                lambda w, b=batch: diffusers.window(b, w),
+                {"batch": batch},
+            )
+        )
+        candidates.append(
+            Candidate(
+                f"onnxruntime fp32 in-process, batch {batch}",
+                "ort",
+                lambda w, b=batch: ort_fp32.window(b, w),
+                {"batch": batch},
+            )
+        )
+    candidates.append(
+        Candidate("onnxruntime int8 in-process, batch 1", "ort-int8", lambda w: ort_int8.window(1, w), {"batch": 1})
+    )
     request = {spec.PIXEL_VALUES.name: pixels[:1]}
     stats = (spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL, spec.ENSEMBLE_MODEL)
-    for name, kind, levels in (("fp32", "triton", settings.concurrency),
-                               ("int8", "triton-int8", settings.int8_concurrency)):
+    for name, kind, levels in (
+        ("fp32", "triton", settings.concurrency),
+        ("int8", "triton-int8", settings.int8_concurrency),
+    ):
         for concurrency in levels:
+
             def window(w: float, c: int = concurrency, server: TritonServer = servers[name]) -> Dict[str, Any]:
-                return {"result": measure(server.grpc_url, spec.ENSEMBLE_MODEL, request, c, w,
-                                          warmup_s=settings.warmup_s, stats_models=stats)}
+                return {
+                    "result": measure(
+                        server.grpc_url,
+                        spec.ENSEMBLE_MODEL,
+                        request,
+                        c,
+                        w,
+                        warmup_s=settings.warmup_s,
+                        stats_models=stats,
+                    )
+                }
+
             candidates.append(Candidate(f"triton {name} (gRPC)", kind, window, {"concurrency": concurrency}))
     return candidates

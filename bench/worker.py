@@ -72,8 +72,12 @@ def window(run: Callable[[np.ndarray], None], pixels: np.ndarray, window_s: floa
         run(pixels)
         latencies.append((time.perf_counter() - sent) * 1e3)
     seconds = time.perf_counter() - start
-    return {"calls": len(latencies), "images": len(latencies) * len(pixels), "seconds": seconds,
-            "latencies_ms": latencies}
+    return {
+        "calls": len(latencies),
+        "images": len(latencies) * len(pixels),
+        "seconds": seconds,
+        "latencies_ms": latencies,
+    }
 
 
 def main() -> int:
@@ -84,7 +88,7 @@ def main() -> int:
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         command = json.loads(line)
-        batch = pixels[:command["batch"]]
+        batch = pixels[: command["batch"]]
         run(batch)  # warm the caches for this batch size
         print(json.dumps(window(run, batch, command["window_s"])), flush=True)
     return 0

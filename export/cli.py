@@ -9,30 +9,45 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from export.checkpoint import DEFAULT_MODEL, CheckpointError, check_preprocessor, load_checkpoint
-from export.onnx_export import DEFAULT_OPSET, DEFAULT_TOLERANCE, VerificationError, export_onnx, verify_onnx
 from export.graph import EmbedderGraph
+from export.onnx_export import DEFAULT_OPSET, DEFAULT_TOLERANCE, VerificationError, export_onnx, verify_onnx
 from export.quantize import DEFAULT_CHECK_IMAGES, compare_int8, quantize_int8, summary
-from export.repository import (RepositoryError, concept_metadata, existing_custom_concepts, model_dims,
-                               write_repository)
+from export.repository import RepositoryError, concept_metadata, existing_custom_concepts, model_dims, write_repository
 from safety_checker_client import spec
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m export", description=__doc__)
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"hub id or local directory saved with save_pretrained (default: {DEFAULT_MODEL})")
+    parser.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help=f"hub id or local directory saved with save_pretrained (default: {DEFAULT_MODEL})",
+    )
     parser.add_argument("--repository", required=True, type=Path, help="model repository to write")
     parser.add_argument("--opset", type=int, default=DEFAULT_OPSET, help="ONNX opset, at least 17")
-    parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
-                        help="largest accepted |cosine(ONNX) - cosine(PyTorch)|")
-    parser.add_argument("--strictness", choices=list(spec.STRICTNESS_PRESETS), default=spec.DEFAULT_STRICTNESS,
-                        help="strictness preset the server applies to requests that do not choose one "
-                             f"(default {spec.DEFAULT_STRICTNESS}: the reference checker's decisions)")
-    parser.add_argument("--int8", action="store_true",
-                        help="serve a dynamically quantised int8 embedder (faster on CPU; can change decisions "
-                             "next to a threshold: the export measures and reports how often)")
-    parser.add_argument("--int8-check-images", type=int, default=DEFAULT_CHECK_IMAGES, metavar="N",
-                        help=f"random inputs the int8 report runs (default {DEFAULT_CHECK_IMAGES})")
+    parser.add_argument(
+        "--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest accepted |cosine(ONNX) - cosine(PyTorch)|"
+    )
+    parser.add_argument(
+        "--strictness",
+        choices=list(spec.STRICTNESS_PRESETS),
+        default=spec.DEFAULT_STRICTNESS,
+        help="strictness preset the server applies to requests that do not choose one "
+        f"(default {spec.DEFAULT_STRICTNESS}: the reference checker's decisions)",
+    )
+    parser.add_argument(
+        "--int8",
+        action="store_true",
+        help="serve a dynamically quantised int8 embedder (faster on CPU; can change decisions "
+        "next to a threshold: the export measures and reports how often)",
+    )
+    parser.add_argument(
+        "--int8-check-images",
+        type=int,
+        default=DEFAULT_CHECK_IMAGES,
+        metavar="N",
+        help=f"random inputs the int8 report runs (default {DEFAULT_CHECK_IMAGES})",
+    )
     return parser
 
 
@@ -63,12 +78,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 report = compare_int8(onnx_file, int8_file, metadata, images=args.int8_check_images)
                 print(summary(report))
                 onnx_file = int8_file
-            write_repository(args.repository, onnx_file, dims, metadata, strictness=args.strictness,
-                             quantization=report)
+            write_repository(
+                args.repository, onnx_file, dims, metadata, strictness=args.strictness, quantization=report
+            )
     except (CheckpointError, VerificationError, RepositoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"wrote model repository {args.repository} ({dims.num_concepts} concepts, "
-          f"{dims.num_special} special-care concepts, projection_dim {dims.projection_dim}, "
-          f"{'int8' if args.int8 else 'fp32'} embedder)")
+    print(
+        f"wrote model repository {args.repository} ({dims.num_concepts} concepts, "
+        f"{dims.num_special} special-care concepts, projection_dim {dims.projection_dim}, "
+        f"{'int8' if args.int8 else 'fp32'} embedder)"
+    )
     return 0

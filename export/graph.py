@@ -32,5 +32,8 @@ class EmbedderGraph(nn.Module):
         normalized = F.normalize(image_embeds)
         concept_cosines = torch.mm(normalized, self.concepts)
         special_cosines = torch.mm(normalized, self.special)
-        nonfinite_values = (~torch.isfinite(pixel_values)).flatten(1).sum(dim=1, keepdim=True)
+        # x - x is 0 for every finite x and NaN for NaN and +-Inf, so IsNaN of it counts exactly the
+        # non-finite pixels. torch.isfinite/isinf export as Cast(DOUBLE) -> IsInf, and TensorRT has
+        # no DOUBLE: those nodes would fall out of the engine and split the graph.
+        nonfinite_values = torch.isnan(pixel_values - pixel_values).flatten(1).sum(dim=1, keepdim=True)
         return image_embeds, concept_cosines, special_cosines, nonfinite_values

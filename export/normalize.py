@@ -15,10 +15,9 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from export.onnx_export import VerificationError
 from safety_checker_client import spec
 from safety_checker_client.preprocess import normalization_table, normalize
-
-from export.onnx_export import VerificationError
 
 # Opset and IR version the NGC container's onnxruntime (24.10) reads.
 OPSET = 17

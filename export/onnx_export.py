@@ -13,9 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from safety_checker_client import spec
-
 from export.graph import EmbedderGraph
+from safety_checker_client import spec
 
 DEFAULT_OPSET = 17
 DEFAULT_TOLERANCE = 1e-5
@@ -60,8 +59,13 @@ def reference_outputs(checker: torch.nn.Module, pixels: torch.Tensor) -> dict:
         }
 
 
-def verify_onnx(checker: torch.nn.Module, path: Path, tolerance: float = DEFAULT_TOLERANCE,
-                batch_sizes: Sequence[int] = VERIFY_BATCH_SIZES, seed: int = 0) -> float:
+def verify_onnx(
+    checker: torch.nn.Module,
+    path: Path,
+    tolerance: float = DEFAULT_TOLERANCE,
+    batch_sizes: Sequence[int] = VERIFY_BATCH_SIZES,
+    seed: int = 0,
+) -> float:
     """Return the max abs cosine difference to diffusers, raising VerificationError above `tolerance`."""
     import onnxruntime as ort
 

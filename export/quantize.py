@@ -20,9 +20,8 @@ from typing import Any, Dict
 
 import numpy as np
 
-from safety_checker_client import spec
-
 from export.stress import score, stress_agreement
+from safety_checker_client import spec
 
 REPORT_FILENAME = "quantization.json"
 DEFAULT_CHECK_IMAGES = 16
@@ -47,17 +46,21 @@ def _cosines(path: Path, pixels: np.ndarray):
     names = [spec.CONCEPT_COSINES.name, spec.SPECIAL_COSINES.name]
     concept, special = [], []
     for start in range(0, len(pixels), 4):
-        c, s = session.run(names, {spec.PIXEL_VALUES.name: pixels[start:start + 4]})
+        c, s = session.run(names, {spec.PIXEL_VALUES.name: pixels[start : start + 4]})
         concept.append(c)
         special.append(s)
     return np.concatenate(concept), np.concatenate(special)
 
 
-def compare_int8(fp32_file: Path, int8_file: Path, metadata: Dict[str, Any],
-                 images: int = DEFAULT_CHECK_IMAGES, seed: int = 0) -> Dict[str, Any]:
+def compare_int8(
+    fp32_file: Path, int8_file: Path, metadata: Dict[str, Any], images: int = DEFAULT_CHECK_IMAGES, seed: int = 0
+) -> Dict[str, Any]:
     """Agreement of the int8 model with fp32, on random inputs and at the stress margins."""
-    pixels = np.random.default_rng(seed).standard_normal(
-        (images, spec.NUM_CHANNELS, spec.IMAGE_SIZE, spec.IMAGE_SIZE)).astype(np.float32)
+    pixels = (
+        np.random.default_rng(seed)
+        .standard_normal((images, spec.NUM_CHANNELS, spec.IMAGE_SIZE, spec.IMAGE_SIZE))
+        .astype(np.float32)
+    )
     concept_thr = np.array([c["threshold"] for c in metadata["concepts"]], dtype=np.float64)
     special_thr = np.array([c["threshold"] for c in metadata["special_care"]], dtype=np.float64)
     adjustment = float(metadata["special_care_adjustment"])
@@ -70,17 +73,22 @@ def compare_int8(fp32_file: Path, int8_file: Path, metadata: Dict[str, Any],
     return {
         "weights": "int8 (onnxruntime quantize_dynamic, QInt8 weights, dynamic uint8 activations)",
         "max_cosine_deviation": cosine_deviation,
-        "random_inputs": {"images": images, "flagged_fp32": int(flag_a.sum()),
-                          "decision_agreement": float(np.mean(flag_a == flag_b)),
-                          "max_score_deviation": round(score_deviation, 3)},
+        "random_inputs": {
+            "images": images,
+            "flagged_fp32": int(flag_a.sum()),
+            "decision_agreement": float(np.mean(flag_a == flag_b)),
+            "max_score_deviation": round(score_deviation, 3),
+        },
         "stress_margins": stress_agreement(fp32[0], int8[0], concept_thr, special_thr, adjustment),
     }
 
 
 def summary(report: Dict[str, Any]) -> str:
     random, stress = report["random_inputs"], report["stress_margins"]
-    return (f"int8 vs fp32: max |cosine difference| {report['max_cosine_deviation']:.3g}; "
-            f"random inputs ({random['images']}): decisions agree {random['decision_agreement']:.1%}, "
-            f"max score deviation {random['max_score_deviation']:.3f}; "
-            f"near-threshold stress ({stress['cases']} cases): decisions agree {stress['decision_agreement']:.1%}, "
-            f"scores agree {stress['score_agreement']:.1%}, max score deviation {stress['max_score_deviation']:.3f}")
+    return (
+        f"int8 vs fp32: max |cosine difference| {report['max_cosine_deviation']:.3g}; "
+        f"random inputs ({random['images']}): decisions agree {random['decision_agreement']:.1%}, "
+        f"max score deviation {random['max_score_deviation']:.3f}; "
+        f"near-threshold stress ({stress['cases']} cases): decisions agree {stress['decision_agreement']:.1%}, "
+        f"scores agree {stress['score_agreement']:.1%}, max score deviation {stress['max_score_deviation']:.3f}"
+    )

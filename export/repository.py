@@ -9,25 +9,32 @@ carried over byte for byte; a first export writes an empty one (version 0).
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from safety_checker_client import concept_set, spec
-from safety_checker_client.spec import ModelDims
-
 from export import configs
+from export.models import SOURCE_REPOSITORY, served_models
 from export.normalize import write_normalizer
 from export.quantize import REPORT_FILENAME
-from export.served import SOURCE_REPOSITORY
+from safety_checker_admin import concept_set
+from safety_checker_client import spec
+from safety_checker_client.spec import ModelDims
 
-MODEL_FOLDERS = (spec.ENSEMBLE_MODEL, spec.UINT8_ENSEMBLE_MODEL, spec.NORMALIZE_MODEL, spec.EMBEDDER_MODEL,
-                 spec.POSTPROCESS_MODEL)
+MODEL_FOLDERS = tuple(model.name for model in served_models())
 # Generated files that may sit in a developer's model_repository/ and are never copied from it.
-_NOT_COPIED = shutil.ignore_patterns("__pycache__", "*.onnx", "*.onnx.data", spec.CONCEPTS_FILENAME, REPORT_FILENAME,
-                                     spec.CUSTOM_CONCEPTS_FILENAME, f".{spec.CUSTOM_CONCEPTS_FILENAME}.*")
+_NOT_COPIED = shutil.ignore_patterns(
+    "__pycache__",
+    "*.onnx",
+    "*.onnx.data",
+    spec.CONCEPTS_FILENAME,
+    REPORT_FILENAME,
+    spec.CUSTOM_CONCEPTS_FILENAME,
+    f".{spec.CUSTOM_CONCEPTS_FILENAME}.*",
+)
 
 
 class RepositoryError(RuntimeError):
@@ -52,8 +59,10 @@ def existing_custom_concepts(destination: Path, dims: ModelDims) -> Optional[byt
     try:
         concept_set.parse(data, embedding_dim=dims.projection_dim, origin=str(path))
     except concept_set.ConceptSetError as error:
-        raise RepositoryError(f"the repository's custom concept set cannot be kept: {error}; fix it, or move it "
-                              "away to start with an empty set") from None
+        raise RepositoryError(
+            f"the repository's custom concept set cannot be kept: {error}; fix it, or move it "
+            "away to start with an empty set"
+        ) from None
     return data
 
 
@@ -79,8 +88,23 @@ def concept_metadata(checker: Any, source: str) -> Dict[str, Any]:
     }
 
 
-def write_repository(destination: Path, onnx_file: Path, dims: ModelDims, metadata: Dict[str, Any],
-                     strictness: str = spec.DEFAULT_STRICTNESS, quantization: Optional[Dict[str, Any]] = None) -> None:
+def _digest(path: Path) -> str:
+    """The first 16 hex digits of the file's sha256: the TensorRT engine cache prefix of this export."""
+    sha = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()[:16]
+
+
+def write_repository(
+    destination: Path,
+    onnx_file: Path,
+    dims: ModelDims,
+    metadata: Dict[str, Any],
+    strictness: str = spec.DEFAULT_STRICTNESS,
+    quantization: Optional[Dict[str, Any]] = None,
+) -> None:
     """Write the model folders; an existing custom concept set is kept, otherwise an empty one is made.
 
     `quantization`: the int8 report, stored beside a quantised model.onnx so it is never unlabelled.
@@ -89,11 +113,13 @@ def write_repository(destination: Path, onnx_file: Path, dims: ModelDims, metada
     destination.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=destination))
     try:
-        for folder in MODEL_FOLDERS:
-            shutil.copytree(SOURCE_REPOSITORY / folder, staging / folder, ignore=_NOT_COPIED)
+        for model in served_models(strictness):
+            shutil.copytree(SOURCE_REPOSITORY / model.name, staging / model.name, ignore=_NOT_COPIED)
             # Version 1 of every model; the ensembles' are empty, which git does not keep.
-            (staging / folder / "1").mkdir(exist_ok=True)
-        configs.write_all(staging, dims, strictness)
+            (staging / model.name / "1").mkdir(exist_ok=True)
+            for source in model.copied_files:
+                shutil.copyfile(source, staging / model.name / "1" / source.name)
+        configs.write_all(staging, dims, strictness, engine_cache_key=_digest(onnx_file))
         shutil.copyfile(onnx_file, staging / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME)
         if quantization is not None:
             report = staging / spec.EMBEDDER_MODEL / "1" / REPORT_FILENAME

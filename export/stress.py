@@ -18,9 +18,8 @@ from typing import Dict
 
 import numpy as np
 
-from safety_checker_client import spec
-
 from export.served import served_module
+from safety_checker_client import spec
 
 # The served rule itself: the postprocessor's scoring module.
 score = served_module(spec.POSTPROCESS_MODEL, "scoring").score
@@ -35,8 +34,9 @@ CASCADE_MARGINS = (-0.0094, -0.0095 - TIE_OFFSET, -0.0095 + TIE_OFFSET, -0.0096)
 _CLEAR = 0.1
 
 
-def _placed(concept_thresholds: np.ndarray, special_thresholds: np.ndarray, deviation: np.ndarray,
-            margin: float, cascade: bool):
+def _placed(
+    concept_thresholds: np.ndarray, special_thresholds: np.ndarray, deviation: np.ndarray, margin: float, cascade: bool
+):
     """Cosines of N*K virtual images: image i with only concept k at `margin` (+ its deviation)."""
     n, k = deviation.shape
     concept = np.repeat((concept_thresholds - _CLEAR)[None], n * k, axis=0)
@@ -49,8 +49,13 @@ def _placed(concept_thresholds: np.ndarray, special_thresholds: np.ndarray, devi
     return concept.astype(np.float32), special.astype(np.float32), columns
 
 
-def stress_agreement(fp32_cosines: np.ndarray, other_cosines: np.ndarray, concept_thresholds: np.ndarray,
-                     special_thresholds: np.ndarray, adjustment: float) -> Dict[str, float]:
+def stress_agreement(
+    fp32_cosines: np.ndarray,
+    other_cosines: np.ndarray,
+    concept_thresholds: np.ndarray,
+    special_thresholds: np.ndarray,
+    adjustment: float,
+) -> Dict[str, float]:
     """Decision and score agreement of `other` with fp32 at every stress margin, every concept, every image."""
     deviation = other_cosines.astype(np.float64) - fp32_cosines.astype(np.float64)
     zero = np.zeros_like(deviation)
@@ -61,13 +66,16 @@ def stress_agreement(fp32_cosines: np.ndarray, other_cosines: np.ndarray, concep
             answers = []
             for shift in (zero, deviation):
                 concept, special, columns = _placed(concept_thresholds, special_thresholds, shift, margin, cascade)
-                flagged, concept_scores, _ = score(concept, special, concept_thresholds, special_thresholds,
-                                                   adjustment)
+                flagged, concept_scores, _ = score(concept, special, concept_thresholds, special_thresholds, adjustment)
                 answers.append((flagged, concept_scores[np.arange(len(columns)), columns]))
             (flag_a, score_a), (flag_b, score_b) = answers
             cases += len(flag_a)
             agreeing += int(np.sum(flag_a == flag_b))
             same_score += int(np.sum(score_a == score_b))
             worst = max(worst, float(np.max(np.abs(score_a - score_b))))
-    return {"cases": cases, "decision_agreement": agreeing / cases, "score_agreement": same_score / cases,
-            "max_score_deviation": round(worst, 3)}
+    return {
+        "cases": cases,
+        "decision_agreement": agreeing / cases,
+        "score_agreement": same_score / cases,
+        "max_score_deviation": round(worst, 3),
+    }

@@ -28,7 +28,8 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
-from tiny_checker import build_tiny_checker, save_tiny_checker, tiny_config
+from fixtures.checkers import build_checker, clip_config, save_checker
+from fixtures.photos import photo, photos
 
 SIZE = 256
 BLACK, WHITE = (0, 0, 0), (255, 255, 255)
@@ -83,12 +84,6 @@ def noise(rng) -> np.ndarray:
     return rng.integers(0, 256, (SIZE, SIZE, 3)).astype(np.uint8)
 
 
-def photos() -> Dict[str, np.ndarray]:
-    from skimage import data
-
-    return {name: getattr(data, name)() for name in ("astronaut", "coffee", "chelsea", "rocket", "camera")}
-
-
 def stripe_examples() -> List[np.ndarray]:
     return [stripes(p, ph) for p, ph in STRIPE_EXAMPLES]
 
@@ -105,7 +100,7 @@ def other_pictures(seed: int = 3) -> Dict[str, np.ndarray]:
     pictures.update({f"gradient_{i}": gradient(rng) for i in range(3)})
     pictures.update({f"blobs_{i}": blobs(rng) for i in range(3)})
     pictures.update({f"noise_{i}": noise(rng) for i in range(2)})
-    pictures.update(photos())
+    pictures.update(photos(("astronaut", "coffee", "chelsea", "rocket", "camera")))
     return pictures
 
 
@@ -116,8 +111,9 @@ def _families(seed: int = 1) -> Tuple[List[np.ndarray], np.ndarray]:
     for _ in range(25):
         pictures += [
             stripes(int(rng.integers(14, 28)), int(rng.integers(0, 20))),
-            stripes(int(rng.integers(10, 40)), int(rng.integers(0, 20)), vertical=True,
-                    colours=(_colour(rng), _colour(rng))),
+            stripes(
+                int(rng.integers(10, 40)), int(rng.integers(0, 20)), vertical=True, colours=(_colour(rng), _colour(rng))
+            ),
             checkerboard(int(rng.integers(6, 40)), int(rng.integers(0, 20)), (_colour(rng), _colour(rng))),
             gradient(rng),
             blobs(rng),
@@ -152,8 +148,9 @@ def build_concept_checker(seed: int = CONCEPT_SEED):
     """
     from safety_checker_client.preprocess import preprocess
 
-    checker = build_tiny_checker(seed=seed, projection_dim=PROJECTION_DIM, concept_thresholds=[0.99] * 17,
-                                 special_thresholds=[0.99] * 3)
+    checker = build_checker(
+        seed=seed, projection_dim=PROJECTION_DIM, concept_thresholds=[0.99] * 17, special_thresholds=[0.99] * 3
+    )
     pictures, labels = _families()
     with torch.no_grad():
         pooled = checker.vision_model(torch.from_numpy(preprocess(pictures)))[1].double().numpy()
@@ -161,16 +158,17 @@ def build_concept_checker(seed: int = CONCEPT_SEED):
     centred = pooled - mean
     families = np.unique(labels)
     means = np.stack([centred[labels == k].mean(axis=0) for k in families])
-    within = sum((centred[labels == k] - means[i]).T @ (centred[labels == k] - means[i])
-                 for i, k in enumerate(families)) / len(centred)
+    within = sum(
+        (centred[labels == k] - means[i]).T @ (centred[labels == k] - means[i]) for i, k in enumerate(families)
+    ) / len(centred)
     within += 1e-3 * np.trace(within) / len(within) * np.eye(len(within))
     between = means.T @ means / len(families)
     values, vectors = np.linalg.eig(np.linalg.solve(within, between))
-    order = np.argsort(-values.real)[:len(families) - 1]
+    order = np.argsort(-values.real)[: len(families) - 1]
     discriminant = vectors[:, order].real.T
     discriminant /= np.sqrt(np.einsum("ij,jk,ik->i", discriminant, within, discriminant))[:, None]
     _, _, principal = np.linalg.svd(centred, full_matrices=False)
-    principal = principal[:PROJECTION_DIM - len(discriminant)]
+    principal = principal[: PROJECTION_DIM - len(discriminant)]
     principal = 0.1 * principal / np.std(centred @ principal.T, axis=0)[:, None]
     weight = np.concatenate([discriminant, principal])
     direction = mean / np.linalg.norm(mean)
@@ -181,7 +179,7 @@ def build_concept_checker(seed: int = CONCEPT_SEED):
 
 
 def save_concept_checker(path: Path, checker) -> Path:
-    return save_tiny_checker(path, checker)
+    return save_checker(path, checker)
 
 
 def write_tokenizer(folder: Path) -> None:
@@ -196,7 +194,7 @@ def write_tokenizer(folder: Path) -> None:
         token = merge.replace(" ", "")
         if token not in vocab:
             vocab[token] = len(vocab)
-    assert len(vocab) <= 99, len(vocab)  # tiny_config's text vocab_size
+    assert len(vocab) <= 99, len(vocab)  # the tiny config's text vocab_size
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
 
@@ -207,7 +205,7 @@ def phrase_targets(checker) -> Dict[str, np.ndarray]:
     images = {
         "stripes": [stripes(p, ph) for p, ph in ((17, 2), (20, 6), (23, 1))],
         "checkerboard": [checkerboard(c, o) for c, o in ((10, 1), (20, 2), (28, 3))],
-        "a cat": [photos()["chelsea"]],
+        "a cat": [photo("chelsea")],
         "noise": [noise(rng) for _ in range(3)],
     }
     return {phrase: unit(unit(embed(checker, pictures)).mean(axis=0)) for phrase, pictures in images.items()}
@@ -221,7 +219,7 @@ def build_tiny_clip(checker, folder: Path) -> Tuple[Path, Dict[str, np.ndarray]]
     write_tokenizer(folder)
     tokenizer = CLIPTokenizer.from_pretrained(str(folder))
     torch.manual_seed(5)
-    clip = CLIPModel(tiny_config(PROJECTION_DIM)).eval()
+    clip = CLIPModel(clip_config("tiny", PROJECTION_DIM)).eval()
     clip.vision_model.load_state_dict(checker.vision_model.state_dict())
     targets = phrase_targets(checker)
     with torch.no_grad():

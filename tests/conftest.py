@@ -10,17 +10,44 @@ from typing import Iterator, List
 
 import numpy as np
 import pytest
-
 from crafting import Crafted, calibrate_thresholds, craft, unambiguous, varied_inputs
-from tiny_checker import build_tiny_checker, save_tiny_checker
+
+from fixtures.checkers import build_checker, save_checker
+from fixtures.photos import photos as sample_photos
 
 ROOT = Path(__file__).resolve().parent.parent
+
+# Fixtures that start a tritonserver: every test using one is marked `server`.
+SERVER_FIXTURES = {"server", "concept_server", "served", "int8_server"}
+
+
+def pytest_collection_modifyitems(items) -> None:
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.server)
+
+
+@pytest.fixture(autouse=True)
+def _server_marker_is_honest(request, monkeypatch) -> None:
+    """A test that starts a tritonserver itself must be marked `server`, so `make test-fast` never starts one."""
+    if request.node.get_closest_marker("server") is None:
+        from safety_checker_admin.server import TritonServer
+
+        def refuse(*args, **kwargs):
+            raise AssertionError(f"{request.node.nodeid} starts a tritonserver: mark it @pytest.mark.server")
+
+        monkeypatch.setattr(TritonServer, "start", refuse)
 
 
 def run_export(model: Path | str, repository: Path, *extra: str) -> subprocess.CompletedProcess:
     """`python -m export` as a user runs it, from the repository root."""
-    return subprocess.run([sys.executable, "-m", "export", "--model", str(model), "--repository", str(repository),
-                           *extra], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "export", "--model", str(model), "--repository", str(repository), *extra],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 @dataclass
@@ -33,12 +60,9 @@ class ParitySet:
 
 def photos() -> np.ndarray:
     """Real photographs from scikit-image, through the client's own preprocessing."""
-    from skimage import data
-
     from safety_checker_client.preprocess import preprocess
 
-    names = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field", "retina")
-    images = [getattr(data, name)() for name in names]
+    images = list(sample_photos().values())
     images += [image[::-1] for image in images] + [image[:, ::-1] for image in images]
     return preprocess(images)
 
@@ -46,13 +70,13 @@ def photos() -> np.ndarray:
 @pytest.fixture(scope="session")
 def parity_set(tmp_path_factory) -> ParitySet:
     rng = np.random.default_rng(20261128)
-    checker = build_tiny_checker(seed=7)
+    checker = build_checker(seed=7)
     pool = varied_inputs(rng, 300)
     calibrate_thresholds(checker, pool)
     crafted = craft(checker, pool, rng, per_margin=4)
     plain = np.concatenate([pool[:220], photos()])
     plain = plain[unambiguous(checker, plain)]
-    checker_dir = save_tiny_checker(tmp_path_factory.mktemp("checker") / "tiny-checker", checker)
+    checker_dir = save_checker(tmp_path_factory.mktemp("checker") / "tiny-checker", checker)
     pixels = np.concatenate([plain, np.stack([c.pixels for c in crafted])])
     return ParitySet(checker_dir=checker_dir, pixels=pixels, crafted=crafted, crafted_offset=len(plain))
 
@@ -73,7 +97,7 @@ def exported(checker_dir: Path, target: Path) -> Path:
 
 def serving(repository: Path) -> Iterator:
     """A started tritonserver on free ports for the length of a fixture."""
-    from safety_checker_client.server import TritonServer, free_port
+    from safety_checker_admin.server import TritonServer, free_port
 
     triton = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
     triton.start()
@@ -94,6 +118,7 @@ def server(repository):
 # -- custom concepts ----------------------------------------------------------
 # A second checker and server, so that changing the concept set never touches
 # the parity tests' server: see concept_models.py.
+
 
 @dataclass
 class ConceptModels:
@@ -127,14 +152,16 @@ def concept_server(concept_repository):
 @pytest.fixture(scope="session")
 def pictures(tmp_path_factory):
     """PNG files: stripe examples, other stripe pictures (matches), and pictures that are not stripes."""
-    from PIL import Image
-
     from concept_models import other_pictures, stripe_examples, stripe_matches
+    from PIL import Image
 
     root = tmp_path_factory.mktemp("pictures")
     files = {}
-    for group, images in (("examples", dict(enumerate(stripe_examples()))),
-                          ("matches", dict(enumerate(stripe_matches()))), ("others", other_pictures())):
+    for group, images in (
+        ("examples", dict(enumerate(stripe_examples()))),
+        ("matches", dict(enumerate(stripe_matches()))),
+        ("others", other_pictures()),
+    ):
         (root / group).mkdir()
         files[group] = []
         for name, image in images.items():

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from export.onnx_export import reference_outputs
+
 # The margins are defined once, in export.stress, which also measures int8 at them.
 from export.stress import CASCADE_MARGINS, PLAIN_MARGINS, TIE_OFFSET
 
@@ -59,15 +60,17 @@ def calibrate_thresholds(checker, images: np.ndarray) -> None:
     cos = reference_outputs(checker, torch.from_numpy(images))
     concept_thr = np.quantile(cos["concept_cosines"], 0.97, axis=0)
     special = cos["special_cosines"]
-    special_thr = np.array([np.quantile(special[:, 0], 0.5), np.quantile(special[:, 1], 0.9),
-                            np.quantile(special[:, 2], 0.97)])
+    special_thr = np.array(
+        [np.quantile(special[:, 0], 0.5), np.quantile(special[:, 1], 0.9), np.quantile(special[:, 2], 0.97)]
+    )
     with torch.no_grad():
         checker.concept_embeds_weights.copy_(torch.from_numpy(concept_thr.astype(np.float32)))
         checker.special_care_embeds_weights.copy_(torch.from_numpy(special_thr.astype(np.float32)))
 
 
-def _search(checker, a: np.ndarray, b: np.ndarray, concept: int, target: float,
-            rounds: int = 5, points: int = 17) -> np.ndarray:
+def _search(
+    checker, a: np.ndarray, b: np.ndarray, concept: int, target: float, rounds: int = 5, points: int = 17
+) -> np.ndarray:
     """The pixels on the line a -> b whose cosine to `concept` is closest to `target`."""
     lo, hi = 0.0, 1.0
     best, best_gap = a, np.inf
@@ -145,8 +148,9 @@ def unambiguous(checker, pixels: np.ndarray, distance: float = 1e-6) -> np.ndarr
     exact comparisons (with or without the special-care adjustment).
     """
     cos, special = _cosines(checker, pixels)
-    thresholds = np.concatenate([checker.concept_embeds_weights.double().numpy(),
-                                 checker.special_care_embeds_weights.double().numpy()])
+    thresholds = np.concatenate(
+        [checker.concept_embeds_weights.double().numpy(), checker.special_care_embeds_weights.double().numpy()]
+    )
     margins = np.concatenate([cos, special], axis=1).astype(np.float64) - thresholds
     keep = np.ones(len(pixels), dtype=bool)
     for adjustment in (0.0, 0.01):

@@ -79,10 +79,8 @@ def test_wrong_shape(server, protocol):
 
 @PROTOCOLS
 def test_wrong_dtype(server, protocol):
-    assert_refused(server, protocol, np.zeros((1, 3, 224, 224), np.float64), "pixel_values", "FP64",
-                   datatype="FP64")
-    assert_refused(server, protocol, np.zeros((1, 3, 224, 224), np.uint8), "pixel_values", "UINT8",
-                   datatype="UINT8")
+    assert_refused(server, protocol, np.zeros((1, 3, 224, 224), np.float64), "pixel_values", "FP64", datatype="FP64")
+    assert_refused(server, protocol, np.zeros((1, 3, 224, 224), np.uint8), "pixel_values", "UINT8", datatype="UINT8")
 
 
 @PROTOCOLS
@@ -119,7 +117,7 @@ def test_client_splits_large_batches_and_refuses_empty_ones(server, protocol):
 
 
 def test_client_reports_an_unreachable_server():
-    from safety_checker_client.server import free_port
+    from safety_checker_admin.server import free_port
 
     with SafetyCheckerClient(f"127.0.0.1:{free_port()}", protocol="http", timeout_s=5) as client:
         with pytest.raises(CheckError):

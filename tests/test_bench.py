@@ -11,18 +11,30 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
-SUMMARY_KEYS = {"diffusers_images_per_s", "ort_images_per_s", "triton_images_per_s", "speedup_vs_diffusers",
-                "triton_vs_ort"}
+# `python -m bench --quick` exports two repositories and serves them.
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+SUMMARY_KEYS = {
+    "diffusers_images_per_s",
+    "ort_images_per_s",
+    "triton_images_per_s",
+    "speedup_vs_diffusers",
+    "triton_vs_ort",
+}
 
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("bench")
-    result = subprocess.run([sys.executable, "-m", "bench", "--quick", "--output", str(output)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--output", str(output)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result, output
 

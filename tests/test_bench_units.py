@@ -19,14 +19,23 @@ STATS_MODELS = (spec.ENSEMBLE_MODEL, spec.EMBEDDER_MODEL)
 
 # -- loadgen against the session's tritonserver -------------------------------------------------
 
+
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_measure_counts_requests_and_reads_server_stats(server, parity_set, protocol):
     url = server.grpc_url if protocol == "grpc" else server.http_url
     pixels = np.ascontiguousarray(parity_set.pixels[:1], dtype=np.float32)
     calls = []
-    result = loadgen.measure(url, spec.ENSEMBLE_MODEL, {spec.PIXEL_VALUES.name: pixels}, concurrency=2,
-                             window_s=1.5, warmup_s=0.5, protocol=protocol, stats_models=STATS_MODELS,
-                             progress=lambda: calls.append(1))
+    result = loadgen.measure(
+        url,
+        spec.ENSEMBLE_MODEL,
+        {spec.PIXEL_VALUES.name: pixels},
+        concurrency=2,
+        window_s=1.5,
+        warmup_s=0.5,
+        protocol=protocol,
+        stats_models=STATS_MODELS,
+        progress=lambda: calls.append(1),
+    )
     out = result.as_dict()
     json.dumps(out)  # JSON-ready as promised
 
@@ -59,8 +68,15 @@ def test_measure_counts_requests_and_reads_server_stats(server, parity_set, prot
 def test_measure_reports_refused_requests(server, parity_set):
     pixels = np.array(parity_set.pixels[:1], dtype=np.float32)
     pixels[0, 1, 100, 100] = np.nan
-    result = loadgen.measure(server.grpc_url, spec.ENSEMBLE_MODEL, {spec.PIXEL_VALUES.name: pixels},
-                             concurrency=2, window_s=0.5, warmup_s=0.5, stats_models=(spec.EMBEDDER_MODEL,))
+    result = loadgen.measure(
+        server.grpc_url,
+        spec.ENSEMBLE_MODEL,
+        {spec.PIXEL_VALUES.name: pixels},
+        concurrency=2,
+        window_s=0.5,
+        warmup_s=0.5,
+        stats_models=(spec.EMBEDDER_MODEL,),
+    )
     assert result.errors > 0
     assert result.requests == 0 and result.images_per_s == 0
     assert "non-finite" in result.first_error, result.first_error
@@ -86,16 +102,27 @@ class _StatsClient:
 def test_stats_delta_from_grpc_json():
     # MessageToJson writes uint64 as strings and omits zero fields.
     start = {"model_stats": [{"name": "m", "version": "1"}]}
-    end = {"model_stats": [{
-        "name": "m", "version": "1", "inference_count": "6", "execution_count": "4",
-        "inference_stats": {"success": {"count": "6", "ns": "60000000"}, "queue": {"count": "6", "ns": "3000000"},
-                            "compute_input": {"count": "6", "ns": "600000"},
-                            "compute_infer": {"count": "6", "ns": "54000000"},
-                            "compute_output": {"count": "6"}},
-    }]}
+    end = {
+        "model_stats": [
+            {
+                "name": "m",
+                "version": "1",
+                "inference_count": "6",
+                "execution_count": "4",
+                "inference_stats": {
+                    "success": {"count": "6", "ns": "60000000"},
+                    "queue": {"count": "6", "ns": "3000000"},
+                    "compute_input": {"count": "6", "ns": "600000"},
+                    "compute_infer": {"count": "6", "ns": "54000000"},
+                    "compute_output": {"count": "6"},
+                },
+            }
+        ]
+    }
     client = _StatsClient(start, end)
-    delta = loadgen._stats_delta(loadgen._stats_counters(client, "m", "grpc"),
-                                 loadgen._stats_counters(client, "m", "grpc"))
+    delta = loadgen._stats_delta(
+        loadgen._stats_counters(client, "m", "grpc"), loadgen._stats_counters(client, "m", "grpc")
+    )
     assert delta["executions"] == 4 and delta["inferences"] == 6 and delta["requests"] == 6
     assert delta["avg_batch_size"] == pytest.approx(1.5)
     assert delta["avg_queue_ms"] == pytest.approx(0.5)
@@ -107,20 +134,46 @@ def test_stats_delta_from_grpc_json():
 
 # -- report ---------------------------------------------------------------------------------------
 
+
 def _triton_row(name, concurrency, images_per_s, errors=0):
     return {
-        "name": name, "kind": "triton", "concurrency": concurrency, "batch": 1, "images_per_s": images_per_s,
-        "requests": 10 * concurrency, "images": 10 * concurrency, "window_s": 20.0,
-        "latency_ms": {"p50": 900.0 * concurrency, "p95": 1000.0 * concurrency, "p99": 1100.0 * concurrency,
-                       "mean": 950.0 * concurrency},
-        "errors": errors, "first_error": "boom" if errors else None,
+        "name": name,
+        "kind": "triton",
+        "concurrency": concurrency,
+        "batch": 1,
+        "images_per_s": images_per_s,
+        "requests": 10 * concurrency,
+        "images": 10 * concurrency,
+        "window_s": 20.0,
+        "latency_ms": {
+            "p50": 900.0 * concurrency,
+            "p95": 1000.0 * concurrency,
+            "p99": 1100.0 * concurrency,
+            "mean": 950.0 * concurrency,
+        },
+        "errors": errors,
+        "first_error": "boom" if errors else None,
         # In stats_models order; the first model with all three numbers is the one the table shows.
-        "server": {spec.POSTPROCESS_MODEL: {"executions": 0, "avg_batch_size": None, "avg_queue_ms": None,
-                                            "avg_compute_infer_ms": None},
-                   spec.EMBEDDER_MODEL: {"executions": 7, "avg_batch_size": 1.25 + concurrency,
-                                         "avg_queue_ms": 12.5, "avg_compute_infer_ms": 876.5},
-                   spec.ENSEMBLE_MODEL: {"executions": 9, "avg_batch_size": 1.0, "avg_queue_ms": 0.1,
-                                         "avg_compute_infer_ms": 900.0}},
+        "server": {
+            spec.POSTPROCESS_MODEL: {
+                "executions": 0,
+                "avg_batch_size": None,
+                "avg_queue_ms": None,
+                "avg_compute_infer_ms": None,
+            },
+            spec.EMBEDDER_MODEL: {
+                "executions": 7,
+                "avg_batch_size": 1.25 + concurrency,
+                "avg_queue_ms": 12.5,
+                "avg_compute_infer_ms": 876.5,
+            },
+            spec.ENSEMBLE_MODEL: {
+                "executions": 9,
+                "avg_batch_size": 1.0,
+                "avg_queue_ms": 0.1,
+                "avg_compute_infer_ms": 900.0,
+            },
+        },
     }
 
 
@@ -132,8 +185,12 @@ def results():
     ]
     rows += [_triton_row("triton fp32 (gRPC)", c, 0.8 + 0.1 * c) for c in (1, 2, 4, 8)]
     rows += [_triton_row("triton int8 (gRPC)", c, 1.5 + 0.2 * c, errors=int(c == 4)) for c in (1, 2, 4, 8)]
-    return {"machine": {"description": "2-core test VM, no GPU"}, "settings": {"window_s": 20},
-            "rows": rows, "summary": {"speedup_vs_diffusers": np.float32(3.0)}}
+    return {
+        "machine": {"description": "2-core test VM, no GPU"},
+        "settings": {"window_s": 20},
+        "rows": rows,
+        "summary": {"speedup_vs_diffusers": np.float32(3.0)},
+    }
 
 
 def test_plot_writes_a_png(results, tmp_path):
@@ -158,7 +215,7 @@ def test_table_has_every_row(results):
     assert len(lines) == 2 + len(results["rows"])
     for row, line in zip(results["rows"], lines[2:]):
         assert line.startswith(row["name"])
-        cells = line[len(row["name"]):].split()
+        cells = line[len(row["name"]) :].split()
         assert cells[0] == (str(row["concurrency"]) if "concurrency" in row else "-")
         if row["kind"] == "triton":
             # Server numbers come from the embedder, the first model that has them.

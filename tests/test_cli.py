@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from safety_checker_client.server import free_port
+from safety_checker_admin.server import free_port
 
 COMMAND = str(Path(sys.executable).parent / "safety-checker")
 
@@ -24,9 +24,23 @@ def served(repository, tmp_path_factory):
     ports = [free_port() for _ in range(3)]
     log = tmp_path_factory.mktemp("serve") / "serve.out"
     with log.open("w") as out:
-        process = subprocess.Popen([COMMAND, "serve", "--repository", str(repository), "--http-port", str(ports[0]),
-                                    "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2])],
-                                   stdout=out, stderr=subprocess.STDOUT, text=True)
+        process = subprocess.Popen(
+            [
+                COMMAND,
+                "serve",
+                "--repository",
+                str(repository),
+                "--http-port",
+                str(ports[0]),
+                "--grpc-port",
+                str(ports[1]),
+                "--metrics-port",
+                str(ports[2]),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
     deadline = time.monotonic() + 180
     while "Press Ctrl-C" not in log.read_text():
         assert process.poll() is None, log.read_text()
@@ -82,8 +96,8 @@ def test_check_prints_one_json_object_per_image(served, image_files, protocol):
 
 def test_check_matches_diffusers_on_real_photos(served, image_files, reference_checker):
     import torch
-
     from reference import diffusers_forward
+
     from safety_checker_client.preprocess import load_image, preprocess
 
     files = [str(image_files[n]) for n in ("astronaut", "coffee", "camera")]
@@ -124,10 +138,16 @@ def test_plain_json_request_as_in_the_readme(served, image_files):
     from safety_checker_client.preprocess import load_image, preprocess
 
     pixels = preprocess([load_image(image_files["astronaut"])])
-    body = {"inputs": [{"name": "pixel_values", "shape": list(pixels.shape), "datatype": "FP32",
-                        "data": pixels.ravel().tolist()}]}
-    request = urllib.request.Request(f"http://127.0.0.1:{served[0]}/v2/models/safety_checker/infer",
-                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    body = {
+        "inputs": [
+            {"name": "pixel_values", "shape": list(pixels.shape), "datatype": "FP32", "data": pixels.ravel().tolist()}
+        ]
+    }
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{served[0]}/v2/models/safety_checker/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(request, timeout=60) as response:
         outputs = {o["name"]: o for o in json.load(response)["outputs"]}
@@ -156,8 +176,9 @@ def test_check_reports_custom_concepts_and_takes_a_strictness(served, image_file
     for before, after in zip(normal, lines(result)):
         assert after["strictness_adjustment"] == 0.074
         cascade = 0.01 * (any(v > 0 for v in after["special_scores"]) - any(v > 0 for v in before["special_scores"]))
-        np.testing.assert_allclose(after["concept_scores"], np.array(before["concept_scores"]) + 0.074 + cascade,
-                                   atol=1.01e-3)
+        np.testing.assert_allclose(
+            after["concept_scores"], np.array(before["concept_scores"]) + 0.074 + cascade, atol=1.01e-3
+        )
     refused = check("--url", f"127.0.0.1:{served[1]}", "--strictness", "0.5", *files)
     assert refused.returncode != 0
     for record in lines(refused):

@@ -43,11 +43,7 @@ KNOBS = {
 
 
 def _clean_env():
-    return {
-        k: v
-        for k, v in os.environ.items()
-        if k not in KNOBS and not k.startswith("TRITON_")
-    }
+    return {k: v for k, v in os.environ.items() if k not in KNOBS and not k.startswith("TRITON_")}
 
 
 def _run_config(argv):
@@ -66,7 +62,7 @@ def _run_config(argv):
         )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _config_run():
     beside = Path(sys.executable).parent / "docker-compose"
     binary = str(beside) if beside.exists() else shutil.which("docker-compose")
@@ -81,10 +77,7 @@ def _config():
     if proc is None:
         pytest.fail(INSTALL_HINT)
     if proc.returncode != 0:
-        pytest.fail(
-            "`docker-compose -f docker-compose.yml config` exited "
-            f"{proc.returncode}:\n{proc.stderr}"
-        )
+        pytest.fail(f"`docker-compose -f docker-compose.yml config` exited {proc.returncode}:\n{proc.stderr}")
     cfg = yaml.safe_load(proc.stdout)
     assert isinstance(cfg, dict) and "services" in cfg, proc.stdout
     return cfg
@@ -179,8 +172,7 @@ def test_compose_config_is_valid():
     if proc is None:
         pytest.fail(INSTALL_HINT)
     assert proc.returncode == 0, (
-        "`docker-compose -f docker-compose.yml config` failed "
-        f"(exit {proc.returncode}):\n{proc.stderr}"
+        f"`docker-compose -f docker-compose.yml config` failed (exit {proc.returncode}):\n{proc.stderr}"
     )
     assert {"triton", "export"} <= set(yaml.safe_load(proc.stdout)["services"])
 
@@ -192,14 +184,8 @@ def test_triton_uses_ngc_py3_image():
 
 def test_triton_reserves_an_nvidia_gpu():
     deploy = _service("triton").get("deploy") or {}
-    devices = (deploy.get("resources") or {}).get("reservations", {}).get(
-        "devices"
-    ) or []
-    gpus = [
-        d
-        for d in devices
-        if d.get("driver") == "nvidia" and "gpu" in (d.get("capabilities") or [])
-    ]
+    devices = (deploy.get("resources") or {}).get("reservations", {}).get("devices") or []
+    gpus = [d for d in devices if d.get("driver") == "nvidia" and "gpu" in (d.get("capabilities") or [])]
     assert gpus, f"no nvidia/gpu device reservation in {devices}"
     for dev in gpus:
         if "count" in dev:
@@ -229,6 +215,28 @@ def test_triton_healthcheck_uses_ready_endpoint():
     text = test if isinstance(test, str) else " ".join(test)
     assert "/v2/health/ready" in text, text
     assert ":8000/" in text, text
+
+
+def _seconds(value):
+    if isinstance(value, (int, float)):
+        return value / 1e9 if value > 1e6 else value  # Compose v2 resolves durations to nanoseconds
+    total, text = 0.0, str(value)
+    for number, unit in re.findall(r"(\d+(?:\.\d+)?)(h|ms|m|s|us|ns)", text):
+        total += float(number) * {"h": 3600, "m": 60, "s": 1, "ms": 1e-3, "us": 1e-6, "ns": 1e-9}[unit]
+    return total
+
+
+def test_triton_healthcheck_waits_for_a_tensorrt_engine_build():
+    """The fast config builds a ViT-L/14 engine for batches 1-32 before the model is ready: 30 minutes of grace."""
+    hc = _service("triton")["healthcheck"]
+    allowance = _seconds(hc["start_period"]) + _seconds(hc["interval"]) * int(hc["retries"])
+    assert allowance >= 30 * 60, hc
+
+
+def test_triton_model_config_name_is_a_knob():
+    text = _command_text(_service("triton"))
+    (name,) = re.findall(r"--model-config-name=(\S+)", text)  # tritonserver refuses an empty name
+    assert not (ROOT / "model_repository" / "safety_checker_embedder" / "configs" / f"{name}.pbtxt").exists()
 
 
 def test_triton_publishes_http_grpc_metrics():
@@ -282,7 +290,7 @@ def test_triton_starts_after_export_succeeds():
 
 
 def test_tensorrt_engine_cache_is_a_volume_at_the_configured_path():
-    from export.configs import GPU_ENGINE_CACHE
+    from export.models import GPU_ENGINE_CACHE
 
     triton = _service("triton")
     (source,) = [s for s, t, _ in _volumes(triton) if posixpath.normpath(t) == GPU_ENGINE_CACHE]

@@ -21,9 +21,10 @@ from typing import Dict, List, Optional
 import numpy as np
 import pytest
 
-from safety_checker_client import concept_set, spec
+from safety_checker_admin import concept_set
+from safety_checker_admin.concept_set import ConceptSet
+from safety_checker_client import spec
 from safety_checker_client.client import CheckResult, SafetyCheckerClient
-from safety_checker_client.concept_set import ConceptSet
 from safety_checker_client.preprocess import load_image, preprocess
 
 COMMAND = str(Path(sys.executable).parent / "safety-checker")
@@ -83,8 +84,7 @@ def url(server) -> str:
 
 
 def add_images(server, repository, name, files, *extra) -> subprocess.CompletedProcess:
-    return concepts("add", "--repository", repository, "--url", url(server), "--name", name,
-                    "--image", *files, *extra)
+    return concepts("add", "--repository", repository, "--url", url(server), "--name", name, "--image", *files, *extra)
 
 
 def expected_custom_scores(result: CheckResult, concepts_served: ConceptSet) -> Dict[str, float]:
@@ -93,8 +93,10 @@ def expected_custom_scores(result: CheckResult, concepts_served: ConceptSet) -> 
     normalized = embeds / np.maximum(np.sqrt(np.sum(embeds * embeds, dtype=np.float32)), np.float32(1e-12))
     cos = (normalized @ concepts_served.unit_embeddings().T)[0]
     adjustment = result.strictness_adjustment + (0.01 if any(s > 0 for s in result.special_scores) else 0.0)
-    return {c.name: float(np.round(np.float64(cos[i]) - c.threshold + adjustment, 3))
-            for i, c in enumerate(concepts_served.concepts)}
+    return {
+        c.name: float(np.round(np.float64(cos[i]) - c.threshold + adjustment, 3))
+        for i, c in enumerate(concepts_served.concepts)
+    }
 
 
 @pytest.fixture(autouse=True)
@@ -154,8 +156,9 @@ def test_image_concept_flags_matching_pictures_without_restart(concept_server, c
 def test_check_command_prints_custom_scores_and_fired_concepts(concept_server, concept_repository, pictures):
     assert add_images(concept_server, concept_repository, "stripes", pictures["examples"]).returncode == 0
     files = [pictures["matches"][0], pictures["others"][0]]
-    result = subprocess.run([COMMAND, "check", "--url", url(concept_server), *map(str, files)],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [COMMAND, "check", "--url", url(concept_server), *map(str, files)], capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 0, result.stderr
     match, other = (json.loads(line) for line in result.stdout.splitlines())
     assert match["flagged"] is True and match["fired_concepts"] == ["stripes"]
@@ -166,9 +169,23 @@ def test_check_command_prints_custom_scores_and_fired_concepts(concept_server, c
 
 def test_text_concept_on_the_tiny_clip(concept_server, concept_repository, concept_models, pictures):
     before = served_version(concept_server)
-    result = concepts("add", "--repository", concept_repository, "--url", url(concept_server), "--name",
-                      "stripes-text", "--text", "stripes", "--clip-model", concept_models.clip_dir,
-                      "--threshold", "0.5", "--category", "pattern")
+    result = concepts(
+        "add",
+        "--repository",
+        concept_repository,
+        "--url",
+        url(concept_server),
+        "--name",
+        "stripes-text",
+        "--text",
+        "stripes",
+        "--clip-model",
+        concept_models.clip_dir,
+        "--threshold",
+        "0.5",
+        "--category",
+        "pattern",
+    )
     assert result.returncode == 0, result.stderr
     stored = concept_set.read(set_file(concept_repository)).get("stripes-text")
     assert stored.source == {"kind": "text", "text": "stripes"}
@@ -181,33 +198,57 @@ def test_text_concept_on_the_tiny_clip(concept_server, concept_repository, conce
 
 
 def test_text_concept_default_threshold_is_the_builtin_mean(concept_server, concept_repository, concept_models):
-    result = concepts("add", "--repository", concept_repository, "--url", url(concept_server), "--name", "cat",
-                      "--text", "a cat", "--clip-model", concept_models.clip_dir)
+    result = concepts(
+        "add",
+        "--repository",
+        concept_repository,
+        "--url",
+        url(concept_server),
+        "--name",
+        "cat",
+        "--text",
+        "a cat",
+        "--clip-model",
+        concept_models.clip_dir,
+    )
     assert result.returncode == 0, result.stderr
     assert concept_set.read(set_file(concept_repository)).get("cat").threshold == 0.99  # the concept checker's
 
 
 def test_a_clip_model_of_another_space_is_refused(concept_server, concept_repository, tmp_path):
     import torch
+    from concept_models import PROJECTION_DIM, write_tokenizer
     from transformers import CLIPModel
 
-    from concept_models import PROJECTION_DIM, write_tokenizer
-    from tiny_checker import tiny_config
+    from fixtures.checkers import clip_config
 
     torch.manual_seed(123)
-    CLIPModel(tiny_config(PROJECTION_DIM)).save_pretrained(str(tmp_path / "other-clip"))
+    CLIPModel(clip_config("tiny", PROJECTION_DIM)).save_pretrained(str(tmp_path / "other-clip"))
     write_tokenizer(tmp_path / "other-clip")
     before = set_file(concept_repository).read_bytes()
-    result = concepts("add", "--repository", concept_repository, "--url", url(concept_server), "--name", "x",
-                      "--text", "stripes", "--clip-model", tmp_path / "other-clip")
+    result = concepts(
+        "add",
+        "--repository",
+        concept_repository,
+        "--url",
+        url(concept_server),
+        "--name",
+        "x",
+        "--text",
+        "stripes",
+        "--clip-model",
+        tmp_path / "other-clip",
+    )
     assert result.returncode == 1
     assert "not the one the served checker was built from" in result.stderr
     assert set_file(concept_repository).read_bytes() == before
 
 
 def test_list_and_remove(concept_server, concept_repository, pictures):
-    assert add_images(concept_server, concept_repository, "stripes", pictures["examples"],
-                      "--threshold", "0.5").returncode == 0
+    assert (
+        add_images(concept_server, concept_repository, "stripes", pictures["examples"], "--threshold", "0.5").returncode
+        == 0
+    )
     listing = concepts("list", "--repository", concept_repository)
     assert listing.returncode == 0, listing.stderr
     assert "stripes" in listing.stdout and "3 images" in listing.stdout and "0.5" in listing.stdout
@@ -225,8 +266,10 @@ def test_list_and_remove(concept_server, concept_repository, pictures):
 
 
 def test_special_care_adjustment_and_strictness_apply_to_custom_scores(concept_server, concept_repository, pictures):
-    assert add_images(concept_server, concept_repository, "stripes", pictures["examples"],
-                      "--threshold", "0.5").returncode == 0
+    assert (
+        add_images(concept_server, concept_repository, "stripes", pictures["examples"], "--threshold", "0.5").returncode
+        == 0
+    )
     stored = concept_set.read(set_file(concept_repository))
     normal = check(concept_server, pictures["matches"])
     strong = check(concept_server, pictures["matches"], strictness="max")
@@ -239,20 +282,37 @@ def test_special_care_adjustment_and_strictness_apply_to_custom_scores(concept_s
 # -- calibration -----------------------------------------------------------------
 def test_calibrate_a_custom_concept(concept_server, concept_repository, pictures, tmp_path):
     # A threshold far too strict: nothing fires; calibrate proposes one that separates the folders.
-    assert add_images(concept_server, concept_repository, "stripes", pictures["examples"],
-                      "--threshold", "0.95").returncode == 0
+    assert (
+        add_images(
+            concept_server, concept_repository, "stripes", pictures["examples"], "--threshold", "0.95"
+        ).returncode
+        == 0
+    )
     assert not any(r.flagged for r in check(concept_server, pictures["matches"]))
     plot = tmp_path / "stripes.png"
     folders = pictures["matches"][0].parent, pictures["others"][0].parent
-    result = concepts("calibrate", "--url", url(concept_server), "--positive", folders[0], "--negative", folders[1],
-                      "--name", "stripes", "--plot", plot)
+    result = concepts(
+        "calibrate",
+        "--url",
+        url(concept_server),
+        "--positive",
+        folders[0],
+        "--negative",
+        folders[1],
+        "--name",
+        "stripes",
+        "--plot",
+        plot,
+    )
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "as served now: precision n/a, recall 0.000" in out
     threshold = float(out.split("proposed threshold: ")[1].split()[0])
     assert "precision 1.000" in out and "recall    1.000" in out and "false-positive rate 0.000" in out
-    cosines = {"pos": [r.custom_cosines["stripes"] for r in check(concept_server, pictures["matches"])],
-               "neg": [r.custom_cosines["stripes"] for r in check(concept_server, pictures["others"])]}
+    cosines = {
+        "pos": [r.custom_cosines["stripes"] for r in check(concept_server, pictures["matches"])],
+        "neg": [r.custom_cosines["stripes"] for r in check(concept_server, pictures["others"])],
+    }
     assert max(cosines["neg"]) < threshold < min(cosines["pos"])
     from PIL import Image
 
@@ -260,14 +320,36 @@ def test_calibrate_a_custom_concept(concept_server, concept_repository, pictures
         assert image.format == "PNG" and image.width > 300
 
     # Apply the proposal: now exactly the positives fire.
-    applied = concepts("set-threshold", "--repository", concept_repository, "--url", url(concept_server),
-                       "--name", "stripes", "--threshold", f"{threshold:.3f}")
+    applied = concepts(
+        "set-threshold",
+        "--repository",
+        concept_repository,
+        "--url",
+        url(concept_server),
+        "--name",
+        "stripes",
+        "--threshold",
+        f"{threshold:.3f}",
+    )
     assert applied.returncode == 0, applied.stderr
     assert all(r.flagged for r in check(concept_server, pictures["matches"]))
     assert not any(r.flagged for r in check(concept_server, pictures["others"]))
 
-    target = concepts("calibrate", "--url", url(concept_server), "--positive", folders[0], "--negative", folders[1],
-                      "--name", "stripes", "--target-fpr", "0", "--plot", tmp_path / "fpr.png")
+    target = concepts(
+        "calibrate",
+        "--url",
+        url(concept_server),
+        "--positive",
+        folders[0],
+        "--negative",
+        folders[1],
+        "--name",
+        "stripes",
+        "--target-fpr",
+        "0",
+        "--plot",
+        tmp_path / "fpr.png",
+    )
     assert target.returncode == 0, target.stderr
     assert "false-positive rate 0.000" in target.stdout and "recall    1.000" in target.stdout
 
@@ -275,11 +357,31 @@ def test_calibrate_a_custom_concept(concept_server, concept_repository, pictures
 def test_calibrate_refuses_bad_folders_and_names(concept_server, pictures, tmp_path):
     (tmp_path / "empty").mkdir()
     folders = pictures["matches"][0].parent, pictures["others"][0].parent
-    result = concepts("calibrate", "--url", url(concept_server), "--positive", tmp_path / "empty", "--negative",
-                      folders[1], "--plot", tmp_path / "x.png")
+    result = concepts(
+        "calibrate",
+        "--url",
+        url(concept_server),
+        "--positive",
+        tmp_path / "empty",
+        "--negative",
+        folders[1],
+        "--plot",
+        tmp_path / "x.png",
+    )
     assert result.returncode == 1 and "no images" in result.stderr
-    result = concepts("calibrate", "--url", url(concept_server), "--positive", folders[0], "--negative", folders[1],
-                      "--name", "nothing-like-this", "--plot", tmp_path / "x.png")
+    result = concepts(
+        "calibrate",
+        "--url",
+        url(concept_server),
+        "--positive",
+        folders[0],
+        "--negative",
+        folders[1],
+        "--name",
+        "nothing-like-this",
+        "--plot",
+        tmp_path / "x.png",
+    )
     assert result.returncode == 1 and "no custom concept named 'nothing-like-this'" in result.stderr
     assert not (tmp_path / "x.png").exists()
 
@@ -299,8 +401,17 @@ def test_calibrate_the_builtin_concepts(server, tmp_path):
         (tmp_path / label).mkdir()
     for i, (image, hit) in enumerate(zip(images, flagged)):
         Image.fromarray(image).save(tmp_path / ("pos" if hit else "neg") / f"{i}.png")
-    result = concepts("calibrate", "--url", server.grpc_url, "--positive", tmp_path / "pos", "--negative",
-                      tmp_path / "neg", "--plot", tmp_path / "builtin.png")
+    result = concepts(
+        "calibrate",
+        "--url",
+        server.grpc_url,
+        "--positive",
+        tmp_path / "pos",
+        "--negative",
+        tmp_path / "neg",
+        "--plot",
+        tmp_path / "builtin.png",
+    )
     assert result.returncode == 0, result.stderr
     assert "highest built-in concept score" in result.stdout
     assert "precision 1.000" in result.stdout and "recall    1.000" in result.stdout
@@ -363,7 +474,7 @@ def test_reload_under_concurrent_load(concept_server, concept_repository, pictur
     assert not failures, failures[:5]
     assert len(sets) == 6
     seen = set()
-    for index, strictness, results in answers:
+    for _, _, results in answers:
         versions = {r.concept_set_version for r in results}
         assert len(versions) == 1, versions  # one request, one set
         version = versions.pop()
@@ -382,8 +493,10 @@ def test_reload_under_concurrent_load(concept_server, concept_repository, pictur
 @pytest.fixture
 def one_concept(concept_server, concept_repository, pictures):
     """A served set holding "stripes"; yields (file bytes, served version)."""
-    assert add_images(concept_server, concept_repository, "stripes", pictures["examples"],
-                      "--threshold", "0.5").returncode == 0
+    assert (
+        add_images(concept_server, concept_repository, "stripes", pictures["examples"], "--threshold", "0.5").returncode
+        == 0
+    )
     return set_file(concept_repository).read_bytes(), served_version(concept_server)
 
 
@@ -404,11 +517,23 @@ def test_duplicate_name(concept_server, concept_repository, pictures, one_concep
 def test_empty_image_list(concept_server, concept_repository, pictures, one_concept):
     result = concepts("add", "--repository", concept_repository, "--url", url(concept_server), "--name", "nothing")
     assert result.returncode == 1 and "--image FILE" in result.stderr and "--text PHRASE" in result.stderr
-    result = concepts("add", "--repository", concept_repository, "--url", url(concept_server), "--name", "nothing",
-                      "--image")
+    result = concepts(
+        "add", "--repository", concept_repository, "--url", url(concept_server), "--name", "nothing", "--image"
+    )
     assert result.returncode == 2 and "--image" in result.stderr and "expected at least one argument" in result.stderr
-    both = concepts("add", "--repository", concept_repository, "--url", url(concept_server), "--name", "x",
-                    "--image", pictures["matches"][0], "--text", "stripes")
+    both = concepts(
+        "add",
+        "--repository",
+        concept_repository,
+        "--url",
+        url(concept_server),
+        "--name",
+        "x",
+        "--image",
+        pictures["matches"][0],
+        "--text",
+        "stripes",
+    )
     assert both.returncode == 1 and "exactly one of the two" in both.stderr
     assert_unchanged(concept_server, concept_repository, one_concept, pictures)
 
@@ -427,8 +552,17 @@ def test_unreadable_image(concept_server, concept_repository, pictures, one_conc
 def test_threshold_outside_the_range(concept_server, concept_repository, pictures, one_concept, threshold):
     result = add_images(concept_server, concept_repository, "new", pictures["matches"], "--threshold", threshold)
     assert result.returncode == 1 and "outside [-1, 1]" in result.stderr
-    result = concepts("set-threshold", "--repository", concept_repository, "--url", url(concept_server),
-                      "--name", "stripes", "--threshold", threshold)
+    result = concepts(
+        "set-threshold",
+        "--repository",
+        concept_repository,
+        "--url",
+        url(concept_server),
+        "--name",
+        "stripes",
+        "--threshold",
+        threshold,
+    )
     assert result.returncode == 1 and "outside [-1, 1]" in result.stderr
     assert_unchanged(concept_server, concept_repository, one_concept, pictures)
 
@@ -458,17 +592,23 @@ def test_hand_edited_invalid_json(concept_server, concept_repository, pictures, 
     assert_unchanged(concept_server, concept_repository, one_concept, pictures)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda d: d["concepts"][0].update(threshold=2.0), "threshold 2.0 is outside [-1, 1]"),
-    (lambda d: d["concepts"][0].update(embedding=d["concepts"][0]["embedding"][:8]),
-     "embedding has 8 values, the served image_embeds have 16"),
-    (lambda d: d["concepts"].append(dict(d["concepts"][0])), "duplicate concept name 'stripes'"),
-    (lambda d: d["concepts"][0].update(embedding=[0.0] * 16), "not L2-normalised"),
-    (lambda d: d.update(embedding_dim=8), "embedding_dim 8 does not match the served image_embeds width 16"),
-    (lambda d: d["concepts"][0].update(name="concept_03"), "reserved for the built-in concepts"),
-    (lambda d: d.update(version=d["version"] - 1), "is not newer than the served version"),
-    (lambda d: d["concepts"][0].update(threshold=0.4), "is not newer than the served version"),
-], ids=["threshold", "width", "duplicate", "zero", "dim", "reserved", "older", "same-version"])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (lambda d: d["concepts"][0].update(threshold=2.0), "threshold 2.0 is outside [-1, 1]"),
+        (
+            lambda d: d["concepts"][0].update(embedding=d["concepts"][0]["embedding"][:8]),
+            "embedding has 8 values, the served image_embeds have 16",
+        ),
+        (lambda d: d["concepts"].append(dict(d["concepts"][0])), "duplicate concept name 'stripes'"),
+        (lambda d: d["concepts"][0].update(embedding=[0.0] * 16), "not L2-normalised"),
+        (lambda d: d.update(embedding_dim=8), "embedding_dim 8 does not match the served image_embeds width 16"),
+        (lambda d: d["concepts"][0].update(name="concept_03"), "reserved for the built-in concepts"),
+        (lambda d: d.update(version=d["version"] - 1), "is not newer than the served version"),
+        (lambda d: d["concepts"][0].update(threshold=0.4), "is not newer than the served version"),
+    ],
+    ids=["threshold", "width", "duplicate", "zero", "dim", "reserved", "older", "same-version"],
+)
 def test_server_keeps_the_last_valid_set(concept_server, concept_repository, pictures, one_concept, edit, message):
     """A file changed behind the CLI's back: the server logs why and keeps serving the set it had."""
     path = set_file(concept_repository)
@@ -487,7 +627,7 @@ def test_server_keeps_the_last_valid_set(concept_server, concept_repository, pic
 def test_server_refuses_to_start_on_an_invalid_set(concept_repository, tmp_path):
     import shutil
 
-    from safety_checker_client.server import ServerError, TritonServer, free_port
+    from safety_checker_admin.server import ServerError, TritonServer, free_port
 
     copy = tmp_path / "repository"
     shutil.copytree(concept_repository, copy, ignore=shutil.ignore_patterns(".*"))
@@ -502,8 +642,9 @@ def test_the_server_must_serve_the_repository(concept_server, concept_repository
 
     copy = tmp_path / "repository"
     shutil.copytree(concept_repository, copy, ignore=shutil.ignore_patterns(".*"))
-    result = add_images(concept_server, copy, "elsewhere", pictures["examples"], "--threshold", "0.5",
-                        "--wait-timeout", "2")
+    result = add_images(
+        concept_server, copy, "elsewhere", pictures["examples"], "--threshold", "0.5", "--wait-timeout", "2"
+    )
     assert result.returncode == 1
     assert "after 2 s the server at" in result.stderr and "still serves version" in result.stderr
     assert "elsewhere" not in [n for r in check(concept_server, pictures["matches"]) for n in r.custom_scores]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -9,15 +10,19 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from conftest import exported, run_export
 
-from conftest import ROOT, run_export
 from export import configs
-from export.onnx_export import VerificationError, export_onnx, verify_onnx
 from export.graph import EmbedderGraph
+from export.onnx_export import VerificationError, export_onnx, verify_onnx
 from export.repository import MODEL_FOLDERS
-from safety_checker_client import concept_set, spec
+from fixtures.checkers import build_checker, save_checker
+from safety_checker_admin import concept_set
+from safety_checker_client import spec
 from safety_checker_client.spec import ModelDims
-from tiny_checker import build_tiny_checker, save_tiny_checker
+
+# Every test here runs the export (seconds each, in a subprocess as a user runs it).
+pytestmark = pytest.mark.slow
 
 
 def test_writes_a_complete_repository(repository, reference_checker):
@@ -33,7 +38,8 @@ def test_writes_a_complete_repository(repository, reference_checker):
     assert [d.dim_value for d in pixel.shape.dim[1:]] == list(spec.PIXEL_VALUES.dims)
 
     dims = ModelDims(17, 3, reference_checker.config.projection_dim)
-    for relative, text in configs.render_all(dims).items():
+    digest = hashlib.sha256(onnx_file.read_bytes()).hexdigest()[:16]
+    for relative, text in configs.render_all(dims, engine_cache_key=digest).items():
         assert (repository / relative).read_text() == text
     metadata = json.loads((repository / spec.POSTPROCESS_MODEL / "1" / spec.CONCEPTS_FILENAME).read_text())
     assert [c["threshold"] for c in metadata["concepts"]] == reference_checker.concept_embeds_weights.tolist()
@@ -49,36 +55,17 @@ def test_writes_a_complete_repository(repository, reference_checker):
     assert not module.is_symlink() and module.read_bytes() == Path(concept_set.__file__).read_bytes()
 
 
-def test_every_config_is_a_valid_triton_model_config():
-    """Parsed with Triton's own ModelConfig schema, so a misspelt key fails here, not on a GPU."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
+def test_engine_cache_prefix_follows_the_exported_onnx(repository, tmp_path):
+    """onnxruntime's TensorRT cache key ignores the weights: each export gets a prefix of its own."""
 
-    for relative, text in configs.render_all(spec.REFERENCE_DIMS).items():
-        config = text_format.Parse(text, model_config_pb2.ModelConfig())
-        assert config.max_batch_size == spec.MAX_BATCH_SIZE, relative
+    def prefix(repo: Path) -> str:
+        config = (repo / configs.EMBEDDER_FAST_GPU_CONFIG).read_text()
+        digest = hashlib.sha256((repo / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME).read_bytes()).hexdigest()
+        assert f'key: "trt_engine_cache_prefix" value: "checker_{digest[:16]}"' in config
+        return digest[:16]
 
-
-def test_gpu_engine_profile_covers_every_batch_the_server_accepts():
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    text = configs.render_all(spec.REFERENCE_DIMS)[configs.EMBEDDER_GPU_CONFIG]
-    config = text_format.Parse(text, model_config_pb2.ModelConfig())
-    (tensorrt,) = config.optimization.execution_accelerators.gpu_execution_accelerator
-    assert tensorrt.name == "tensorrt"
-    assert tensorrt.parameters["precision_mode"] == "FP16"
-    assert tensorrt.parameters["trt_layer_norm_fp32_fallback"] == "1"
-    assert tensorrt.parameters["trt_profile_min_shapes"] == "pixel_values:1x3x224x224"
-    assert tensorrt.parameters["trt_profile_max_shapes"] == f"pixel_values:{spec.MAX_BATCH_SIZE}x3x224x224"
-    assert max(config.dynamic_batching.preferred_batch_size) <= spec.MAX_BATCH_SIZE
-    (warmup,) = config.model_warmup
-    assert warmup.batch_size == spec.MAX_BATCH_SIZE and set(warmup.inputs) == {spec.PIXEL_VALUES.name}
-
-
-def test_committed_configs_are_the_rendered_reference_configs():
-    for relative, text in configs.render_all(spec.REFERENCE_DIMS).items():
-        assert (ROOT / "model_repository" / relative).read_text() == text, relative
+    other = exported(save_checker(tmp_path / "other", build_checker(seed=11)), tmp_path / "other-repository")
+    assert prefix(repository) != prefix(other)
 
 
 @pytest.fixture(scope="module")
@@ -105,9 +92,9 @@ def test_missing_path(existing_repository, tmp_path):
 def test_directory_that_is_not_a_safety_checker(existing_repository, tmp_path):
     from transformers import CLIPVisionModel
 
-    from tiny_checker import tiny_config
+    from fixtures.checkers import clip_config
 
-    CLIPVisionModel(tiny_config().vision_config).save_pretrained(str(tmp_path / "vision"))
+    CLIPVisionModel(clip_config().vision_config).save_pretrained(str(tmp_path / "vision"))
     result = run_export(tmp_path / "vision", existing_repository)
     assert_refused(result, "not a StableDiffusionSafetyChecker", destination=existing_repository)
     (tmp_path / "empty").mkdir()
@@ -116,7 +103,7 @@ def test_directory_that_is_not_a_safety_checker(existing_repository, tmp_path):
 
 
 def test_corrupted_weights(existing_repository, tmp_path):
-    checker_dir = save_tiny_checker(tmp_path / "corrupt")
+    checker_dir = save_checker(tmp_path / "corrupt")
     weights = checker_dir / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     result = run_export(checker_dir, existing_repository)
@@ -124,7 +111,7 @@ def test_corrupted_weights(existing_repository, tmp_path):
 
 
 def test_weights_that_do_not_match_the_config(existing_repository, tmp_path):
-    checker_dir = save_tiny_checker(tmp_path / "mismatch")
+    checker_dir = save_checker(tmp_path / "mismatch")
     config = json.loads((checker_dir / "config.json").read_text())
     config["projection_dim"] = 24  # the saved projection is 32 -> 16
     (checker_dir / "config.json").write_text(json.dumps(config))
@@ -137,7 +124,7 @@ def test_weights_that_do_not_match_the_config(existing_repository, tmp_path):
 def test_missing_weights_are_not_filled_with_random_values(existing_repository, tmp_path):
     from safetensors.torch import load_file, save_file
 
-    checker_dir = save_tiny_checker(tmp_path / "partial")
+    checker_dir = save_checker(tmp_path / "partial")
     weights = load_file(str(checker_dir / "model.safetensors"))
     del weights["concept_embeds"]
     save_file(weights, str(checker_dir / "model.safetensors"), metadata={"format": "pt"})
@@ -146,7 +133,7 @@ def test_missing_weights_are_not_filled_with_random_values(existing_repository, 
 
 
 def test_preprocessing_that_the_client_does_not_do(existing_repository, tmp_path):
-    checker_dir = save_tiny_checker(tmp_path / "other-preprocessing")
+    checker_dir = save_checker(tmp_path / "other-preprocessing")
     config = json.loads((checker_dir / "preprocessor_config.json").read_text())
     config["image_mean"] = [0.5, 0.5, 0.5]
     (checker_dir / "preprocessor_config.json").write_text(json.dumps(config))
@@ -155,8 +142,12 @@ def test_preprocessing_that_the_client_does_not_do(existing_repository, tmp_path
 
 
 def test_unreachable_hub(existing_repository):
-    env = {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": "0", "HF_HUB_ETAG_TIMEOUT": "2",
-           "HF_HUB_DOWNLOAD_TIMEOUT": "2"}
+    env = {
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+        "HF_HUB_OFFLINE": "0",
+        "HF_HUB_ETAG_TIMEOUT": "2",
+        "HF_HUB_DOWNLOAD_TIMEOUT": "2",
+    }
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -177,7 +168,7 @@ def test_low_opset_is_refused(existing_repository, tmp_path):
 
 def test_verification_catches_a_graph_that_differs(tmp_path):
     """An ONNX file whose weights drifted from the PyTorch model is rejected with the measured diff."""
-    checker = build_tiny_checker(seed=3)
+    checker = build_checker(seed=3)
     onnx_file = tmp_path / "model.onnx"
     export_onnx(EmbedderGraph(checker), onnx_file)
     assert verify_onnx(checker, onnx_file) <= 1e-5
@@ -193,7 +184,7 @@ def test_verification_catches_a_graph_that_differs(tmp_path):
 
 
 def test_a_tolerance_that_cannot_be_met_fails_the_export(existing_repository, tmp_path):
-    checker_dir = save_tiny_checker(tmp_path / "strict", build_tiny_checker(seed=4))
+    checker_dir = save_checker(tmp_path / "strict", build_checker(seed=4))
     result = run_export(checker_dir, existing_repository, "--tolerance", "0")
     if result.returncode == 0:  # bit-identical cosines: then the export wrote a repository
         pytest.fail("onnxruntime matched PyTorch bit for bit; pick a seed whose cosines differ")
@@ -201,7 +192,7 @@ def test_a_tolerance_that_cannot_be_met_fails_the_export(existing_repository, tm
 
 
 def test_export_is_repeatable_into_the_same_place(tmp_path):
-    checker_dir = save_tiny_checker(tmp_path / "checker")
+    checker_dir = save_checker(tmp_path / "checker")
     target = tmp_path / "repo"
     (target / "other_model").mkdir(parents=True)  # someone else's model stays
     custom_file = target / spec.POSTPROCESS_MODEL / "1" / spec.CUSTOM_CONCEPTS_FILENAME
@@ -210,8 +201,9 @@ def test_export_is_repeatable_into_the_same_place(tmp_path):
         assert result.returncode == 0, result.stderr
         if attempt == 0:  # the operator adds a concept between the two exports
             rng = np.random.default_rng(0)
-            concept = concept_set.make_concept("logo", rng.standard_normal(16), 0.3,
-                                               {"kind": "images", "sha256": ["ab" * 32]}, category="brand")
+            concept = concept_set.make_concept(
+                "logo", rng.standard_normal(16), 0.3, {"kind": "images", "sha256": ["ab" * 32]}, category="brand"
+            )
             concept_set.write(custom_file, concept_set.read(custom_file).with_concept(concept))
             kept = custom_file.read_bytes()
     assert custom_file.read_bytes() == kept  # re-exporting never loses the operator's concepts

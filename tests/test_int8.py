@@ -17,16 +17,17 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from conftest import run_export
 from crafting import calibrate_thresholds, varied_inputs
+from reference import diffusers_forward
+
 from export.quantize import REPORT_FILENAME, summary
 from export.stress import CASCADE_MARGINS, PLAIN_MARGINS, stress_agreement
-from reference import diffusers_forward
+from fixtures.checkers import THRESHOLDS, build_checker, save_checker
+from fixtures.photos import photos
 from safety_checker_client import spec
 from safety_checker_client.client import SafetyCheckerClient
 from safety_checker_client.preprocess import normalize, preprocess_uint8
-from tiny_checker import THRESHOLDS, build_tiny_checker, save_tiny_checker
 
 ADJUSTMENT = 0.01
 MARGINS_PER_CONCEPT = 10
@@ -115,7 +116,11 @@ def test_no_deviation_agrees_everywhere():
     concept_thr, special_thr = _thresholds("float32")
     fp32 = _fp32_cosines(5, seed=1)
     assert stress_agreement(fp32, fp32.copy(), concept_thr, special_thr, ADJUSTMENT) == {
-        "cases": 5 * 17 * 10, "decision_agreement": 1.0, "score_agreement": 1.0, "max_score_deviation": 0.0}
+        "cases": 5 * 17 * 10,
+        "decision_agreement": 1.0,
+        "score_agreement": 1.0,
+        "max_score_deviation": 0.0,
+    }
 
 
 def test_each_image_and_concept_carries_its_own_deviation():
@@ -144,9 +149,9 @@ CHECK_IMAGES = 6
 def checker_dir(tmp_path_factory) -> Path:
     """Thresholds calibrated like the parity checker's, so that the served images get both
     decisions and the special-care cascade (the published ones flag every image of a random tiny model)."""
-    checker = build_tiny_checker(seed=5)
+    checker = build_checker(seed=5)
     calibrate_thresholds(checker, varied_inputs(np.random.default_rng(5), 60))
-    return save_tiny_checker(tmp_path_factory.mktemp("int8-checker") / "tiny-checker", checker)
+    return save_checker(tmp_path_factory.mktemp("int8-checker") / "tiny-checker", checker)
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +178,7 @@ def _report(repository: Path) -> dict:
     return json.loads((repository / spec.EMBEDDER_MODEL / "1" / REPORT_FILENAME).read_text())
 
 
+@pytest.mark.slow
 def test_int8_export_states_its_cost(int8_export):
     result, repository = int8_export
     report = _report(repository)
@@ -192,6 +198,7 @@ def test_int8_export_states_its_cost(int8_export):
     assert 0.0 <= stress["max_score_deviation"] <= report["max_cosine_deviation"] + 0.001 + 1e-9
 
 
+@pytest.mark.slow
 def test_served_file_is_quantised_and_labelled(int8_export, fp32_export):
     (_, int8_repository), (fp32_result, fp32_repository) = int8_export, fp32_export
     int8_model = onnx.load(str(_embedder_file(int8_repository)))
@@ -216,7 +223,7 @@ def test_served_file_is_quantised_and_labelled(int8_export, fp32_export):
 
 @pytest.fixture(scope="module")
 def int8_server(int8_export):
-    from safety_checker_client.server import TritonServer, free_port
+    from safety_checker_admin.server import TritonServer, free_port
 
     _, repository = int8_export
     triton = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
@@ -228,11 +235,8 @@ def int8_server(int8_export):
 @pytest.fixture(scope="module")
 def images() -> np.ndarray:
     """Real photos resized and cropped by the client, and a few synthetic uint8 images."""
-    from skimage import data
-
     rng = np.random.default_rng(17)
-    names = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field", "retina")
-    real = preprocess_uint8([getattr(data, name)() for name in names])
+    real = preprocess_uint8(list(photos().values()))
     noise = rng.integers(0, 256, size=(2, 224, 224, 3), dtype=np.uint8)
     blocks = np.kron(rng.integers(0, 256, size=(3, 7, 7, 3)), np.ones((1, 32, 32, 1))).astype(np.uint8)
     return np.concatenate([real, noise, blocks])
@@ -241,8 +245,9 @@ def images() -> np.ndarray:
 def _local_cosines(onnx_file: Path, pixels: np.ndarray) -> np.ndarray:
     """[N, 17 + 3] cosines of one batch, the way the served model runs it (one session run)."""
     session = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
-    concept, special = session.run([spec.CONCEPT_COSINES.name, spec.SPECIAL_COSINES.name],
-                                   {spec.PIXEL_VALUES.name: pixels})
+    concept, special = session.run(
+        [spec.CONCEPT_COSINES.name, spec.SPECIAL_COSINES.name], {spec.PIXEL_VALUES.name: pixels}
+    )
     return np.concatenate([concept, special], axis=1).astype(np.float64)
 
 
@@ -255,8 +260,9 @@ def _adjustments(special_scores: np.ndarray) -> np.ndarray:
     return ADJUSTMENT * np.concatenate([concept, before], axis=1)
 
 
-def test_int8_repository_serves_within_its_measured_deviation(int8_server, int8_export, fp32_export, checker_dir,
-                                                               images):
+def test_int8_repository_serves_within_its_measured_deviation(
+    int8_server, int8_export, fp32_export, checker_dir, images
+):
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
 
     (_, int8_repository), (_, fp32_repository) = int8_export, fp32_export
@@ -281,8 +287,12 @@ def test_int8_repository_serves_within_its_measured_deviation(int8_server, int8_
     # PyTorch by at most the export's 1e-5; each rounding moves a score by at
     # most 0.0005; a special-care concept that fires in one and not the other
     # shifts the later scores by the 0.01 adjustment.
-    deviation = np.max(np.abs(_local_cosines(_embedder_file(int8_repository), pixels)
-                              - _local_cosines(_embedder_file(fp32_repository), pixels)))
+    deviation = np.max(
+        np.abs(
+            _local_cosines(_embedder_file(int8_repository), pixels)
+            - _local_cosines(_embedder_file(fp32_repository), pixels)
+        )
+    )
     assert deviation > 0
     tolerance = deviation + 1e-5 + 0.001 + np.abs(_adjustments(got_special) - _adjustments(want_special)) + 1e-9
     excess = np.abs(got_scores - want_scores) - tolerance
@@ -291,8 +301,10 @@ def test_int8_repository_serves_within_its_measured_deviation(int8_server, int8_
 
 
 def test_uint8_ensemble_serves_the_int8_embedder(int8_server, images):
-    with SafetyCheckerClient(int8_server.grpc_url, uint8=True) as client_uint8, \
-            SafetyCheckerClient(int8_server.grpc_url) as client_float:
+    with (
+        SafetyCheckerClient(int8_server.grpc_url, uint8=True) as client_uint8,
+        SafetyCheckerClient(int8_server.grpc_url) as client_float,
+    ):
         assert client_uint8.model_name == spec.UINT8_ENSEMBLE_MODEL
         got = client_uint8.check_batch(images)
         want = client_float.check_batch(normalize(images))

@@ -13,9 +13,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 import torch
-
 from crafting import CASCADE_MARGINS, PLAIN_MARGINS
 from reference import diffusers_forward
+
 from safety_checker_client import spec
 from safety_checker_client.client import SafetyCheckerClient
 
@@ -63,7 +63,7 @@ def test_parity(server, parity_set, expected, protocol, batch):
     with client_for(server, protocol) as client:
         results = []
         for start in range(0, len(indices), batch):
-            chunk = indices[start:start + batch]
+            chunk = indices[start : start + batch]
             answer = client.check_batch(pixels[chunk])
             assert len(answer) == len(chunk)
             results += answer
@@ -124,5 +124,8 @@ def test_client_takes_what_a_pipeline_produces(server):
         want = client.check([Image.fromarray(photo)])[0]
         for images, value_range in (([photo], (0, 1)), ([as_float], (0, 1)), ([as_latent_range], (-1, 1))):
             got = client.check(images, value_range=value_range)[0]
-            assert (got.flagged, got.concept_scores, got.special_scores) == \
-                (want.flagged, want.concept_scores, want.special_scores)
+            assert (got.flagged, got.concept_scores, got.special_scores) == (
+                want.flagged,
+                want.concept_scores,
+                want.special_scores,
+            )

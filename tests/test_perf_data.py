@@ -38,18 +38,25 @@ def load(path: Path) -> dict:
 
 
 def test_one_file_per_ensemble():
-    assert [p.name for p in FILES] == sorted(perf_data.filename(m) for m in
-                                             (spec.ENSEMBLE_MODEL, spec.UINT8_ENSEMBLE_MODEL))
+    assert [p.name for p in FILES] == sorted(
+        perf_data.filename(m) for m in (spec.ENSEMBLE_MODEL, spec.UINT8_ENSEMBLE_MODEL)
+    )
 
 
 def test_committed_files_are_what_the_generator_writes_now(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "bench.perf_data", "--output", str(tmp_path)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.perf_data", "--output", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.glob("*.json")) == [p.name for p in FILES]
     for committed in FILES:
         assert load(tmp_path / committed.name) == load(committed), (
-            f"{committed.relative_to(ROOT)} is stale: run `python -m bench.perf_data` and commit the result")
+            f"{committed.relative_to(ROOT)} is stale: run `python -m bench.perf_data` and commit the result"
+        )
 
 
 def test_format_is_perf_analyzers_real_input_data():
@@ -85,6 +92,7 @@ def test_entries_decode_to_the_clients_preprocessing_little_endian():
 
 
 # -- against the running tritonserver ------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def triton(server):
@@ -164,9 +172,12 @@ def test_both_files_give_the_clients_answers(server, triton):
     assert len(results) == len(perf_data.PHOTOS)
     for answer in (as_float, as_uint8):
         assert [r.flagged for r in results] == answer[spec.HAS_NSFW_CONCEPTS.name].reshape(len(results)).tolist()
-        assert [r.concept_scores for r in results] == \
-            [[round(float(s), 3) for s in row] for row in answer[spec.CONCEPT_SCORES.name]]
-        assert [r.special_scores for r in results] == \
-            [[round(float(s), 3) for s in row] for row in answer[spec.SPECIAL_SCORES.name]]
-        np.testing.assert_allclose(np.stack([r.image_embeds for r in results]), answer[spec.IMAGE_EMBEDS.name],
-                                   atol=1e-6, rtol=0)
+        assert [r.concept_scores for r in results] == [
+            [round(float(s), 3) for s in row] for row in answer[spec.CONCEPT_SCORES.name]
+        ]
+        assert [r.special_scores for r in results] == [
+            [round(float(s), 3) for s in row] for row in answer[spec.SPECIAL_SCORES.name]
+        ]
+        np.testing.assert_allclose(
+            np.stack([r.image_embeds for r in results]), answer[spec.IMAGE_EMBEDS.name], atol=1e-6, rtol=0
+        )

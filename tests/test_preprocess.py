@@ -18,6 +18,7 @@ from PIL import Image
 from skimage import data
 from transformers import CLIPImageProcessor
 
+from fixtures.photos import PHOTOS
 from safety_checker_client.preprocess import (
     ImageError,
     load_image,
@@ -40,10 +41,19 @@ CONFIG = {
 }
 TOLERANCE = 1e-6
 
-PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "camera", "retina", "hubble_deep_field"]
 # (height, width): smaller than the crop, exactly the crop, panoramas, odd sizes.
-SYNTHETIC_SIZES = [(50, 30), (30, 50), (224, 224), (223, 223), (224, 1000), (1000, 224),
-                   (225, 223), (333, 517), (517, 333), (7, 1001)]
+SYNTHETIC_SIZES = [
+    (50, 30),
+    (30, 50),
+    (224, 224),
+    (223, 223),
+    (224, 1000),
+    (1000, 224),
+    (225, 223),
+    (333, 517),
+    (517, 333),
+    (7, 1001),
+]
 
 
 @pytest.fixture(scope="module")
@@ -272,8 +282,12 @@ def test_load_image_applies_exif_orientation(tmp_path) -> None:
 
 
 def test_client_module_imports_neither_torch_nor_transformers() -> None:
-    code = ("import sys, safety_checker_client.preprocess; "
-            "print(sorted({'torch', 'transformers'} & set(sys.modules)))")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    code = "import sys, safety_checker_client.preprocess; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert result.stdout.strip() == "[]"

@@ -11,23 +11,25 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference import diffusers_forward, injected_cosines
 
 from export.served import served_module
-from reference import diffusers_forward, injected_cosines
+from fixtures.checkers import build_checker
 from safety_checker_client import spec
-from tiny_checker import build_tiny_checker
 
 score = served_module(spec.POSTPROCESS_MODEL, "scoring").score
 
 
 @pytest.fixture(scope="module")
 def checker():
-    return build_tiny_checker()
+    return build_checker()
 
 
 def thresholds(checker):
-    return (np.array(checker.concept_embeds_weights.tolist(), dtype=np.float64),
-            np.array(checker.special_care_embeds_weights.tolist(), dtype=np.float64))
+    return (
+        np.array(checker.concept_embeds_weights.tolist(), dtype=np.float64),
+        np.array(checker.special_care_embeds_weights.tolist(), dtype=np.float64),
+    )
 
 
 def around(values: np.ndarray, steps: int) -> np.ndarray:
@@ -74,9 +76,31 @@ def compare(checker, concept_cos, special_cos):
 
 # Offsets from the threshold that matter: the rounding tie at 0.0005, its
 # neighbours, the same points shifted by the special-care 0.01, and further ties.
-BOUNDARY_MARGINS = np.array([0.0, 0.0004, 0.0005, 0.0006, -0.0004, -0.0005, -0.0006,
-                             -0.0094, -0.0095, -0.0096, -0.0104, -0.0105, -0.0106,
-                             0.0015, 0.0025, -0.0015, -0.0025, 0.0105, 0.0115, 0.02, -0.02])
+BOUNDARY_MARGINS = np.array(
+    [
+        0.0,
+        0.0004,
+        0.0005,
+        0.0006,
+        -0.0004,
+        -0.0005,
+        -0.0006,
+        -0.0094,
+        -0.0095,
+        -0.0096,
+        -0.0104,
+        -0.0105,
+        -0.0106,
+        0.0015,
+        0.0025,
+        -0.0015,
+        -0.0025,
+        0.0105,
+        0.0115,
+        0.02,
+        -0.02,
+    ]
+)
 
 
 def test_every_float32_next_to_a_rounding_boundary_matches_diffusers(checker):

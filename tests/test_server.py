@@ -23,8 +23,10 @@ import numpy as np
 import pytest
 import tritonclient.http as httpclient
 
-from safety_checker_client import server as server_module
-from safety_checker_client.server import ServerError, TritonServer, free_port, serve_forever
+from safety_checker_admin import server as server_module
+from safety_checker_admin.server import ServerError, TritonServer, free_port, serve_forever
+
+pytestmark = pytest.mark.server
 
 CLIENT_DIR = Path(__file__).resolve().parents[1] / "client"
 
@@ -122,12 +124,17 @@ def bindable(port: int, host: str = "127.0.0.1") -> bool:
     return not server_module._port_in_use(host, port)
 
 
-def connectable(host: str, port: int) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=2).close()
-    except OSError:
-        return False
-    return True
+def connectable(host: str, port: int, wait_s: float = 0.0) -> bool:
+    """Whether host:port accepts a connection, trying for up to `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            socket.create_connection((host, port), timeout=2).close()
+            return True
+        except OSError:
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.1)
 
 
 def test_free_port_is_bindable() -> None:
@@ -172,7 +179,8 @@ def test_binds_to_loopback_only_by_default(repo: Path, ports: Dict[str, int]) ->
     with TritonServer(repo, **ports) as server:
         assert server.host == "127.0.0.1"
         for port in ports.values():
-            assert connectable("127.0.0.1", port)
+            # The metrics endpoint may open a moment after /v2/health/ready answers.
+            assert connectable("127.0.0.1", port, wait_s=10)
             assert not connectable("127.0.0.2", port)
         log = server.log_path.read_text()
         assert f"Started HTTPService at 127.0.0.1:{ports['http_port']}" in log
@@ -193,7 +201,8 @@ def test_taken_port_fails_fast(repo: Path, ports: Dict[str, int], which: str) ->
 
 
 def test_port_taken_after_check_is_reported_from_the_log(
-        repo: Path, ports: Dict[str, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    repo: Path, ports: Dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The race the pre-check cannot see: the server itself finds the port taken and exits.
     monkeypatch.setattr(server_module, "_port_in_use", lambda host, port: False)
     with socket.socket() as blocker:
@@ -218,10 +227,14 @@ def test_missing_repository(tmp_path: Path, ports: Dict[str, int]) -> None:
         TritonServer(tmp_path / "nowhere", **ports).start()
 
 
-@pytest.mark.parametrize("source, error", [
-    (BROKEN_AT_IMPORT, "ImportError: kaboom at import time"),
-    (BROKEN_AT_INITIALIZE, "RuntimeError: kaboom in initialize"),
-], ids=["import", "initialize"])
+@pytest.mark.parametrize(
+    "source, error",
+    [
+        (BROKEN_AT_IMPORT, "ImportError: kaboom at import time"),
+        (BROKEN_AT_INITIALIZE, "RuntimeError: kaboom in initialize"),
+    ],
+    ids=["import", "initialize"],
+)
 def test_model_that_fails_to_load(tmp_path: Path, ports: Dict[str, int], source: str, error: str) -> None:
     repository = tmp_path / "repo"
     make_model(repository, "identity")
@@ -274,7 +287,7 @@ def test_model_config_name_falls_back_to_config_pbtxt(repo: Path, ports: Dict[st
 
 SERVE = (
     "import sys; from pathlib import Path; "
-    "from safety_checker_client.server import serve_forever; "
+    "from safety_checker_admin.server import serve_forever; "
     "sys.exit(serve_forever(Path(sys.argv[1]), http_port=int(sys.argv[2]), grpc_port=int(sys.argv[3]), "
     "metrics_port=int(sys.argv[4]), host='127.0.0.1', model_config_name='cpu'))"
 )
@@ -284,11 +297,13 @@ class Serving:
     """`serve_forever` in a child Python, its stdout collected line by line."""
 
     def __init__(self, repository: Path, ports: Dict[str, int]) -> None:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(CLIENT_DIR), os.environ.get("PYTHONPATH")])))
+        path = os.pathsep.join(filter(None, [str(CLIENT_DIR), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, PYTHONPATH=path)
         args = [str(repository), str(ports["http_port"]), str(ports["grpc_port"]), str(ports["metrics_port"])]
-        self.process = subprocess.Popen([sys.executable, "-c", SERVE, *args], env=env, text=True,
-                                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.lines: "queue.Queue[str]" = queue.Queue()
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", SERVE, *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True).start()
 
     def _pump(self) -> None:
@@ -346,8 +361,7 @@ def test_serve_forever_reports_server_death(repo: Path, ports: Dict[str, int]) -
     assert "Traceback" not in stderr
 
 
-def test_serve_forever_error_is_one_line(
-        tmp_path: Path, ports: Dict[str, int], capsys: pytest.CaptureFixture) -> None:
+def test_serve_forever_error_is_one_line(tmp_path: Path, ports: Dict[str, int], capsys: pytest.CaptureFixture) -> None:
     before = signal.getsignal(signal.SIGTERM)
     assert serve_forever(tmp_path / "nowhere", host="127.0.0.1", model_config_name="cpu", **ports) == 1
     err = capsys.readouterr().err

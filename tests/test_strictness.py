@@ -16,12 +16,12 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from reference import diffusers_forward
 from tritonclient.utils import InferenceServerException
 
 from export import configs
 from export.onnx_export import reference_outputs
 from export.served import served_module
-from reference import diffusers_forward
 from safety_checker_client import spec
 from safety_checker_client.client import SafetyCheckerClient
 from safety_checker_client.spec import ModelDims
@@ -36,7 +36,7 @@ INVALID_ARG = {"grpc": "INVALID_ARGUMENT", "http": "400"}
 @pytest.fixture(scope="module")
 def pixels(parity_set) -> np.ndarray:
     """60 plain inputs and every crafted one (test_parity.py runs them all)."""
-    return np.concatenate([parity_set.pixels[:60], parity_set.pixels[parity_set.crafted_offset:]])
+    return np.concatenate([parity_set.pixels[:60], parity_set.pixels[parity_set.crafted_offset :]])
 
 
 @pytest.fixture(scope="module")
@@ -62,8 +62,13 @@ def run(server, pixels, protocol="grpc", strictness=None):
 
 def unambiguous(reference, strictness: float) -> np.ndarray:
     """Rows whose every score is further than 1e-6 from a rounding boundary at this strictness."""
-    margins = np.concatenate([reference["concept_cos"].astype(np.float64) - reference["concept_thr"],
-                              reference["special_cos"].astype(np.float64) - reference["special_thr"]], axis=1)
+    margins = np.concatenate(
+        [
+            reference["concept_cos"].astype(np.float64) - reference["concept_thr"],
+            reference["special_cos"].astype(np.float64) - reference["special_thr"],
+        ],
+        axis=1,
+    )
     keep = np.ones(len(margins), dtype=bool)
     for adjustment in (strictness, strictness + 0.01):
         thousandths = (margins + adjustment) * 1000
@@ -88,8 +93,13 @@ def test_normal_is_the_reference(server, pixels, reference, protocol, normal):
 def test_strictness_shifts_every_threshold(server, pixels, reference, strictness):
     value = spec.STRICTNESS_PRESETS[strictness.lower()] if isinstance(strictness, str) else strictness
     want_flagged, want_concept, want_special, _ = score_all(
-        reference["concept_cos"], reference["special_cos"], reference["concept_thr"], reference["special_thr"],
-        0.01, value)
+        reference["concept_cos"],
+        reference["special_cos"],
+        reference["concept_thr"],
+        reference["special_thr"],
+        0.01,
+        value,
+    )
     results = run(server, pixels, "grpc", strictness)
     keep = unambiguous(reference, value)
     assert keep.mean() > 0.85  # each of 20 scores x 2 adjustments is within 1e-6 of a tie 0.2% of the time
@@ -106,8 +116,7 @@ def test_strictness_shifts_every_threshold(server, pixels, reference, strictness
 
 
 def test_stricter_presets_flag_more(server, pixels):
-    counts = {name: sum(r.flagged for r in run(server, pixels, "grpc", name))
-              for name in spec.STRICTNESS_PRESETS}
+    counts = {name: sum(r.flagged for r in run(server, pixels, "grpc", name)) for name in spec.STRICTNESS_PRESETS}
     ordered = [counts[name] for name in ("weak", "medium", "normal", "strong", "max")]
     assert ordered == sorted(ordered) and ordered[0] < ordered[2] < ordered[-1], counts
 
@@ -125,16 +134,23 @@ def raw_infer(server, protocol, parameters):
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
-@pytest.mark.parametrize("parameters, fragments", [
-    ({"strictness_adjustment": 0.1001}, ["'strictness_adjustment'", "[-0.1, 0.1]"]),
-    ({"strictness_adjustment": -0.5}, ["'strictness_adjustment'", "[-0.1, 0.1]"]),
-    ({"strictness_adjustment": "nan"}, ["'strictness_adjustment'", "must be a number"]),
-    ({"strictness_adjustment": "a lot"}, ["'strictness_adjustment'", "must be a number"]),
-    ({"strictness_adjustment": True}, ["'strictness_adjustment'", "must be a number"]),
-    ({"strictness": "paranoid"}, ["'strictness'", "unknown preset 'paranoid'", "weak, medium, normal, strong, max"]),
-    ({"strictness": 3}, ["'strictness'", "unknown preset 3"]),
-    ({"strictness": "weak", "strictness_adjustment": 0.01}, ["both given"]),
-], ids=["above", "below", "nan", "text", "bool", "preset", "number-as-preset", "both"])
+@pytest.mark.parametrize(
+    "parameters, fragments",
+    [
+        ({"strictness_adjustment": 0.1001}, ["'strictness_adjustment'", "[-0.1, 0.1]"]),
+        ({"strictness_adjustment": -0.5}, ["'strictness_adjustment'", "[-0.1, 0.1]"]),
+        ({"strictness_adjustment": "nan"}, ["'strictness_adjustment'", "must be a number"]),
+        ({"strictness_adjustment": "a lot"}, ["'strictness_adjustment'", "must be a number"]),
+        ({"strictness_adjustment": True}, ["'strictness_adjustment'", "must be a number"]),
+        (
+            {"strictness": "paranoid"},
+            ["'strictness'", "unknown preset 'paranoid'", "weak, medium, normal, strong, max"],
+        ),
+        ({"strictness": 3}, ["'strictness'", "unknown preset 3"]),
+        ({"strictness": "weak", "strictness_adjustment": 0.01}, ["both given"]),
+    ],
+    ids=["above", "below", "nan", "text", "bool", "preset", "number-as-preset", "both"],
+)
 def test_bad_override_is_refused_and_the_server_keeps_serving(server, protocol, parameters, fragments):
     with pytest.raises(InferenceServerException) as caught:
         raw_infer(server, protocol, parameters)
@@ -149,13 +165,27 @@ def test_bad_override_is_refused_and_the_server_keeps_serving(server, protocol, 
 def test_plain_json_request_with_a_strictness_parameter(server):
     """What a curl user sends: KServe v2 JSON with "parameters", reading the new outputs as JSON text."""
     pixels = np.random.default_rng(1).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    body = {"parameters": {"strictness": "strong"},
-            "inputs": [{"name": "pixel_values", "shape": list(pixels.shape), "datatype": "FP32",
-                        "data": pixels.ravel().tolist()}],
-            "outputs": [{"name": n} for n in ("has_nsfw_concepts", "fired_concepts", "custom_scores",
-                                              "concept_set_version", "strictness_adjustment")]}
-    request = urllib.request.Request(f"http://{server.http_url}/v2/models/safety_checker/infer",
-                                     data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    body = {
+        "parameters": {"strictness": "strong"},
+        "inputs": [
+            {"name": "pixel_values", "shape": list(pixels.shape), "datatype": "FP32", "data": pixels.ravel().tolist()}
+        ],
+        "outputs": [
+            {"name": n}
+            for n in (
+                "has_nsfw_concepts",
+                "fired_concepts",
+                "custom_scores",
+                "concept_set_version",
+                "strictness_adjustment",
+            )
+        ],
+    }
+    request = urllib.request.Request(
+        f"http://{server.http_url}/v2/models/safety_checker/infer",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     with opener.open(request, timeout=60) as response:
         outputs = {o["name"]: o for o in json.load(response)["outputs"]}
@@ -176,13 +206,15 @@ def repository_copy(repository, tmp_path):
 
 
 def test_configured_preset(repository_copy, pixels, reference, server):
-    from safety_checker_client.server import TritonServer, free_port
+    from safety_checker_admin.server import TritonServer, free_port
 
     dims = ModelDims(17, 3, 16)
-    (repository_copy / configs.POSTPROCESS_CONFIG).write_text(configs.render_postprocess(dims, "strong"))
+    strong = configs.render_all(dims, "strong")[configs.POSTPROCESS_CONFIG]
+    (repository_copy / configs.POSTPROCESS_CONFIG).write_text(strong)
     pixels = pixels[:40]
-    with TritonServer(repository_copy, http_port=free_port(), grpc_port=free_port(),
-                      metrics_port=free_port()) as strong_server:
+    with TritonServer(
+        repository_copy, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()
+    ) as strong_server:
         default = run(strong_server, pixels)
         normal = run(strong_server, pixels, strictness="normal")
     assert {r.strictness_adjustment for r in default} == {0.015}
@@ -192,16 +224,16 @@ def test_configured_preset(repository_copy, pixels, reference, server):
     np.testing.assert_allclose([r.concept_scores for r in normal], concept[:40], rtol=0, atol=1e-6)
 
 
+@pytest.mark.server
 def test_unknown_configured_preset_stops_the_model_loading(repository_copy):
-    from safety_checker_client.server import ServerError, TritonServer, free_port
+    from safety_checker_admin.server import ServerError, TritonServer, free_port
 
     config = repository_copy / configs.POSTPROCESS_CONFIG
     config.write_text(config.read_text().replace('string_value: "normal"', 'string_value: "lenient"'))
     with pytest.raises(ServerError, match="config parameter strictness: unknown preset 'lenient'"):
-        TritonServer(repository_copy, http_port=free_port(), grpc_port=free_port(),
-                     metrics_port=free_port()).start(60)
+        TritonServer(repository_copy, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()).start(60)
 
 
 def test_render_refuses_an_unknown_preset():
     with pytest.raises(ValueError, match="unknown strictness preset"):
-        configs.render_postprocess(spec.REFERENCE_DIMS, "lenient")
+        configs.render_all(spec.REFERENCE_DIMS, "lenient")

@@ -8,8 +8,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-
 from reference import diffusers_forward
+
+from fixtures.photos import photos
 from safety_checker_client import spec
 from safety_checker_client.client import SafetyCheckerClient
 from safety_checker_client.preprocess import normalize, preprocess, preprocess_uint8
@@ -17,11 +18,8 @@ from safety_checker_client.preprocess import normalize, preprocess, preprocess_u
 
 def uint8_images() -> np.ndarray:
     """Real photos resized and cropped by the client, plus noise, gradients and flat blocks."""
-    from skimage import data
-
     rng = np.random.default_rng(11)
-    names = ("astronaut", "coffee", "chelsea", "rocket", "camera", "hubble_deep_field", "retina")
-    real = preprocess_uint8([getattr(data, name)() for name in names])
+    real = preprocess_uint8(list(photos().values()))
     noise = rng.integers(0, 256, size=(24, 224, 224, 3), dtype=np.uint8)
     low_contrast = rng.integers(90, 140, size=(8, 224, 224, 3), dtype=np.uint8)
     ramp = np.broadcast_to(np.arange(224, dtype=np.uint8)[None, :, None], (224, 224, 3))
@@ -36,8 +34,9 @@ def images() -> np.ndarray:
 
 
 def test_exported_normalizer_is_the_client_table_for_every_level(repository: Path):
-    session = ort.InferenceSession(str(repository / spec.NORMALIZE_MODEL / "1" / spec.ONNX_FILENAME),
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        str(repository / spec.NORMALIZE_MODEL / "1" / spec.ONNX_FILENAME), providers=["CPUExecutionProvider"]
+    )
     every_level = np.zeros((1, 224, 224, 3), dtype=np.uint8)
     every_level.reshape(-1)[:768] = np.repeat(np.arange(256, dtype=np.uint8), 3)
     every_level[0, 100:] = 255 - every_level[0, :124]
@@ -58,8 +57,10 @@ def test_normalize_equals_clip_preprocessing():
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_same_answers_as_the_float_path_and_diffusers(server, reference_checker, images, protocol):
     url = server.grpc_url if protocol == "grpc" else server.http_url
-    with SafetyCheckerClient(url, protocol=protocol, uint8=True) as client_uint8, \
-            SafetyCheckerClient(url, protocol=protocol) as client_float:
+    with (
+        SafetyCheckerClient(url, protocol=protocol, uint8=True) as client_uint8,
+        SafetyCheckerClient(url, protocol=protocol) as client_float,
+    ):
         assert client_uint8.model_name == spec.UINT8_ENSEMBLE_MODEL
         got = client_uint8.check_batch(images)
         want = client_float.check_batch(normalize(images))
@@ -71,16 +72,19 @@ def test_same_answers_as_the_float_path_and_diffusers(server, reference_checker,
     assert [r.special_scores for r in got] == [r.special_scores for r in want]
     np.testing.assert_allclose([r.concept_scores for r in got], concept, atol=1e-6, rtol=0)
     np.testing.assert_allclose([r.special_scores for r in got], special, atol=1e-6, rtol=0)
-    np.testing.assert_allclose(np.stack([r.image_embeds for r in got]),
-                               np.stack([r.image_embeds for r in want]), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(
+        np.stack([r.image_embeds for r in got]), np.stack([r.image_embeds for r in want]), atol=1e-6, rtol=0
+    )
 
 
 def test_check_sends_uint8_images(server):
     from skimage import data
 
     pictures = [data.chelsea(), data.rocket()]
-    with SafetyCheckerClient(server.grpc_url, uint8=True) as client_uint8, \
-            SafetyCheckerClient(server.grpc_url) as client_float:
+    with (
+        SafetyCheckerClient(server.grpc_url, uint8=True) as client_uint8,
+        SafetyCheckerClient(server.grpc_url) as client_float,
+    ):
         assert client_uint8.preprocess(pictures).dtype == np.uint8
         got = [r.as_dict() for r in client_uint8.check(pictures)]
         assert got == [r.as_dict() for r in client_float.check(pictures)]
@@ -102,4 +106,3 @@ def test_wrong_input_form_is_refused_and_the_server_keeps_serving(server, images
             raw.infer(spec.UINT8_ENSEMBLE_MODEL, [wrong])
         raw.close()
         assert len(client.check_batch(images[:3])) == 3
-

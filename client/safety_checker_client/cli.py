@@ -1,46 +1,69 @@
-"""The `safety-checker` console command: `check` images against a server, `serve` a repository,
-manage its custom `concepts`."""
+"""The `safety-checker` console command: `check` images against a running server.
+
+The operator package (`pip install ./admin`) adds its own subcommands (`serve`,
+`concepts`) to the same command through the entry-point group
+`safety_checker.commands`, so the client never imports server-side code and
+one command name serves both.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from pathlib import Path
+from importlib.metadata import entry_points
 from typing import Iterable, Iterator, List, Optional, Sequence, TextIO, Tuple
 
-from safety_checker_client import concepts, spec
+from safety_checker_client import spec
 from safety_checker_client.client import DEFAULT_URLS, PROTOCOLS, CheckError, SafetyCheckerClient, Strictness
 from safety_checker_client.preprocess import ImageError, load_image
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="safety-checker", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="safety-checker",
+        description="Check images with the safety checker served by Triton.",
+        epilog="`serve` and `concepts` come with the operator package (pip install ./admin).",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     check = commands.add_parser("check", help="check image files; one JSON object per image on stdout")
     check.add_argument("files", nargs="+", metavar="FILE")
-    check.add_argument("--url", help=f"HOST:PORT of the server (default {DEFAULT_URLS['grpc']} for gRPC, "
-                                     f"{DEFAULT_URLS['http']} for HTTP)")
+    check.add_argument(
+        "--url",
+        help=f"HOST:PORT of the server (default {DEFAULT_URLS['grpc']} for gRPC, {DEFAULT_URLS['http']} for HTTP)",
+    )
     check.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
-    check.add_argument("--strictness", type=_strictness, metavar="PRESET|NUMBER",
-                       help=f"a preset ({', '.join(spec.STRICTNESS_PRESETS)}) or an adjustment in "
-                            f"[-{spec.MAX_STRICTNESS_ADJUSTMENT:g}, {spec.MAX_STRICTNESS_ADJUSTMENT:g}] "
-                            "(default: the server's configured preset)")
-    check.add_argument("--uint8", action="store_true",
-                       help="send resized uint8 images to safety_checker_uint8 (4x fewer bytes; same decisions)")
+    check.add_argument(
+        "--strictness",
+        type=_strictness,
+        metavar="PRESET|NUMBER",
+        help=f"a preset ({', '.join(spec.STRICTNESS_PRESETS)}) or an adjustment in "
+        f"[-{spec.MAX_STRICTNESS_ADJUSTMENT:g}, {spec.MAX_STRICTNESS_ADJUSTMENT:g}] "
+        "(default: the server's configured preset)",
+    )
+    check.add_argument(
+        "--uint8",
+        action="store_true",
+        help="send resized uint8 images to safety_checker_uint8 (4x fewer bytes; same decisions)",
+    )
+    check.set_defaults(run=_check)
 
-    serve = commands.add_parser("serve", help="serve a model repository with the bundled CPU tritonserver")
-    serve.add_argument("--repository", required=True, type=Path)
-    serve.add_argument("--host", default="127.0.0.1", help="address HTTP and gRPC bind to (default 127.0.0.1)")
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--metrics-port", type=int, default=8002)
-    serve.add_argument("--model-config-name", default="cpu",
-                       help="use configs/NAME.pbtxt where a model has one (default: cpu)")
-
-    concepts.add_parser(commands)
+    for command in _plugin_commands():
+        command.load()(commands)
     return parser
+
+
+# Each entry point is a function taking the subparsers object; it adds its
+# subcommands and sets `run` (args -> exit status) as their default.
+PLUGIN_GROUP = "safety_checker.commands"
+
+
+def _plugin_commands():
+    try:
+        return entry_points(group=PLUGIN_GROUP)
+    except TypeError:  # Python 3.9: a dict of groups
+        return entry_points().get(PLUGIN_GROUP, ())
 
 
 def _strictness(text: str) -> Strictness:
@@ -53,7 +76,7 @@ def _strictness(text: str) -> Strictness:
 
 def _chunks(paths: Sequence[str], size: int) -> Iterator[Sequence[str]]:
     for start in range(0, len(paths), size):
-        yield paths[start:start + size]
+        yield paths[start : start + size]
 
 
 def _emit(out: TextIO, record: dict) -> None:
@@ -61,8 +84,7 @@ def _emit(out: TextIO, record: dict) -> None:
     out.flush()
 
 
-def check_files(paths: Sequence[str], client: SafetyCheckerClient, out: TextIO,
-                strictness: Strictness = None) -> int:
+def check_files(paths: Sequence[str], client: SafetyCheckerClient, out: TextIO, strictness: Strictness = None) -> int:
     """Print one JSON line per file, in order; return the number of files that got no answer.
 
     Files are read and sent a batch at a time, so memory stays flat for any
@@ -111,18 +133,17 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from safety_checker_client.server import serve_forever
-
-    return serve_forever(args.repository, http_port=args.http_port, grpc_port=args.grpc_port,
-                         metrics_port=args.metrics_port, host=args.host, model_config_name=args.model_config_name)
+# The operator package's subcommands, named when it is not installed.
+OPERATOR_COMMANDS = ("serve", "concepts")
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
-    args = _parser().parse_args(None if argv is None else list(argv))
-    if args.command == "concepts":
-        return concepts.run(args)
-    return _check(args) if args.command == "check" else _serve(args)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = _parser()
+    if argv and argv[0] in OPERATOR_COMMANDS and argv[0] not in {ep.name for ep in _plugin_commands()}:
+        parser.error(f"'{argv[0]}' comes with the operator package: pip install ./admin")
+    args = parser.parse_args(argv)
+    return args.run(args)
 
 
 if __name__ == "__main__":

@@ -45,10 +45,15 @@ class CheckResult:
 
     def as_dict(self) -> Dict[str, object]:
         """The JSON-ready view (without the embedding and the raw cosines)."""
-        return {"flagged": self.flagged, "concept_scores": self.concept_scores, "special_scores": self.special_scores,
-                "custom_scores": self.custom_scores, "fired_concepts": self.fired_concepts,
-                "concept_set_version": self.concept_set_version,
-                "strictness_adjustment": self.strictness_adjustment}
+        return {
+            "flagged": self.flagged,
+            "concept_scores": self.concept_scores,
+            "special_scores": self.special_scores,
+            "custom_scores": self.custom_scores,
+            "fired_concepts": self.fired_concepts,
+            "concept_set_version": self.concept_set_version,
+            "strictness_adjustment": self.strictness_adjustment,
+        }
 
 
 def request_parameters(strictness: Strictness) -> Optional[Dict[str, object]]:
@@ -60,8 +65,10 @@ def request_parameters(strictness: Strictness) -> Optional[Dict[str, object]]:
     if isinstance(strictness, bool) or not isinstance(strictness, (int, float)):
         raise ValueError(f"strictness must be a preset name or a number, not {strictness!r}")
     if not math.isfinite(strictness):  # JSON cannot carry it; the server would refuse it anyway
-        raise CheckError(f"request parameter {spec.STRICTNESS_ADJUSTMENT_PARAMETER!r} = {strictness!r} must be a "
-                         f"number in [-{spec.MAX_STRICTNESS_ADJUSTMENT:g}, {spec.MAX_STRICTNESS_ADJUSTMENT:g}]")
+        raise CheckError(
+            f"request parameter {spec.STRICTNESS_ADJUSTMENT_PARAMETER!r} = {strictness!r} must be a "
+            f"number in [-{spec.MAX_STRICTNESS_ADJUSTMENT:g}, {spec.MAX_STRICTNESS_ADJUSTMENT:g}]"
+        )
     return {spec.STRICTNESS_ADJUSTMENT_PARAMETER: float(strictness)}
 
 
@@ -85,8 +92,14 @@ class SafetyCheckerClient:
     the bytes on the wire, the same decisions.
     """
 
-    def __init__(self, url: Optional[str] = None, protocol: str = "grpc", model_name: Optional[str] = None,
-                 timeout_s: Optional[float] = 120.0, uint8: bool = False) -> None:
+    def __init__(
+        self,
+        url: Optional[str] = None,
+        protocol: str = "grpc",
+        model_name: Optional[str] = None,
+        timeout_s: Optional[float] = 120.0,
+        uint8: bool = False,
+    ) -> None:
         self.protocol = protocol
         self._triton = triton_module(protocol)
         self.url = url or DEFAULT_URLS[protocol]
@@ -101,7 +114,7 @@ class SafetyCheckerClient:
     def close(self) -> None:
         self._client.close()
 
-    def __enter__(self) -> "SafetyCheckerClient":
+    def __enter__(self) -> SafetyCheckerClient:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -141,8 +154,10 @@ class SafetyCheckerClient:
         """
         batch = self._checked(batch)
         parameters = request_parameters(strictness)
-        chunks = [self._infer_once(batch[i:i + self.max_batch_size], parameters)
-                  for i in range(0, len(batch), self.max_batch_size)]
+        chunks = [
+            self._infer_once(batch[i : i + self.max_batch_size], parameters)
+            for i in range(0, len(batch), self.max_batch_size)
+        ]
         return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
     def _checked(self, batch: np.ndarray) -> np.ndarray:
@@ -150,14 +165,14 @@ class SafetyCheckerClient:
         if self.uint8 and batch.dtype != np.uint8:
             raise ValueError(f"{self.input.name} must be uint8, got {batch.dtype}")
         if batch.ndim != 4 or batch.shape[1:] != expected:
-            raise ValueError(f"{self.input.name} must have shape [N, {', '.join(map(str, expected))}], "
-                             f"got {list(batch.shape)}")
+            raise ValueError(
+                f"{self.input.name} must have shape [N, {', '.join(map(str, expected))}], got {list(batch.shape)}"
+            )
         if len(batch) == 0:
             raise ValueError("no images to check")
         return np.ascontiguousarray(batch, dtype=np.uint8 if self.uint8 else np.float32)
 
-    def _infer_once(self, batch: np.ndarray, parameters: Optional[Dict[str, object]] = None
-                    ) -> Dict[str, np.ndarray]:
+    def _infer_once(self, batch: np.ndarray, parameters: Optional[Dict[str, object]] = None) -> Dict[str, np.ndarray]:
         tensor = self._triton.InferInput(self.input.name, list(batch.shape), self.input.datatype)
         tensor.set_data_from_numpy(batch)
         outputs = [self._triton.InferRequestedOutput(t.name) for t in spec.ENSEMBLE_OUTPUTS]
@@ -168,8 +183,9 @@ class SafetyCheckerClient:
         answer = {t.name: result.as_numpy(t.name) for t in spec.ENSEMBLE_OUTPUTS}
         for name, value in answer.items():
             if value is None or len(value) != len(batch):
-                raise CheckError(f"{self.model_name} answered {name} for "
-                                 f"{0 if value is None else len(value)} of {len(batch)} images")
+                raise CheckError(
+                    f"{self.model_name} answered {name} for {0 if value is None else len(value)} of {len(batch)} images"
+                )
         return answer
 
     def check_batch(self, batch: np.ndarray, strictness: Strictness = None) -> List[CheckResult]:
@@ -177,8 +193,9 @@ class SafetyCheckerClient:
         answer = self.infer(batch, strictness)
         return [result_from(answer, i) for i in range(len(batch))]
 
-    def check(self, images: Sequence[ImageLike], value_range: Tuple[float, float] = (0.0, 1.0),
-              strictness: Strictness = None) -> List[CheckResult]:
+    def check(
+        self, images: Sequence[ImageLike], value_range: Tuple[float, float] = (0.0, 1.0), strictness: Strictness = None
+    ) -> List[CheckResult]:
         """Check images (PIL, uint8 arrays or float arrays in `value_range`), one result each, in order."""
         return self.check_batch(self.preprocess(images, value_range), strictness)
 

@@ -98,9 +98,7 @@ def to_uint8_image(image: ImageLike, value_range: tuple[float, float] = ZERO_ONE
     return _convert_rgb(image)
 
 
-def preprocess(
-    images: Sequence[ImageLike] | np.ndarray, value_range: tuple[float, float] = ZERO_ONE
-) -> np.ndarray:
+def preprocess(images: Sequence[ImageLike] | np.ndarray, value_range: tuple[float, float] = ZERO_ONE) -> np.ndarray:
     """Make the checker's `pixel_values`: float32 [N, 3, 224, 224], C-contiguous.
 
     `images` is a sequence of images as `to_uint8_image` accepts them, or one
@@ -167,16 +165,11 @@ def _uint8_array(array: np.ndarray, value_range: tuple[float, float]) -> np.ndar
         if array.shape[0] in _CHANNEL_COUNTS and array.shape[-1] not in _CHANNEL_COUNTS:
             array = np.moveaxis(array, 0, -1)
         if array.shape[-1] not in _CHANNEL_COUNTS:
-            raise ImageError(
-                f"image array of shape {array.shape} has no channel axis of size 1, 3 or 4 "
-                "first or last"
-            )
+            raise ImageError(f"image array of shape {array.shape} has no channel axis of size 1, 3 or 4 first or last")
         if array.shape[-1] == 1:
             array = array[..., 0]
     elif array.ndim != 2:
-        raise ImageError(
-            f"image array must be 2-D (H, W) or 3-D (H, W, C) / (C, H, W), got shape {array.shape}"
-        )
+        raise ImageError(f"image array must be 2-D (H, W) or 3-D (H, W, C) / (C, H, W), got shape {array.shape}")
     if array.size == 0:
         raise ImageError(f"image array is empty (shape {array.shape})")
 

@@ -76,7 +76,7 @@ class TensorSpec:
         """The model config's data type: TYPE_ + datatype, except that BYTES is TYPE_STRING."""
         return "TYPE_STRING" if self.datatype == "BYTES" else f"TYPE_{self.datatype}"
 
-    def resolve(self, dims: "ModelDims") -> Tuple[int, ...]:
+    def resolve(self, dims: ModelDims) -> Tuple[int, ...]:
         return tuple(dims.value(d) for d in self.dims)
 
 
@@ -115,8 +115,17 @@ CONCEPT_SET_VERSION = TensorSpec("concept_set_version", "INT64", (1,))
 STRICTNESS_ADJUSTMENT = TensorSpec("strictness_adjustment", "FP64", (1,))
 
 ENSEMBLE_INPUTS = (PIXEL_VALUES,)
-ENSEMBLE_OUTPUTS = (HAS_NSFW_CONCEPTS, CONCEPT_SCORES, SPECIAL_SCORES, IMAGE_EMBEDS,
-                    FIRED_CONCEPTS, CUSTOM_SCORES, CUSTOM_COSINES, CONCEPT_SET_VERSION, STRICTNESS_ADJUSTMENT)
+ENSEMBLE_OUTPUTS = (
+    HAS_NSFW_CONCEPTS,
+    CONCEPT_SCORES,
+    SPECIAL_SCORES,
+    IMAGE_EMBEDS,
+    FIRED_CONCEPTS,
+    CUSTOM_SCORES,
+    CUSTOM_COSINES,
+    CONCEPT_SET_VERSION,
+    STRICTNESS_ADJUSTMENT,
+)
 
 # -- uint8 ensemble: resized and cropped RGB images, normalised on the server --
 IMAGES = TensorSpec("images", "UINT8", (IMAGE_SIZE, IMAGE_SIZE, NUM_CHANNELS))
@@ -140,5 +149,13 @@ EMBEDDER_OUTPUTS = (IMAGE_EMBEDS, CONCEPT_COSINES, SPECIAL_COSINES, NONFINITE_VA
 
 # -- Postprocessor ----------------------------------------------------------
 POSTPROCESS_INPUTS = (CONCEPT_COSINES, SPECIAL_COSINES, NONFINITE_VALUES, IMAGE_EMBEDS)
-POSTPROCESS_OUTPUTS = (HAS_NSFW_CONCEPTS, CONCEPT_SCORES, SPECIAL_SCORES,
-                       FIRED_CONCEPTS, CUSTOM_SCORES, CUSTOM_COSINES, CONCEPT_SET_VERSION, STRICTNESS_ADJUSTMENT)
+POSTPROCESS_OUTPUTS = (
+    HAS_NSFW_CONCEPTS,
+    CONCEPT_SCORES,
+    SPECIAL_SCORES,
+    FIRED_CONCEPTS,
+    CUSTOM_SCORES,
+    CUSTOM_COSINES,
+    CONCEPT_SET_VERSION,
+    STRICTNESS_ADJUSTMENT,
+)

@@ -14,7 +14,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from session import onnx_session  # noqa: E402
+from session import onnx_session
 
 
 class TritonPythonModel:
@@ -37,7 +37,7 @@ class TritonPythonModel:
         start = 0
         for size in sizes:
             tensors = [
-                pb_utils.Tensor(name, np.ascontiguousarray(value[start:start + size]))
+                pb_utils.Tensor(name, np.ascontiguousarray(value[start : start + size]))
                 for name, value in zip(self.output_names, outputs)
             ]
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))

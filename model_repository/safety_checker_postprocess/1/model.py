@@ -27,20 +27,9 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import concept_set  # noqa: E402
-from scoring import cosines, score_all  # noqa: E402
+import concept_set
+from scoring import cosines, score_all
 
-CONCEPTS_FILENAME = "concepts.json"
-# The request parameters (spec.STRICTNESS_PARAMETER / spec.STRICTNESS_ADJUSTMENT_PARAMETER).
-STRICTNESS_PARAMETER = "strictness"
-STRICTNESS_ADJUSTMENT_PARAMETER = "strictness_adjustment"
-# Tensor names (spec.py); the rendered config must declare exactly these.
-INPUTS = ("concept_cosines", "special_cosines", "nonfinite_values", "image_embeds")
-FLAG, CONCEPT_SCORES, SPECIAL_SCORES = "has_nsfw_concepts", "concept_scores", "special_scores"
-FIRED, CUSTOM_SCORES, CUSTOM_COSINES = "fired_concepts", "custom_scores", "custom_cosines"
-SET_VERSION, STRICTNESS_ADJUSTMENT = "concept_set_version", "strictness_adjustment"
-OUTPUTS = (FLAG, CONCEPT_SCORES, SPECIAL_SCORES, FIRED, CUSTOM_SCORES, CUSTOM_COSINES, SET_VERSION,
-           STRICTNESS_ADJUSTMENT)
 # A file rejected while it was being written in place is looked at again for this long.
 RECENT_WRITE_S = 2.0
 RETRY_INTERVAL_S = 0.25
@@ -51,27 +40,39 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         version_dir = os.path.join(args["model_repository"], args["model_version"])
-        with open(os.path.join(version_dir, CONCEPTS_FILENAME)) as handle:
+        # Tensor names come from the config, by position: the order export/models.py declares.
+        (self.concept_cosines, self.special_cosines, self.nonfinite_values, self.image_embeds) = self.inputs = [
+            i["name"] for i in config["input"]
+        ]
+        (
+            self.flag,
+            self.concept_scores,
+            self.special_scores,
+            self.fired,
+            self.custom_scores,
+            self.custom_cosines,
+            self.set_version,
+            self.strictness_adjustment,
+        ) = [o["name"] for o in config["output"]]
+        self.strictness_parameter = parameters["strictness_parameter"]
+        self.strictness_adjustment_parameter = parameters["strictness_adjustment_parameter"]
+
+        with open(os.path.join(version_dir, parameters["concepts_file"])) as handle:
             metadata = json.load(handle)
         self.concept_thresholds = np.array([c["threshold"] for c in metadata["concepts"]], dtype=np.float64)
         self.special_thresholds = np.array([c["threshold"] for c in metadata["special_care"]], dtype=np.float64)
         self.concept_names = [c["name"] for c in metadata["concepts"]]
         self.special_names = [c["name"] for c in metadata["special_care"]]
         self.adjustment = float(metadata["special_care_adjustment"])
-
-        inputs = {i["name"]: i for i in config["input"]}
-        outputs = {o["name"]: o for o in config["output"]}
-        if tuple(inputs) != INPUTS or set(outputs) != set(OUTPUTS):
-            raise pb_utils.TritonModelException(
-                f"config declares inputs {list(inputs)} and outputs {list(outputs)}; this model.py serves "
-                f"{list(INPUTS)} -> {list(OUTPUTS)}: render the config again with the export")
-        for output, thresholds in ((CONCEPT_SCORES, self.concept_thresholds),
-                                   (SPECIAL_SCORES, self.special_thresholds)):
-            width = int(outputs[output]["dims"][-1])
-            if width != len(thresholds):
+        widths = {o["name"]: int(o["dims"][-1]) for o in config["output"]}
+        for output, thresholds in (
+            (self.concept_scores, self.concept_thresholds),
+            (self.special_scores, self.special_thresholds),
+        ):
+            if widths[output] != len(thresholds):
                 raise pb_utils.TritonModelException(
-                    f"{CONCEPTS_FILENAME} holds {len(thresholds)} thresholds for {output}, "
-                    f"the config declares {width}"
+                    f"{parameters['concepts_file']} holds {len(thresholds)} thresholds for {output}, "
+                    f"the config declares {widths[output]}"
                 )
 
         self.presets = {name: float(value) for name, value in json.loads(parameters["strictness_presets"]).items()}
@@ -79,20 +80,22 @@ class TritonPythonModel:
         preset = parameters.get("strictness", "normal").strip().lower()
         if preset not in self.presets:
             raise pb_utils.TritonModelException(
-                f"config parameter strictness: unknown preset {preset!r} (one of {', '.join(self.presets)})")
+                f"config parameter strictness: unknown preset {preset!r} (one of {', '.join(self.presets)})"
+            )
         self.default_strictness = self.presets[preset]
 
-        embedding_dim = int(inputs["image_embeds"]["dims"][-1])
-        path = os.path.join(version_dir, parameters.get("custom_concepts_file", concept_set.FILENAME))
+        embedding_dim = int(config["input"][self.inputs.index(self.image_embeds)]["dims"][-1])
+        path = os.path.join(version_dir, parameters["custom_concepts_file"])
         self.custom = CustomConceptFile(path, embedding_dim)
         pb_utils.Logger.log_info(
             f"strictness preset {preset!r} (adjustment {self.default_strictness:+g}); "
             f"custom concept set version {self.custom.snapshot.version} "
-            f"({len(self.custom.snapshot.names)} concepts)")
+            f"({len(self.custom.snapshot.names)} concepts)"
+        )
 
     def execute(self, requests):
         custom = self.custom.refresh()  # one snapshot for every request of this batch
-        gathered = [[pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in INPUTS] for r in requests]
+        gathered = [[pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs] for r in requests]
         sizes = [len(g[0]) for g in gathered]
         concept_cos, special_cos, nonfinite, embeds = (np.concatenate(columns) for columns in zip(*gathered))
         strictness, errors = [], []
@@ -102,16 +105,25 @@ class TritonPythonModel:
             errors.append(error)
         per_image = np.repeat(np.array(strictness, dtype=np.float64), sizes)
         custom_cos = cosines(embeds, custom.unit_embeddings)
-        scores = score_all(concept_cos, special_cos, self.concept_thresholds, self.special_thresholds,
-                           self.adjustment, per_image, custom_cos, custom.thresholds)
+        scores = score_all(
+            concept_cos,
+            special_cos,
+            self.concept_thresholds,
+            self.special_thresholds,
+            self.adjustment,
+            per_image,
+            custom_cos,
+            custom.thresholds,
+        )
 
         responses = []
         start = 0
         for size, error in zip(sizes, errors):
             end = start + size
             if error is None:
-                error = _refusal(nonfinite[start:end], concept_cos[start:end], special_cos[start:end],
-                                 custom_cos[start:end])
+                error = _refusal(
+                    nonfinite[start:end], concept_cos[start:end], special_cos[start:end], custom_cos[start:end]
+                )
             if error is not None:
                 responses.append(pb_utils.InferenceResponse(error=error))
             else:
@@ -126,20 +138,23 @@ class TritonPythonModel:
             names += [n for n, s in zip(self.special_names, scores.special_scores[i]) if s > 0]
             names += [n for n, s in zip(custom.names, scores.custom_scores[i]) if s > 0]
             fired.append(_json(names))
-            custom_scores.append(_json({n: round(float(s), 3) + 0.0
-                                        for n, s in zip(custom.names, scores.custom_scores[i])}))
+            custom_scores.append(
+                _json({n: round(float(s), 3) + 0.0 for n, s in zip(custom.names, scores.custom_scores[i])})
+            )
             custom_cosines.append(_json({n: float(str(c)) for n, c in zip(custom.names, custom_cos[i])}))
         count = end - start
-        return pb_utils.InferenceResponse(output_tensors=[
-            pb_utils.Tensor(FLAG, scores.flagged[start:end].reshape(-1, 1)),
-            pb_utils.Tensor(CONCEPT_SCORES, scores.concept_scores[start:end].astype(np.float32)),
-            pb_utils.Tensor(SPECIAL_SCORES, scores.special_scores[start:end].astype(np.float32)),
-            pb_utils.Tensor(FIRED, np.array(fired, dtype=object).reshape(-1, 1)),
-            pb_utils.Tensor(CUSTOM_SCORES, np.array(custom_scores, dtype=object).reshape(-1, 1)),
-            pb_utils.Tensor(CUSTOM_COSINES, np.array(custom_cosines, dtype=object).reshape(-1, 1)),
-            pb_utils.Tensor(SET_VERSION, np.full((count, 1), custom.version, dtype=np.int64)),
-            pb_utils.Tensor(STRICTNESS_ADJUSTMENT, per_image[start:end].reshape(-1, 1).copy()),
-        ])
+        return pb_utils.InferenceResponse(
+            output_tensors=[
+                pb_utils.Tensor(self.flag, scores.flagged[start:end].reshape(-1, 1)),
+                pb_utils.Tensor(self.concept_scores, scores.concept_scores[start:end].astype(np.float32)),
+                pb_utils.Tensor(self.special_scores, scores.special_scores[start:end].astype(np.float32)),
+                pb_utils.Tensor(self.fired, np.array(fired, dtype=object).reshape(-1, 1)),
+                pb_utils.Tensor(self.custom_scores, np.array(custom_scores, dtype=object).reshape(-1, 1)),
+                pb_utils.Tensor(self.custom_cosines, np.array(custom_cosines, dtype=object).reshape(-1, 1)),
+                pb_utils.Tensor(self.set_version, np.full((count, 1), custom.version, dtype=np.int64)),
+                pb_utils.Tensor(self.strictness_adjustment, per_image[start:end].reshape(-1, 1).copy()),
+            ]
+        )
 
     def _strictness(self, request):
         """(adjustment, None) for this request, or (default, TritonError) naming the bad parameter."""
@@ -147,17 +162,19 @@ class TritonPythonModel:
             parameters = json.loads(request.parameters() or "{}")
         except ValueError:
             parameters = {}
-        preset = parameters.get(STRICTNESS_PARAMETER)
-        value = parameters.get(STRICTNESS_ADJUSTMENT_PARAMETER)
+        preset = parameters.get(self.strictness_parameter)
+        value = parameters.get(self.strictness_adjustment_parameter)
         if preset is not None and value is not None:
             return self.default_strictness, _invalid(
-                f"request parameters {STRICTNESS_PARAMETER!r} and {STRICTNESS_ADJUSTMENT_PARAMETER!r} "
-                "were both given; give one")
+                f"request parameters {self.strictness_parameter!r} and {self.strictness_adjustment_parameter!r} "
+                "were both given; give one"
+            )
         if preset is not None:
             if not isinstance(preset, str) or preset.lower() not in self.presets:
                 return self.default_strictness, _invalid(
-                    f"request parameter {STRICTNESS_PARAMETER!r}: unknown preset {preset!r} "
-                    f"(one of {', '.join(self.presets)})")
+                    f"request parameter {self.strictness_parameter!r}: unknown preset {preset!r} "
+                    f"(one of {', '.join(self.presets)})"
+                )
             return self.presets[preset.lower()], None
         if value is not None:
             number = None
@@ -171,8 +188,9 @@ class TritonPythonModel:
             limit = self.max_adjustment
             if number is None or not math.isfinite(number) or abs(number) > limit:
                 return self.default_strictness, _invalid(
-                    f"request parameter {STRICTNESS_ADJUSTMENT_PARAMETER!r} = {value!r} must be a number "
-                    f"in [{-limit:g}, {limit:g}]")
+                    f"request parameter {self.strictness_adjustment_parameter!r} = {value!r} must be a number "
+                    f"in [{-limit:g}, {limit:g}]"
+                )
             return number, None
         return self.default_strictness, None
 
@@ -218,8 +236,9 @@ class CustomConceptFile:
             stat = os.stat(self.path)
         except OSError:
             if not self.missing_logged:
-                pb_utils.Logger.log_warn(f"custom concept set {self.path} is missing; still serving version "
-                                         f"{self.snapshot.version}")
+                pb_utils.Logger.log_warn(
+                    f"custom concept set {self.path} is missing; still serving version {self.snapshot.version}"
+                )
                 self.missing_logged = True
             self.seen = None
             return self.snapshot
@@ -234,11 +253,13 @@ class CustomConceptFile:
                 text = handle.read()
             loaded = concept_set.parse(text, embedding_dim=self.embedding_dim, origin=self.path)
             served = self.snapshot.concepts
-            if loaded.version <= served.version and not (loaded.version == served.version
-                                                         and loaded.same_concepts(served)):
+            if loaded.version <= served.version and not (
+                loaded.version == served.version and loaded.same_concepts(served)
+            ):
                 raise concept_set.ConceptSetError(
                     f"{self.path}: version {loaded.version} is not newer than the served version "
-                    f"{served.version}; every change must increase \"version\"")
+                    f'{served.version}; every change must increase "version"'
+                )
         except (OSError, concept_set.ConceptSetError) as error:
             self.seen = signature
             message = f"custom concept set rejected, still serving version {self.snapshot.version}: {error}"
@@ -255,13 +276,17 @@ class CustomConceptFile:
             self.snapshot = Snapshot(loaded)  # one assignment: the next execute() sees all of it
             pb_utils.Logger.log_info(
                 f"custom concept set version {loaded.version} loaded: {len(loaded.concepts)} concepts "
-                f"({', '.join(loaded.names) or 'none'})")
+                f"({', '.join(loaded.names) or 'none'})"
+            )
         return self.snapshot
 
     def _retry(self, stat):
         """A rejected file written moments ago may have been caught half-written in place: look again."""
-        return (self.rejected is not None and time.time() - stat.st_mtime < RECENT_WRITE_S
-                and time.monotonic() - self.last_try > RETRY_INTERVAL_S)
+        return (
+            self.rejected is not None
+            and time.time() - stat.st_mtime < RECENT_WRITE_S
+            and time.monotonic() - self.last_try > RETRY_INTERVAL_S
+        )
 
 
 def _signature(stat):
@@ -286,7 +311,6 @@ def _refusal(nonfinite, concept_cos, special_cos, custom_cos):
             f"pixel_values holds non-finite values (NaN or Inf) ({detail}); nothing in this request was checked",
             pb_utils.TritonError.INVALID_ARG,
         )
-    if not (np.all(np.isfinite(concept_cos)) and np.all(np.isfinite(special_cos))
-            and np.all(np.isfinite(custom_cos))):
+    if not (np.all(np.isfinite(concept_cos)) and np.all(np.isfinite(special_cos)) and np.all(np.isfinite(custom_cos))):
         return pb_utils.TritonError("the embedder returned non-finite cosines; nothing in this request was checked")
     return None

@@ -32,10 +32,16 @@ class Scores(NamedTuple):
     custom_scores: np.ndarray  # float64 [N, C]
 
 
-def score_all(concept_cosines: np.ndarray, special_cosines: np.ndarray, concept_thresholds: np.ndarray,
-              special_thresholds: np.ndarray, special_care_adjustment: float = 0.01,
-              strictness: Union[float, np.ndarray] = 0.0, custom_cosines: Optional[np.ndarray] = None,
-              custom_thresholds: Optional[np.ndarray] = None) -> Scores:
+def score_all(
+    concept_cosines: np.ndarray,
+    special_cosines: np.ndarray,
+    concept_thresholds: np.ndarray,
+    special_thresholds: np.ndarray,
+    special_care_adjustment: float = 0.01,
+    strictness: Union[float, np.ndarray] = 0.0,
+    custom_cosines: Optional[np.ndarray] = None,
+    custom_thresholds: Optional[np.ndarray] = None,
+) -> Scores:
     """Score a batch. `strictness` is one float or a float64 array with one value per image."""
     special = special_cosines.astype(np.float64)
     count = special.shape[0]
@@ -54,20 +60,27 @@ def score_all(concept_cosines: np.ndarray, special_cosines: np.ndarray, concept_
         custom_scores = np.zeros((count, 0), dtype=np.float64)
     else:
         custom_scores = np.round(
-            custom_cosines.astype(np.float64) - np.asarray(custom_thresholds, dtype=np.float64)[np.newaxis, :]
-            + adjustment[:, np.newaxis], 3
+            custom_cosines.astype(np.float64)
+            - np.asarray(custom_thresholds, dtype=np.float64)[np.newaxis, :]
+            + adjustment[:, np.newaxis],
+            3,
         )
     flagged = np.any(concept_scores > 0, axis=1) | np.any(custom_scores > 0, axis=1)
     return Scores(flagged, concept_scores, special_scores, custom_scores)
 
 
-def score(concept_cosines: np.ndarray, special_cosines: np.ndarray, concept_thresholds: np.ndarray,
-          special_thresholds: np.ndarray, special_care_adjustment: float = 0.01,
-          strictness: Union[float, np.ndarray] = 0.0) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def score(
+    concept_cosines: np.ndarray,
+    special_cosines: np.ndarray,
+    concept_thresholds: np.ndarray,
+    special_thresholds: np.ndarray,
+    special_care_adjustment: float = 0.01,
+    strictness: Union[float, np.ndarray] = 0.0,
+) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Return (flagged [N], concept_scores [N, K], special_scores [N, S]), scores in float64."""
     flagged, concept_scores, special_scores, _ = score_all(
-        concept_cosines, special_cosines, concept_thresholds, special_thresholds, special_care_adjustment,
-        strictness)
+        concept_cosines, special_cosines, concept_thresholds, special_thresholds, special_care_adjustment, strictness
+    )
     return flagged, concept_scores, special_scores
 
 

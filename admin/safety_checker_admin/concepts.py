@@ -23,13 +23,14 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List, Sequence, TextIO
+from typing import Iterator, List, Optional, Sequence, TextIO
 
 import numpy as np
 
-from safety_checker_client import concept_set, spec
+from safety_checker_admin import concept_set
+from safety_checker_admin.concept_set import ConceptSet, ConceptSetError
+from safety_checker_client import spec
 from safety_checker_client.client import PROTOCOLS, CheckError, SafetyCheckerClient
-from safety_checker_client.concept_set import ConceptSet, ConceptSetError
 from safety_checker_client.preprocess import ImageError, load_image, preprocess
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
@@ -44,15 +45,27 @@ class ConceptCommandError(RuntimeError):
 
 
 # -- the file --------------------------------------------------------------
-def concept_file(repository: Path) -> Path:
-    repository = Path(repository)
+def concept_file(args: argparse.Namespace) -> Path:
+    """The concept file the command works on: in --repository's postprocessor, or in --concepts-dir (the folder
+    a deployment mounts into every replica, e.g. a ConfigMap's source)."""
+    if getattr(args, "concepts_dir", None) is not None:
+        path = Path(args.concepts_dir) / spec.CUSTOM_CONCEPTS_FILENAME
+        if not path.is_file():
+            raise ConceptCommandError(
+                f"{path} does not exist: start the folder from an exported repository's set, e.g. cp "
+                f"REPOSITORY/{spec.POSTPROCESS_MODEL}/{spec.POSTPROCESS_VERSION}/{spec.CUSTOM_CONCEPTS_FILENAME} "
+                f"{args.concepts_dir}/"
+            )
+        return path
+    repository = Path(args.repository)
     if not repository.is_dir():
         raise ConceptCommandError(f"model repository not found: {repository}")
     path = repository / spec.POSTPROCESS_MODEL / spec.POSTPROCESS_VERSION / spec.CUSTOM_CONCEPTS_FILENAME
     if not path.is_file():
         raise ConceptCommandError(
             f"{path} does not exist: is {repository} a model repository written by `python -m export`? "
-            "(a repository exported before custom concepts existed must be exported again)")
+            "(a repository exported before custom concepts existed must be exported again)"
+        )
     return path
 
 
@@ -62,7 +75,8 @@ def read_set(path: Path) -> ConceptSet:
     except ConceptSetError as error:
         raise ConceptCommandError(
             f"{error}. Not modifying it: fix the file by hand (or restore it from a backup); until then the "
-            "server keeps serving the last valid set") from None
+            "server keeps serving the last valid set"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -81,7 +95,11 @@ def locked(path: Path) -> Iterator[None]:
             fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
-def builtin_thresholds(repository: Path) -> List[float]:
+def builtin_thresholds(repository: Optional[Path]) -> List[float]:
+    if repository is None:
+        raise ConceptCommandError(
+            "give --threshold: the default for a phrase (the mean built-in threshold) is read from --repository"
+        )
     path = Path(repository) / spec.POSTPROCESS_MODEL / spec.POSTPROCESS_VERSION / spec.CONCEPTS_FILENAME
     try:
         return [float(c["threshold"]) for c in json.loads(path.read_text())["concepts"]]
@@ -105,16 +123,18 @@ def probe(client: SafetyCheckerClient) -> tuple:
 
 
 def check_server(client: SafetyCheckerClient, current: ConceptSet, repository: Path) -> None:
-    """Refuse to change a set the server at --url is evidently not serving."""
+    """Refuse to change a set the server at --url is evidently not serving (`repository`: where the set is)."""
     version, width = probe(client)
     if width != current.embedding_dim:
         raise ConceptCommandError(
             f"the server at {client.url} serves image embeddings of width {width}, but {repository}'s concept set "
-            f"has embedding_dim {current.embedding_dim}: is the server serving {repository}?")
+            f"has embedding_dim {current.embedding_dim}: is the server serving {repository}?"
+        )
     if version > current.version:
         raise ConceptCommandError(
             f"the server at {client.url} serves concept set version {version}, newer than {repository}'s "
-            f"version {current.version}: is the server serving {repository}?")
+            f"version {current.version}: is the server serving {repository}?"
+        )
 
 
 def wait_for_version(client: SafetyCheckerClient, version: int, timeout_s: float, path: Path) -> None:
@@ -131,7 +151,8 @@ def wait_for_version(client: SafetyCheckerClient, version: int, timeout_s: float
             now = "did not answer" if served is None else f"still serves version {served}"
             raise ConceptCommandError(
                 f"wrote version {version} to {path}, but after {timeout_s:g} s the server at {client.url} {now}: "
-                "check that it serves this repository, and its log for a rejected concept set")
+                "check that it serves this repository, and its log for a rejected concept set"
+            )
         time.sleep(POLL_INTERVAL_S)
 
 
@@ -147,9 +168,15 @@ def commit(args: argparse.Namespace, path: Path, change, client: SafetyCheckerCl
         except OSError as error:
             raise ConceptCommandError(f"cannot write {path}: {error}") from None
     print(f"wrote {path} (version {new.version})", file=out, flush=True)
+    if args.no_wait:
+        return new
     wait_for_version(client, new.version, args.wait_timeout, path)
-    print(f"the server at {client.url} now serves version {new.version} "
-          f"({len(new.concepts)} custom concept{'s' if len(new.concepts) != 1 else ''})", file=out, flush=True)
+    print(
+        f"the server at {client.url} now serves version {new.version} "
+        f"({len(new.concepts)} custom concept{'s' if len(new.concepts) != 1 else ''})",
+        file=out,
+        flush=True,
+    )
     return new
 
 
@@ -175,8 +202,9 @@ def image_embeddings(client: SafetyCheckerClient, files: Sequence[str]) -> tuple
 # -- commands ------------------------------------------------------------------
 def _add(args: argparse.Namespace, out: TextIO) -> int:
     if bool(args.image) == bool(args.text):
-        raise ConceptCommandError("give the examples as --image FILE (one or more) or the phrase as --text PHRASE "
-                                  "(exactly one of the two)")
+        raise ConceptCommandError(
+            "give the examples as --image FILE (one or more) or the phrase as --text PHRASE (exactly one of the two)"
+        )
     if args.text is not None and not args.text.strip():
         raise ConceptCommandError("--text is empty")
     if args.threshold is not None:
@@ -185,15 +213,19 @@ def _add(args: argparse.Namespace, out: TextIO) -> int:
         except ConceptSetError as error:
             raise ConceptCommandError(str(error)) from None
     if not concept_set.NAME_PATTERN.match(args.name) or concept_set.RESERVED_NAME.match(args.name):
-        raise ConceptCommandError(f"--name {args.name!r}: a name is 1-64 letters, digits, '_', '.' or '-', starting "
-                                  "with a letter or digit, and not concept_NN or special_care_N (the built-ins)")
-    path = concept_file(args.repository)
+        raise ConceptCommandError(
+            f"--name {args.name!r}: a name is 1-64 letters, digits, '_', '.' or '-', starting "
+            "with a letter or digit, and not concept_NN or special_care_N (the built-ins)"
+        )
+    path = concept_file(args)
     current = read_set(path)
     if current.get(args.name) is not None:
-        raise ConceptCommandError(f"a concept named {args.name!r} already exists in {path} (version "
-                                  f"{current.version}); remove it first or choose another name")
+        raise ConceptCommandError(
+            f"a concept named {args.name!r} already exists in {path} (version "
+            f"{current.version}); remove it first or choose another name"
+        )
     with connect(args.url, args.protocol) as client:
-        check_server(client, current, args.repository)
+        check_server(client, current, path)
         if args.image:
             embeds, hashes = image_embeddings(client, args.image)
             source = {"kind": "images", "sha256": hashes}
@@ -204,7 +236,7 @@ def _add(args: argparse.Namespace, out: TextIO) -> int:
                 threshold = max(-1.0, math.floor((lowest - IMAGE_THRESHOLD_MARGIN) * 1000) / 1000)
                 how = f"the least similar example's cosine {lowest:.3f} less {IMAGE_THRESHOLD_MARGIN}"
         else:
-            from safety_checker_client.text_embedding import TextEmbeddingError, embed_text
+            from safety_checker_admin.text_embedding import TextEmbeddingError, embed_text
 
             try:
                 embedding = embed_text(args.text, args.clip_model, client)
@@ -218,26 +250,33 @@ def _add(args: argparse.Namespace, out: TextIO) -> int:
         if args.threshold is not None:
             threshold, how = float(args.threshold), "--threshold"
         if embedding.shape[-1] != current.embedding_dim:
-            raise ConceptCommandError(f"the embedding has {embedding.shape[-1]} values, the served image_embeds "
-                                      f"have {current.embedding_dim}")
+            raise ConceptCommandError(
+                f"the embedding has {embedding.shape[-1]} values, the served image_embeds have {current.embedding_dim}"
+            )
         try:
             concept = concept_set.make_concept(args.name, embedding, threshold, source, category=args.category)
         except ConceptSetError as error:
             raise ConceptCommandError(str(error)) from None
-        print(f"concept {concept.name!r}: {concept.describe_source()}, category {concept.category!r}, "
-              f"threshold {threshold:g} ({how})", file=out, flush=True)
+        print(
+            f"concept {concept.name!r}: {concept.describe_source()}, category {concept.category!r}, "
+            f"threshold {threshold:g} ({how})",
+            file=out,
+            flush=True,
+        )
         commit(args, path, lambda s: s.with_concept(concept), client, out)
     return 0
 
 
 def _remove(args: argparse.Namespace, out: TextIO) -> int:
-    path = concept_file(args.repository)
+    path = concept_file(args)
     current = read_set(path)
     if current.get(args.name) is None:
-        raise ConceptCommandError(f"no concept named {args.name!r} in {path} (version {current.version}); it holds: "
-                                  f"{', '.join(current.names) or 'none'}")
+        raise ConceptCommandError(
+            f"no concept named {args.name!r} in {path} (version {current.version}); it holds: "
+            f"{', '.join(current.names) or 'none'}"
+        )
     with connect(args.url, args.protocol) as client:
-        check_server(client, current, args.repository)
+        check_server(client, current, path)
         commit(args, path, lambda s: s.without(args.name), client, out)
     print(f"removed concept {args.name!r}", file=out)
     return 0
@@ -248,19 +287,19 @@ def _set_threshold(args: argparse.Namespace, out: TextIO) -> int:
         concept_set.check_threshold(args.threshold, "--threshold")
     except ConceptSetError as error:
         raise ConceptCommandError(str(error)) from None
-    path = concept_file(args.repository)
+    path = concept_file(args)
     current = read_set(path)
     if current.get(args.name) is None:
         raise ConceptCommandError(f"no concept named {args.name!r} in {path} (version {current.version})")
     with connect(args.url, args.protocol) as client:
-        check_server(client, current, args.repository)
+        check_server(client, current, path)
         commit(args, path, lambda s: s.with_threshold(args.name, args.threshold), client, out)
     print(f"concept {args.name!r} now has threshold {args.threshold:g}", file=out)
     return 0
 
 
 def _list(args: argparse.Namespace, out: TextIO) -> int:
-    path = concept_file(args.repository)
+    path = concept_file(args)
     current = read_set(path)
     if args.json:
         summary = current.to_json()
@@ -268,8 +307,11 @@ def _list(args: argparse.Namespace, out: TextIO) -> int:
             del concept["embedding"]
         out.write(json.dumps(summary, indent=2) + "\n")
         return 0
-    print(f"custom concept set version {current.version} ({path}): {len(current.concepts)} concept"
-          f"{'s' if len(current.concepts) != 1 else ''}, embedding_dim {current.embedding_dim}", file=out)
+    print(
+        f"custom concept set version {current.version} ({path}): {len(current.concepts)} concept"
+        f"{'s' if len(current.concepts) != 1 else ''}, embedding_dim {current.embedding_dim}",
+        file=out,
+    )
     if current.concepts:
         rows = [("NAME", "CATEGORY", "THRESHOLD", "CREATED", "SOURCE")]
         rows += [(c.name, c.category, f"{c.threshold:g}", c.created, c.describe_source()) for c in current.concepts]
@@ -279,12 +321,48 @@ def _list(args: argparse.Namespace, out: TextIO) -> int:
     return 0
 
 
+def configmap(name: str, namespace: Optional[str], text: str) -> str:
+    """A ConfigMap manifest holding `text` as custom_concepts.json, byte for byte (a YAML literal block)."""
+    metadata = f"  name: {json.dumps(name)}\n" + (f"  namespace: {json.dumps(namespace)}\n" if namespace else "")
+    body = text.rstrip("\n")
+    trailing = len(text) - len(body)
+    chomping = {0: "-", 1: ""}.get(trailing, "+")  # keep exactly the file's final newlines
+    block = "".join(f"    {line}\n" if line else "\n" for line in body.split("\n")) + "\n" * max(trailing - 1, 0)
+    return (
+        f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n{metadata}data:\n"
+        f"  {spec.CUSTOM_CONCEPTS_FILENAME}: |2{chomping}\n{block}"
+    )
+
+
+def _export(args: argparse.Namespace, out: TextIO) -> int:
+    path = concept_file(args)
+    current = read_set(path)  # an invalid set is never exported
+    manifest = configmap(args.configmap, args.namespace, path.read_text())
+    if args.output is not None:
+        args.output.write_text(manifest)
+    else:
+        out.write(manifest)
+    print(
+        f"ConfigMap {args.configmap!r}: custom concept set version {current.version} ({len(current.concepts)} "
+        f"concepts) from {path}; roll it out with `kubectl apply -f {args.output or '-'}`",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _calibrate(args: argparse.Namespace, out: TextIO) -> int:
-    from safety_checker_client.calibrate import calibrate
+    from safety_checker_admin.calibrate import calibrate
 
     with connect(args.url, args.protocol) as client:
-        return calibrate(client, Path(args.positive), Path(args.negative), name=args.name,
-                         target_fpr=args.target_fpr, plot=Path(args.plot), out=out)
+        return calibrate(
+            client,
+            Path(args.positive),
+            Path(args.negative),
+            name=args.name,
+            target_fpr=args.target_fpr,
+            plot=Path(args.plot),
+            out=out,
+        )
 
 
 # -- argument parsing ----------------------------------------------------------
@@ -292,65 +370,135 @@ def _server_arguments(parser: argparse.ArgumentParser, wait: bool = True) -> Non
     parser.add_argument("--url", required=True, metavar="HOST:PORT", help="the running server (gRPC by default)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
     if wait:
-        parser.add_argument("--wait-timeout", type=float, default=DEFAULT_WAIT_S, metavar="SECONDS",
-                            help=f"how long to wait for the server to serve the new set (default {DEFAULT_WAIT_S:g})")
+        parser.add_argument(
+            "--wait-timeout",
+            type=float,
+            default=DEFAULT_WAIT_S,
+            metavar="SECONDS",
+            help=f"how long to wait for the server to serve the new set (default {DEFAULT_WAIT_S:g})",
+        )
+        parser.add_argument(
+            "--no-wait",
+            action="store_true",
+            help="do not wait for the server to serve the new set (a --concepts-dir that reaches the servers "
+            "later, e.g. through a ConfigMap)",
+        )
+
+
+def _set_location(parser: argparse.ArgumentParser) -> None:
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--repository", type=Path, help="the model repository the server serves")
+    where.add_argument(
+        "--concepts-dir",
+        type=Path,
+        metavar="DIR",
+        help="a folder holding custom_concepts.json that every replica reads (exported with --concepts-dir), "
+        "e.g. the source of a ConfigMap",
+    )
 
 
 def add_parser(commands) -> None:
-    concepts = commands.add_parser("concepts", help="manage the custom concept set of a served model repository",
-                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    concepts = commands.add_parser(
+        "concepts",
+        help="manage the custom concept set of a served model repository",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    concepts.set_defaults(run=run)
     actions = concepts.add_subparsers(dest="action", required=True)
 
     add = actions.add_parser("add", help="add a concept from example images (embedded by the server) or a phrase")
-    add.add_argument("--repository", required=True, type=Path, help="the model repository the server serves")
+    _set_location(add)
     _server_arguments(add)
     add.add_argument("--name", required=True)
-    add.add_argument("--image", action="extend", nargs="+", metavar="FILE", default=[],
-                     help="example image; repeat (or list several) for more")
+    add.add_argument(
+        "--image",
+        action="extend",
+        nargs="+",
+        metavar="FILE",
+        default=[],
+        help="example image; repeat (or list several) for more",
+    )
     add.add_argument("--text", metavar="PHRASE", help="a phrase, embedded with the CLIP text encoder")
-    add.add_argument("--threshold", type=float, help="cosine threshold in [-1, 1] (default: images: the least "
-                                                     f"similar example's cosine less {IMAGE_THRESHOLD_MARGIN}; text: "
-                                                     "the mean built-in threshold)")
+    add.add_argument(
+        "--threshold",
+        type=float,
+        help="cosine threshold in [-1, 1] (default: images: the least "
+        f"similar example's cosine less {IMAGE_THRESHOLD_MARGIN}; text: "
+        "the mean built-in threshold)",
+    )
     add.add_argument("--category", default=concept_set.DEFAULT_CATEGORY, help="free-form label (default: custom)")
-    add.add_argument("--clip-model", default=DEFAULT_CLIP_MODEL,
-                     help=f"CLIP model for --text: hub id or local directory (default {DEFAULT_CLIP_MODEL}); its "
-                          "vision tower must be the served checker's")
+    add.add_argument(
+        "--clip-model",
+        default=DEFAULT_CLIP_MODEL,
+        help=f"CLIP model for --text: hub id or local directory (default {DEFAULT_CLIP_MODEL}); its "
+        "vision tower must be the served checker's",
+    )
 
     listing = actions.add_parser("list", help="print the custom concept set")
-    listing.add_argument("--repository", required=True, type=Path)
+    _set_location(listing)
     listing.add_argument("--json", action="store_true", help="print JSON (without the embeddings)")
 
     remove = actions.add_parser("remove", help="remove a concept")
-    remove.add_argument("--repository", required=True, type=Path)
+    _set_location(remove)
     _server_arguments(remove)
     remove.add_argument("--name", required=True)
 
-    threshold = actions.add_parser("set-threshold", help="change a concept's threshold (e.g. to what calibrate "
-                                                         "proposed)")
-    threshold.add_argument("--repository", required=True, type=Path)
+    threshold = actions.add_parser(
+        "set-threshold", help="change a concept's threshold (e.g. to what calibrate proposed)"
+    )
+    _set_location(threshold)
     _server_arguments(threshold)
     threshold.add_argument("--name", required=True)
     threshold.add_argument("--threshold", required=True, type=float)
 
+    export = actions.add_parser(
+        "export",
+        help="print the concept set as a Kubernetes ConfigMap for every replica to mount",
+        description="Print the custom concept set as a ConfigMap (YAML) holding custom_concepts.json, for "
+        "`kubectl apply -f -`. Every replica mounts it and reads the set from there (a repository exported with "
+        "--concepts-dir); an update reaches each replica through the kubelet's swap of the volume.",
+    )
+    _set_location(export)
+    export.add_argument("--configmap", required=True, metavar="NAME", help="the ConfigMap's name")
+    export.add_argument("--namespace", help="the ConfigMap's namespace (default: kubectl's)")
+    export.add_argument("--output", type=Path, metavar="FILE", help="write here instead of standard output")
+
     calibrate = actions.add_parser(
-        "calibrate", help="score labelled images and propose a threshold",
+        "calibrate",
+        help="score labelled images and propose a threshold",
         description="Score the images in --positive (should fire) and --negative (should not) and propose a "
-                    "threshold: for --name, the cosine threshold of that custom concept; without it, a cut on the "
-                    "highest built-in concept score, given as the equivalent strictness adjustment.")
+        "threshold: for --name, the cosine threshold of that custom concept; without it, a cut on the "
+        "highest built-in concept score, given as the equivalent strictness adjustment.",
+    )
     _server_arguments(calibrate, wait=False)
     calibrate.add_argument("--positive", required=True, metavar="DIR")
     calibrate.add_argument("--negative", required=True, metavar="DIR")
     calibrate.add_argument("--name", help="a custom concept served now (default: the built-in concepts)")
-    calibrate.add_argument("--target-fpr", type=float, metavar="F",
-                           help="propose the threshold with the best recall whose false-positive rate is <= F "
-                                "(default: the threshold maximising F1)")
-    calibrate.add_argument("--plot", default="calibration.png", metavar="FILE.png",
-                           help="where to write the histogram of both score distributions (default calibration.png)")
+    calibrate.add_argument(
+        "--target-fpr",
+        type=float,
+        metavar="F",
+        help="propose the threshold with the best recall whose false-positive rate is <= F "
+        "(default: the threshold maximising F1)",
+    )
+    calibrate.add_argument(
+        "--plot",
+        default="calibration.png",
+        metavar="FILE.png",
+        help="where to write the histogram of both score distributions (default calibration.png)",
+    )
 
 
 def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
-    action = {"add": _add, "list": _list, "remove": _remove, "set-threshold": _set_threshold,
-              "calibrate": _calibrate}[args.action]
+    action = {
+        "add": _add,
+        "list": _list,
+        "remove": _remove,
+        "set-threshold": _set_threshold,
+        "export": _export,
+        "calibrate": _calibrate,
+    }[args.action]
     try:
         return action(args, out)
     except ConceptCommandError as error:

@@ -1,6 +1,6 @@
 """Run the tritonserver that ships in the nvidia-pytriton wheel as a child process.
 
-The wheel (`pip install 'safety-checker-client[server]'`) carries a complete
+The wheel (`pip install './admin[server]'`) carries a complete
 tritonserver 2.51 for CPU hosts: the binary, the Python backend, one backend
 stub per Python version and the shared libraries. `TritonServer` wires those
 pieces together the way pytriton does, but serves an ordinary model
@@ -89,10 +89,7 @@ def _pytriton_dist() -> Tuple[Path, Path]:
     """(the wheel's `tritonserver` folder, its `nvidia_pytriton.libs` folder)."""
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
-        raise ServerError(
-            "nvidia-pytriton is not installed; install the server extra: "
-            "pip install 'safety-checker-client[server]'"
-        )
+        raise ServerError("nvidia-pytriton is not installed; install the server extra: pip install './admin[server]'")
     package = Path(list(spec.submodule_search_locations)[0])
     return package / "tritonserver", package.parent / "nvidia_pytriton.libs"
 
@@ -198,8 +195,7 @@ class TritonServer:
         if not stub.is_file():
             raise ServerError(f"nvidia-pytriton has no Python backend stub for Python {version} ({stub})")
         root = Path(tempfile.mkdtemp(prefix="safety-checker-backends-"))
-        shutil.copytree(dist / "backends", root, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(dist / "backends", root, dirs_exist_ok=True, ignore=shutil.ignore_patterns("__pycache__"))
         shutil.copy2(stub, root / "python" / "triton_python_backend_stub")
         return root
 
@@ -208,8 +204,12 @@ class TritonServer:
         lib_dirs = [str(libs)]
         libpython = sysconfig.get_config_var("INSTSONAME")
         libdir = sysconfig.get_config_var("LIBDIR")
-        if sysconfig.get_config_var("Py_ENABLE_SHARED") and libdir and libpython \
-                and (Path(libdir) / libpython).exists():
+        if (
+            sysconfig.get_config_var("Py_ENABLE_SHARED")
+            and libdir
+            and libpython
+            and (Path(libdir) / libpython).exists()
+        ):
             lib_dirs.append(libdir)
         env["LD_LIBRARY_PATH"] = os.pathsep.join(lib_dirs + [p for p in [env.get("LD_LIBRARY_PATH")] if p])
         # Not resolved: a venv's bin/python3 is a symlink, and its folder holds pyvenv.cfg.
@@ -239,7 +239,7 @@ class TritonServer:
             cmd.append("--log-verbose=1")
         return cmd
 
-    def start(self, timeout_s: float = 180.0) -> "TritonServer":
+    def start(self, timeout_s: float = 180.0) -> TritonServer:
         """Launch tritonserver and wait until it is ready; ServerError on any failure."""
         if self.running:
             raise ServerError("tritonserver is already running")
@@ -256,7 +256,9 @@ class TritonServer:
             with os.fdopen(fd, "wb") as log:
                 self._process = subprocess.Popen(
                     self._command(dist / "bin" / "tritonserver", self._backend_dir),
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
                     env=self._environment(libs),
                     start_new_session=True,  # Ctrl-C reaches us only; we stop the server in order
                     preexec_fn=_die_with_parent,
@@ -300,11 +302,12 @@ class TritonServer:
     def running(self) -> bool:
         return self._process is not None and self._process.poll() is None
 
-    def __enter__(self) -> "TritonServer":
+    def __enter__(self) -> TritonServer:
         return self.start()
 
-    def __exit__(self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException],
-                 tb: Optional[TracebackType]) -> None:
+    def __exit__(
+        self, exc_type: Optional[Type[BaseException]], exc: Optional[BaseException], tb: Optional[TracebackType]
+    ) -> None:
         self.stop()
 
     # -- HTTP helpers -------------------------------------------------------
@@ -318,8 +321,11 @@ class TritonServer:
     def ready_models(self) -> List[str]:
         """Names of the models whose state is READY, from the repository index."""
         request = urllib.request.Request(
-            f"http://{self.http_url}/v2/repository/index", data=b"{}", method="POST",
-            headers={"Content-Type": "application/json"})
+            f"http://{self.http_url}/v2/repository/index",
+            data=b"{}",
+            method="POST",
+            headers={"Content-Type": "application/json"},
+        )
         with _HTTP.open(request, timeout=10) as response:
             index = json.load(response)
         return sorted({m["name"] for m in index if m.get("state") == "READY"})
@@ -357,8 +363,14 @@ def serve_forever(
     previous = {sig: signal.signal(sig, interrupt) for sig in handled}
     server: Optional[TritonServer] = None
     try:
-        server = TritonServer(Path(repository), http_port=http_port, grpc_port=grpc_port,
-                              metrics_port=metrics_port, host=host, model_config_name=model_config_name)
+        server = TritonServer(
+            Path(repository),
+            http_port=http_port,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+            host=host,
+            model_config_name=model_config_name,
+        )
         server.start()
         print(f"Serving {server.repository}")
         print(f"  HTTP:    http://{server.http_url}")
@@ -368,8 +380,7 @@ def serve_forever(
         print(f"  log:     {server.log_path}")
         print("Press Ctrl-C to stop.", flush=True)
         code = server.wait()
-        print(f"error: {server._failure(f'tritonserver exited on its own with code {code}')}",
-              file=sys.stderr)
+        print(f"error: {server._failure(f'tritonserver exited on its own with code {code}')}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 0

@@ -31,15 +31,18 @@ def load_clip(clip_model: str):
         import torch  # noqa: F401
         from transformers import CLIPModel, CLIPTokenizer
     except ImportError as error:
-        raise TextEmbeddingError(f"--text needs torch and transformers ({error}); pip install torch transformers") \
-            from None
+        raise TextEmbeddingError(
+            f"--text needs torch and transformers ({error}); pip install torch transformers"
+        ) from None
     try:
         model = CLIPModel.from_pretrained(clip_model).float().eval()
         tokenizer = CLIPTokenizer.from_pretrained(clip_model)
     except Exception as error:  # transformers raises many types for a missing or unreachable model
         text = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
-        raise TextEmbeddingError(f"cannot load the CLIP model {clip_model!r} (hub id or local directory with the "
-                                 f"model and its tokenizer): {text}") from None
+        raise TextEmbeddingError(
+            f"cannot load the CLIP model {clip_model!r} (hub id or local directory with the "
+            f"model and its tokenizer): {text}"
+        ) from None
     return model, tokenizer
 
 
@@ -70,14 +73,17 @@ def check_same_space(model, client, clip_model: str) -> None:
     with torch.no_grad():
         local = _features(model.get_image_features(pixel_values=torch.from_numpy(pixels))).double().numpy()
     if local.shape != served.shape:
-        raise TextEmbeddingError(f"the CLIP model {clip_model!r} embeds images into {local.shape[-1]} values, the "
-                                 f"served checker into {served.shape[-1]}: not the checker's CLIP")
+        raise TextEmbeddingError(
+            f"the CLIP model {clip_model!r} embeds images into {local.shape[-1]} values, the "
+            f"served checker into {served.shape[-1]}: not the checker's CLIP"
+        )
     cos = np.sum(local * served, axis=1) / (np.linalg.norm(local, axis=1) * np.linalg.norm(served, axis=1))
     if np.min(cos) < SAME_SPACE_COSINE:
         raise TextEmbeddingError(
             f"the CLIP model {clip_model!r} is not the one the served checker was built from: its image embeddings "
             f"of probe images differ from the server's (cosine {np.min(cos):.4f} < {SAME_SPACE_COSINE}), so its text "
-            "embeddings would not be comparable with the served image embeddings")
+            "embeddings would not be comparable with the served image embeddings"
+        )
 
 
 def embed_text(phrase: str, clip_model: str, client: Optional[object] = None) -> np.ndarray:
@@ -90,6 +96,7 @@ def embed_text(phrase: str, clip_model: str, client: Optional[object] = None) ->
     max_length = int(model.config.text_config.max_position_embeddings)
     tokens = tokenizer([phrase], padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     with torch.no_grad():
-        features = _features(model.get_text_features(input_ids=tokens["input_ids"],
-                                                     attention_mask=tokens["attention_mask"]))
+        features = _features(
+            model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"])
+        )
     return features[0].double().numpy()

@@ -75,8 +75,14 @@ class CustomConcept:
     created: str
 
     def to_json(self) -> Dict[str, Any]:
-        return {"name": self.name, "category": self.category, "source": self.source,
-                "embedding": list(self.embedding), "threshold": self.threshold, "created": self.created}
+        return {
+            "name": self.name,
+            "category": self.category,
+            "source": self.source,
+            "embedding": list(self.embedding),
+            "threshold": self.threshold,
+            "created": self.created,
+        }
 
     def describe_source(self) -> str:
         if self.source["kind"] == "text":
@@ -107,43 +113,59 @@ class ConceptSet:
     def thresholds(self) -> np.ndarray:
         return np.array([c.threshold for c in self.concepts], dtype=np.float64)
 
-    def same_concepts(self, other: "ConceptSet") -> bool:
+    def same_concepts(self, other: ConceptSet) -> bool:
         return self.embedding_dim == other.embedding_dim and self.concepts == other.concepts
 
     # -- changes (each returns a new, validated set with the next version) ----
-    def with_concept(self, concept: CustomConcept) -> "ConceptSet":
+    def with_concept(self, concept: CustomConcept) -> ConceptSet:
         if self.get(concept.name) is not None:
-            raise ConceptSetError(f"a concept named {concept.name!r} already exists (version {self.version}); "
-                                  "remove it first or choose another name")
+            raise ConceptSetError(
+                f"a concept named {concept.name!r} already exists (version {self.version}); "
+                "remove it first or choose another name"
+            )
         return self._next(self.concepts + (concept,))
 
-    def without(self, name: str) -> "ConceptSet":
+    def without(self, name: str) -> ConceptSet:
         if self.get(name) is None:
-            raise ConceptSetError(f"no concept named {name!r} in the set (version {self.version}); "
-                                  f"it holds: {', '.join(self.names) or 'none'}")
+            raise ConceptSetError(
+                f"no concept named {name!r} in the set (version {self.version}); "
+                f"it holds: {', '.join(self.names) or 'none'}"
+            )
         return self._next(tuple(c for c in self.concepts if c.name != name))
 
-    def with_threshold(self, name: str, threshold: float) -> "ConceptSet":
+    def with_threshold(self, name: str, threshold: float) -> ConceptSet:
         concept = self.get(name)
         if concept is None:
             raise ConceptSetError(f"no concept named {name!r} in the set (version {self.version})")
         check_threshold(threshold)
-        return self._next(tuple(replace(c, threshold=float(threshold)) if c.name == name else c
-                                for c in self.concepts))
+        return self._next(tuple(replace(c, threshold=float(threshold)) if c.name == name else c for c in self.concepts))
 
-    def _next(self, concepts: Tuple[CustomConcept, ...]) -> "ConceptSet":
-        changed = ConceptSet(version=self.version + 1, embedding_dim=self.embedding_dim, concepts=concepts,
-                             updated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    def _next(self, concepts: Tuple[CustomConcept, ...]) -> ConceptSet:
+        changed = ConceptSet(
+            version=self.version + 1,
+            embedding_dim=self.embedding_dim,
+            concepts=concepts,
+            updated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        )
         return parse(dumps(changed), embedding_dim=self.embedding_dim)  # the very checks the server runs
 
     def to_json(self) -> Dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "version": self.version, "embedding_dim": self.embedding_dim,
-                "updated": self.updated, "concepts": [c.to_json() for c in self.concepts]}
+        return {
+            "format_version": FORMAT_VERSION,
+            "version": self.version,
+            "embedding_dim": self.embedding_dim,
+            "updated": self.updated,
+            "concepts": [c.to_json() for c in self.concepts],
+        }
 
 
 def empty(embedding_dim: int, version: int = 0) -> ConceptSet:
-    return ConceptSet(version=version, embedding_dim=embedding_dim, concepts=(),
-                      updated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"))
+    return ConceptSet(
+        version=version,
+        embedding_dim=embedding_dim,
+        concepts=(),
+        updated=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    )
 
 
 def normalize_rows(matrix: np.ndarray) -> np.ndarray:
@@ -166,12 +188,20 @@ def unit_vector(vectors: np.ndarray) -> np.ndarray:
     return mean / norm
 
 
-def make_concept(name: str, embedding: Sequence[float], threshold: float, source: Dict[str, Any],
-                 category: str = DEFAULT_CATEGORY, created: Optional[str] = None) -> CustomConcept:
+def make_concept(
+    name: str,
+    embedding: Sequence[float],
+    threshold: float,
+    source: Dict[str, Any],
+    category: str = DEFAULT_CATEGORY,
+    created: Optional[str] = None,
+) -> CustomConcept:
     """A concept from an embedding (normalised here), checked as the file parser checks it."""
     vector = unit_vector(np.asarray(embedding, dtype=np.float64)[np.newaxis])
     concept = CustomConcept(
-        name=name, category=category, source=source,
+        name=name,
+        category=category,
+        source=source,
         embedding=tuple(float(str(v)) for v in vector.astype(np.float32)),  # shortest float32 decimals
         threshold=threshold,
         created=created or _dt.date.today().isoformat(),
@@ -200,8 +230,9 @@ def parse(text: Union[str, bytes], embedding_dim: Optional[int] = None, origin: 
     try:
         data = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as error:
-        raise ConceptSetError(f"{origin} is not valid JSON: line {error.lineno} column {error.colno}: "
-                              f"{error.msg}") from None
+        raise ConceptSetError(
+            f"{origin} is not valid JSON: line {error.lineno} column {error.colno}: {error.msg}"
+        ) from None
     except ValueError as error:  # NaN / Infinity
         raise ConceptSetError(f"{origin}: {error}") from None
     try:
@@ -266,20 +297,21 @@ def _concept(item: Any, index: int, dim: int) -> CustomConcept:
         where = f"concept {index} ({name!r})"
     unknown = sorted(set(item) - _CONCEPT_KEYS)
     if unknown:
-        raise ConceptSetError(f"{where}: unknown key(s) {', '.join(unknown)} "
-                              f"(allowed: {', '.join(sorted(_CONCEPT_KEYS))})")
+        raise ConceptSetError(
+            f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(_CONCEPT_KEYS))})"
+        )
     missing = sorted(_CONCEPT_KEYS - set(item))
     if missing:
         raise ConceptSetError(f"{where}: missing key(s) {', '.join(missing)}")
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
-        raise ConceptSetError(f"{where}: name {name!r} must be 1-64 letters, digits, '_', '.' or '-', "
-                              "starting with a letter or digit")
+        raise ConceptSetError(
+            f"{where}: name {name!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+        )
     if RESERVED_NAME.match(name):
         raise ConceptSetError(f"{where}: name {name!r} is reserved for the built-in concepts")
     category = item["category"]
     if not isinstance(category, str) or not CATEGORY_PATTERN.match(category):
-        raise ConceptSetError(f"{where}: category {category!r} must be 1-64 letters, digits, spaces, '_', '.' "
-                              "or '-'")
+        raise ConceptSetError(f"{where}: category {category!r} must be 1-64 letters, digits, spaces, '_', '.' or '-'")
     source = _source(item["source"], where)
     threshold = check_threshold(item["threshold"], f"{where}: threshold")
     embedding = item["embedding"]
@@ -295,33 +327,56 @@ def _concept(item: Any, index: int, dim: int) -> CustomConcept:
     created = item["created"]
     if not isinstance(created, str) or not _iso_date(created):
         raise ConceptSetError(f"{where}: created {created!r} is not an ISO date (YYYY-MM-DD)")
-    return CustomConcept(name=name, category=category, source=source, embedding=tuple(float(v) for v in embedding),
-                         threshold=threshold, created=created)
+    return CustomConcept(
+        name=name,
+        category=category,
+        source=source,
+        embedding=tuple(float(v) for v in embedding),
+        threshold=threshold,
+        created=created,
+    )
 
 
 def _source(source: Any, where: str) -> Dict[str, Any]:
     if not isinstance(source, dict) or source.get("kind") not in ("text", "images"):
-        raise ConceptSetError(f'{where}: source must be {{"kind": "text", "text": ...}} or '
-                              f'{{"kind": "images", "sha256": [...]}}, got {source!r}')
+        raise ConceptSetError(
+            f'{where}: source must be {{"kind": "text", "text": ...}} or '
+            f'{{"kind": "images", "sha256": [...]}}, got {source!r}'
+        )
     if source["kind"] == "text":
         if set(source) != {"kind", "text"} or not isinstance(source["text"], str) or not source["text"].strip():
             raise ConceptSetError(f'{where}: a text source is {{"kind": "text", "text": "<non-empty phrase>"}}')
         return {"kind": "text", "text": source["text"]}
     hashes = source.get("sha256")
-    if set(source) != {"kind", "sha256"} or not isinstance(hashes, list) or not hashes \
-            or not all(isinstance(h, str) and SHA256.match(h) for h in hashes):
-        raise ConceptSetError(f'{where}: an image source is {{"kind": "images", "sha256": [<64 lowercase hex '
-                              'digits>, ...]}} with at least one hash')
+    if (
+        set(source) != {"kind", "sha256"}
+        or not isinstance(hashes, list)
+        or not hashes
+        or not all(isinstance(h, str) and SHA256.match(h) for h in hashes)
+    ):
+        raise ConceptSetError(
+            f'{where}: an image source is {{"kind": "images", "sha256": [<64 lowercase hex '
+            "digits>, ...]}} with at least one hash"
+        )
     return {"kind": "images", "sha256": list(hashes)}
 
 
+# The forms `date.isoformat()` and `datetime.isoformat()` write. Python 3.11's
+# fromisoformat also takes "20261128", "2026-W48" or a "Z" suffix, which the
+# NGC 24.10 Python backend (3.10) refuses: a file the CLI accepted would then
+# stop the server from loading it. So the accepted forms are pinned here.
+_ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
+_ISO_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{3}|\.\d{6})?([+-]\d{2}:\d{2})?")
+
+
 def _iso_date(text: str) -> bool:
-    for parse_one in (_dt.date.fromisoformat, _dt.datetime.fromisoformat):
-        try:
-            parse_one(text)
-            return True
-        except ValueError:
-            pass
+    for form, parse_one in ((_ISO_DATE, _dt.date.fromisoformat), (_ISO_DATETIME, _dt.datetime.fromisoformat)):
+        if form.fullmatch(text):
+            try:
+                parse_one(text)
+                return True
+            except ValueError:
+                return False
     return False
 
 

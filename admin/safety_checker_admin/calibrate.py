@@ -82,7 +82,7 @@ def check_files(client: SafetyCheckerClient, files: Sequence[Path]) -> List[Chec
     results: List[CheckResult] = []
     batch = client.max_batch_size
     for start in range(0, len(files), batch):
-        chunk = files[start:start + batch]
+        chunk = files[start : start + batch]
         try:
             pixels = preprocess([load_image(f) for f in chunk])
             results += client.check_batch(pixels, strictness=spec.DEFAULT_STRICTNESS)
@@ -96,9 +96,11 @@ def concept_scores(results: Sequence[CheckResult], name: str) -> Tuple[np.ndarra
     cosines, adjustments = [], []
     for result in results:
         if name not in result.custom_cosines:
-            raise CalibrationError(f"the server serves no custom concept named {name!r} (it serves: "
-                                   f"{', '.join(result.custom_cosines) or 'none'}, set version "
-                                   f"{result.concept_set_version})")
+            raise CalibrationError(
+                f"the server serves no custom concept named {name!r} (it serves: "
+                f"{', '.join(result.custom_cosines) or 'none'}, set version "
+                f"{result.concept_set_version})"
+            )
         cosines.append(np.float32(result.custom_cosines[name]))
         adjustments.append(0.01 if any(s > 0 for s in result.special_scores) else 0.0)
     return np.array(cosines, dtype=np.float32), np.array(adjustments, dtype=np.float64)
@@ -109,8 +111,10 @@ def operating_points(fires: np.ndarray, labels: np.ndarray, thresholds: np.ndarr
     positives, negatives = int(labels.sum()), int((~labels).sum())
     true_positives = (fires & labels[np.newaxis]).sum(axis=1)
     false_positives = (fires & ~labels[np.newaxis]).sum(axis=1)
-    return [Operating(float(t), int(tp), int(fp), positives, negatives)
-            for t, tp, fp in zip(thresholds, true_positives, false_positives)]
+    return [
+        Operating(float(t), int(tp), int(fp), positives, negatives)
+        for t, tp, fp in zip(thresholds, true_positives, false_positives)
+    ]
 
 
 def choose(points: List[Operating], target_fpr: Optional[float]) -> Operating:
@@ -132,16 +136,16 @@ def _fraction(value: Optional[float]) -> str:
     return "n/a" if value is None else f"{value:.3f}"
 
 
-def plot_histograms(path: Path, positive: np.ndarray, negative: np.ndarray, threshold: float, xlabel: str,
-                    title: str) -> None:
+def plot_histograms(
+    path: Path, positive: np.ndarray, negative: np.ndarray, threshold: float, xlabel: str, title: str
+) -> None:
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as error:
-        raise CalibrationError(f"the plot needs matplotlib ({error}): pip install 'safety-checker-client[calibrate]'"
-                               ) from None
+        raise CalibrationError(f"the plot needs matplotlib ({error}): pip install './admin[calibrate]'") from None
     values = np.concatenate([positive, negative, [threshold]]).astype(np.float64)
     low, high = float(values.min()), float(values.max())
     pad = max((high - low) * 0.05, 1e-3)
@@ -163,8 +167,16 @@ def plot_histograms(path: Path, positive: np.ndarray, negative: np.ndarray, thre
         plt.close(figure)
 
 
-def calibrate(client: SafetyCheckerClient, positive_dir: Path, negative_dir: Path, *, name: Optional[str],
-              target_fpr: Optional[float], plot: Path, out: TextIO) -> int:
+def calibrate(
+    client: SafetyCheckerClient,
+    positive_dir: Path,
+    negative_dir: Path,
+    *,
+    name: Optional[str],
+    target_fpr: Optional[float],
+    plot: Path,
+    out: TextIO,
+) -> int:
     import sys
 
     try:
@@ -196,28 +208,55 @@ def calibrate(client: SafetyCheckerClient, positive_dir: Path, negative_dir: Pat
             tp = sum(s and lab for s, lab in zip(served, labels))
             fp = sum(s and not lab for s, lab in zip(served, labels))
             now = Operating(float("nan"), tp, fp, len(positive), len(negative))
-            print(f"as served now: precision {_fraction(now.precision)}, recall {now.recall:.3f}, false-positive "
-                  f"rate {now.false_positive_rate:.3f}", file=out)
+            print(
+                f"as served now: precision {_fraction(now.precision)}, recall {now.recall:.3f}, false-positive "
+                f"rate {now.false_positive_rate:.3f}",
+                file=out,
+            )
             print(f"proposed threshold: {chosen.threshold:.3f} ({rule})", file=out)
         else:
             adjustment = -chosen.threshold + 0.0
             print(f"proposed cut on the highest built-in score: {chosen.threshold:.3f} ({rule})", file=out)
             allowed = abs(adjustment) <= spec.MAX_STRICTNESS_ADJUSTMENT + 1e-12
-            print(f"  = request parameter {spec.STRICTNESS_ADJUSTMENT_PARAMETER}={adjustment:.3f}"
-                  + ("" if allowed else f" (outside the allowed [-{spec.MAX_STRICTNESS_ADJUSTMENT:g}, "
-                                        f"{spec.MAX_STRICTNESS_ADJUSTMENT:g}])"), file=out)
-        print(f"  precision {_fraction(chosen.precision)} ({chosen.true_positives} of "
-              f"{chosen.true_positives + chosen.false_positives} flagged are positive)", file=out)
-        print(f"  recall    {chosen.recall:.3f} ({chosen.true_positives} of {chosen.positives} positives flagged)",
-              file=out)
-        print(f"  false-positive rate {chosen.false_positive_rate:.3f} ({chosen.false_positives} of "
-              f"{chosen.negatives} negatives flagged), F1 {chosen.f1:.3f}", file=out)
-        plot_histograms(plot, values[labels], values[~labels], chosen.threshold, what,
-                        f"calibration: {name if name else 'built-in concepts'}")
+            print(
+                f"  = request parameter {spec.STRICTNESS_ADJUSTMENT_PARAMETER}={adjustment:.3f}"
+                + (
+                    ""
+                    if allowed
+                    else f" (outside the allowed [-{spec.MAX_STRICTNESS_ADJUSTMENT:g}, "
+                    f"{spec.MAX_STRICTNESS_ADJUSTMENT:g}])"
+                ),
+                file=out,
+            )
+        print(
+            f"  precision {_fraction(chosen.precision)} ({chosen.true_positives} of "
+            f"{chosen.true_positives + chosen.false_positives} flagged are positive)",
+            file=out,
+        )
+        print(
+            f"  recall    {chosen.recall:.3f} ({chosen.true_positives} of {chosen.positives} positives flagged)",
+            file=out,
+        )
+        print(
+            f"  false-positive rate {chosen.false_positive_rate:.3f} ({chosen.false_positives} of "
+            f"{chosen.negatives} negatives flagged), F1 {chosen.f1:.3f}",
+            file=out,
+        )
+        plot_histograms(
+            plot,
+            values[labels],
+            values[~labels],
+            chosen.threshold,
+            what,
+            f"calibration: {name if name else 'built-in concepts'}",
+        )
         print(f"wrote {plot}", file=out)
         if name is not None:
-            print(f"apply it: safety-checker concepts set-threshold --repository DIR --url {client.url} "
-                  f"--name {name} --threshold {chosen.threshold:.3f}", file=out)
+            print(
+                f"apply it: safety-checker concepts set-threshold --repository DIR --url {client.url} "
+                f"--name {name} --threshold {chosen.threshold:.3f}",
+                file=out,
+            )
     except CalibrationError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -1,0 +1,44 @@
+"""The operator's subcommands of `safety-checker`, registered through the entry-point group
+`safety_checker.commands` (see the client's cli.py): `serve` and `concepts`.
+
+Only argparse runs here when the command line is parsed; each command imports
+what it needs when it runs, so `safety-checker check` stays as light with the
+operator package installed as without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_serve(commands) -> None:
+    serve = commands.add_parser("serve", help="serve a model repository with the bundled CPU tritonserver")
+    serve.add_argument("--repository", required=True, type=Path)
+    serve.add_argument("--host", default="127.0.0.1", help="address HTTP and gRPC bind to (default 127.0.0.1)")
+    serve.add_argument("--http-port", type=int, default=8000)
+    serve.add_argument("--grpc-port", type=int, default=8001)
+    serve.add_argument("--metrics-port", type=int, default=8002)
+    serve.add_argument(
+        "--model-config-name", default="cpu", help="use configs/NAME.pbtxt where a model has one (default: cpu)"
+    )
+    serve.set_defaults(run=_serve)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from safety_checker_admin.server import serve_forever
+
+    return serve_forever(
+        args.repository,
+        http_port=args.http_port,
+        grpc_port=args.grpc_port,
+        metrics_port=args.metrics_port,
+        host=args.host,
+        model_config_name=args.model_config_name,
+    )
+
+
+def add_concepts(commands) -> None:
+    from safety_checker_admin import concepts
+
+    concepts.add_parser(commands)

@@ -1,0 +1,356 @@
+"""One description per served model: the single source of every config.pbtxt and of each version folder.
+
+Like TensorRT's demo/Diffusion, which keeps one description per network, each
+model of the repository is described here once: its name, backend, tensors
+(from the client's `spec`, the served contract), batching, parameters and the
+Python files its version folder needs. `export.configs` renders every
+config.pbtxt from these descriptions, and `export.repository` copies the
+listed files; nothing about a served model is written anywhere else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Tuple
+
+import safety_checker_admin.concept_set
+from export.served import SOURCE_REPOSITORY
+from safety_checker_client import spec
+from safety_checker_client.spec import TensorSpec
+
+# The homes of the files the export copies into other models' version folders.
+ONNX_RUNNER = (
+    SOURCE_REPOSITORY / spec.EMBEDDER_MODEL / "1" / "model.py",
+    SOURCE_REPOSITORY / spec.EMBEDDER_MODEL / "1" / "session.py",
+)
+CONCEPT_SET_MODULE = Path(safety_checker_admin.concept_set.__file__).resolve()
+
+# The names given to --model-config-name: configs/cpu.pbtxt (the bundled CPU
+# server) and configs/fast.pbtxt (TensorRT FP16 on a GPU, opt-in).
+CPU_CONFIG_NAME = "cpu"
+FAST_CONFIG_NAME = "fast"
+
+# GPU: two instances, so that one batch's copies and batch formation overlap the other's compute.
+GPU_INSTANCES = 2
+# TensorRT engine profile and cache (fast configuration).
+GPU_OPT_BATCH = 16
+GPU_WORKSPACE_BYTES = 4 << 30
+GPU_ENGINE_CACHE = "/trt-cache"
+# The engine cache prefix of the committed reference configs; the export writes model.onnx's digest.
+REFERENCE_ENGINE_KEY = "not-exported"
+
+# Dynamic batching: how long a request may wait for others to fill a batch.
+GPU_QUEUE_DELAY_US = 2000
+CPU_QUEUE_DELAY_US = 0
+POSTPROCESS_QUEUE_DELAY_US = 500
+
+
+@dataclass(frozen=True)
+class Parameter:
+    """A config `parameters` entry (always a string_value, as Triton passes them to Python models)."""
+
+    key: str
+    value: str
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class DynamicBatching:
+    max_queue_delay_us: int
+    preferred_batch_sizes: Tuple[int, ...] = ()
+    comment: str = ""
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """An onnxruntime execution accelerator on the GPU ("tensorrt" or "cuda") and its parameters."""
+
+    name: str
+    parameters: Tuple[Tuple[str, str], ...]
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One config file of a model: config.pbtxt (what the NGC container loads) or configs/NAME.pbtxt."""
+
+    backend: str  # "python", "onnxruntime", or "ensemble" (rendered as its platform)
+    comment: str
+    config_name: Optional[str] = None  # None: config.pbtxt; NAME: configs/NAME.pbtxt
+    instance_kind: Optional[str] = None  # KIND_CPU / KIND_GPU; None for ensembles
+    instance_count: int = 1
+    batching: Optional[DynamicBatching] = None
+    parameters: Tuple[Parameter, ...] = ()
+    default_model_filename: Optional[str] = None
+    accelerator: Optional[Accelerator] = None
+    warmup_batch: Optional[int] = None  # a zero batch of this size at load
+    comment_instances: str = ""
+
+    @property
+    def path(self) -> Path:
+        return Path("config.pbtxt") if self.config_name is None else Path("configs", f"{self.config_name}.pbtxt")
+
+
+@dataclass(frozen=True)
+class Step:
+    """One model of an ensemble; every tensor keeps its own name, which spec keeps unique."""
+
+    model: str
+    inputs: Tuple[TensorSpec, ...]
+    outputs: Tuple[TensorSpec, ...]
+    comment: str
+
+
+@dataclass(frozen=True)
+class ServedModel:
+    name: str
+    inputs: Tuple[TensorSpec, ...]
+    outputs: Tuple[TensorSpec, ...]
+    variants: Tuple[Variant, ...]
+    steps: Tuple[Step, ...] = ()  # ensembles only
+    # Python files whose home is elsewhere, copied into the version folder by the export.
+    copied_files: Tuple[Path, ...] = ()
+    max_batch_size: int = spec.MAX_BATCH_SIZE
+
+
+_EMBED = Step(
+    spec.EMBEDDER_MODEL,
+    spec.EMBEDDER_INPUTS,
+    spec.EMBEDDER_OUTPUTS,
+    "ONNX graph: CLIP vision tower, projection, cosines to the concepts.",
+)
+_POSTPROCESS = Step(
+    spec.POSTPROCESS_MODEL,
+    spec.POSTPROCESS_INPUTS,
+    spec.POSTPROCESS_OUTPUTS,
+    "Python: thresholds, rounding and the special-care rule, as diffusers.",
+)
+_NORMALIZE = Step(
+    spec.NORMALIZE_MODEL,
+    spec.NORMALIZE_INPUTS,
+    spec.NORMALIZE_OUTPUTS,
+    "ONNX lookup table: rescale and normalise, exactly as CLIPImageProcessor.",
+)
+
+ENSEMBLE = ServedModel(
+    spec.ENSEMBLE_MODEL,
+    spec.ENSEMBLE_INPUTS,
+    spec.ENSEMBLE_OUTPUTS,
+    steps=(_EMBED, _POSTPROCESS),
+    variants=(
+        Variant(
+            "ensemble",
+            """The guardrail's public contract: CLIP pixel_values in, per image the
+decision diffusers' StableDiffusionSafetyChecker.forward() takes, the rounded
+per-concept scores behind it and the projected image embedding.""",
+        ),
+    ),
+)
+
+UINT8_ENSEMBLE = ServedModel(
+    spec.UINT8_ENSEMBLE_MODEL,
+    spec.UINT8_ENSEMBLE_INPUTS,
+    spec.UINT8_ENSEMBLE_OUTPUTS,
+    steps=(_NORMALIZE, _EMBED, _POSTPROCESS),
+    variants=(
+        Variant(
+            "ensemble",
+            f"""The same checker for clients that send resized and cropped uint8
+RGB images (150 KB per image instead of 602 KB of float32 pixel_values);
+the server normalises them. Same outputs and decisions as "{spec.ENSEMBLE_MODEL}".""",
+        ),
+    ),
+)
+
+_ONNX_FILE = Parameter(
+    "onnx_filename", spec.ONNX_FILENAME, "The ONNX file in the version folder, shared with the onnxruntime backend."
+)
+
+NORMALIZE = ServedModel(
+    spec.NORMALIZE_MODEL,
+    spec.NORMALIZE_INPUTS,
+    spec.NORMALIZE_OUTPUTS,
+    copied_files=ONNX_RUNNER,
+    variants=(
+        Variant(
+            "onnxruntime",
+            f"""uint8 images -> pixel_values on the GPU with the onnxruntime backend. No
+dynamic batching here: each request goes straight on to the embedder, which
+batches. configs/{CPU_CONFIG_NAME}.pbtxt runs the same model.onnx on CPU.""",
+            instance_kind="KIND_GPU",
+            default_model_filename=spec.ONNX_FILENAME,
+        ),
+        Variant(
+            "python",
+            """uint8 images -> pixel_values on CPU: the embedder's Python onnxruntime
+runner (1/model.py, copied by the export) on this folder's model.onnx, a
+table lookup that takes about a millisecond per image on one thread.""",
+            config_name=CPU_CONFIG_NAME,
+            instance_kind="KIND_CPU",
+            parameters=(_ONNX_FILE, Parameter("intra_op_num_threads", "1")),
+        ),
+    ),
+)
+
+
+def _profile_shape(batch: int) -> str:
+    pixels = spec.PIXEL_VALUES
+    return f"{pixels.name}:" + "x".join(str(d) for d in (batch, *pixels.dims))
+
+
+def embedder(engine_cache_key: str = REFERENCE_ENGINE_KEY) -> ServedModel:
+    """The embedder; `engine_cache_key` (model.onnx's digest) keeps TensorRT engines of different exports apart."""
+    batching = DynamicBatching(
+        GPU_QUEUE_DELAY_US,
+        comment=f"""A GPU computes a batch faster per image than single images: wait up to
+{GPU_QUEUE_DELAY_US} us for requests to form one (up to max_batch_size; no preferred
+sizes, since none was measured to be faster).""",
+    )
+    instances = f"""{GPU_INSTANCES} instances on the GPU: while one runs a batch, the other's batch is
+formed and copied."""
+    return ServedModel(
+        spec.EMBEDDER_MODEL,
+        spec.EMBEDDER_INPUTS,
+        spec.EMBEDDER_OUTPUTS,
+        variants=(
+            Variant(
+                "onnxruntime",
+                f"""Embedder on a GPU with Triton's onnxruntime backend (NGC container): the
+default config, exact. The CUDA provider runs the graph in fp32 with TF32
+off (onnxruntime enables TF32 by default, which rounds matmul inputs to 10
+mantissa bits on Ampere and later), so decisions are those of the CPU path
+and of diffusers' fp32 forward(). configs/{FAST_CONFIG_NAME}.pbtxt (TensorRT FP16) is
+faster and not exact; configs/{CPU_CONFIG_NAME}.pbtxt serves the same model.onnx on CPU.""",
+                instance_kind="KIND_GPU",
+                instance_count=GPU_INSTANCES,
+                comment_instances=instances,
+                default_model_filename=spec.ONNX_FILENAME,
+                batching=batching,
+                accelerator=Accelerator("cuda", (("use_tf32", "0"),)),
+                warmup_batch=spec.MAX_BATCH_SIZE,
+            ),
+            Variant(
+                "onnxruntime",
+                f"""Embedder on a GPU with TensorRT in FP16 (--model-config-name={FAST_CONFIG_NAME}):
+fast, and NOT exact. FP16 moves cosines, so a score next to a threshold can round
+the other way than diffusers' fp32; how far has not been measured on
+TensorRT (docs/gpu.md). With explicit profiles onnxruntime builds the engine
+(batch 1..{spec.MAX_BATCH_SIZE}, tuned for {GPU_OPT_BATCH}) when the session is created, before
+the model reports ready: minutes on the first start. Engines are cached in
+{GPU_ENGINE_CACHE} (a volume) under a prefix that is model.onnx's digest, because
+onnxruntime's cache key does not hash the weights: a re-exported checker of
+the same architecture gets its own engine instead of the old one.""",
+                config_name=FAST_CONFIG_NAME,
+                instance_kind="KIND_GPU",
+                instance_count=GPU_INSTANCES,
+                comment_instances=instances,
+                default_model_filename=spec.ONNX_FILENAME,
+                batching=batching,
+                accelerator=Accelerator(
+                    "tensorrt",
+                    (
+                        ("precision_mode", "FP16"),
+                        ("max_workspace_size_bytes", str(GPU_WORKSPACE_BYTES)),
+                        ("trt_engine_cache_enable", "1"),
+                        ("trt_engine_cache_path", GPU_ENGINE_CACHE),
+                        ("trt_engine_cache_prefix", f"checker_{engine_cache_key}"),
+                        ("trt_timing_cache_enable", "1"),
+                        ("trt_timing_cache_path", GPU_ENGINE_CACHE),
+                        ("trt_profile_min_shapes", _profile_shape(1)),
+                        ("trt_profile_opt_shapes", _profile_shape(GPU_OPT_BATCH)),
+                        ("trt_profile_max_shapes", _profile_shape(spec.MAX_BATCH_SIZE)),
+                    ),
+                ),
+                warmup_batch=spec.MAX_BATCH_SIZE,
+            ),
+            Variant(
+                "python",
+                f"""Embedder on CPU: a Python-backend model running the same model.onnx with
+onnxruntime (the bundled tritonserver has no onnxruntime backend).
+Selected with --model-config-name={CPU_CONFIG_NAME}.""",
+                config_name=CPU_CONFIG_NAME,
+                instance_kind="KIND_CPU",
+                comment_instances="""Tuned with `make bench` on a 2-core AVX2 machine (docs/benchmarks.md): one
+instance, because onnxruntime already keeps every core busy on one image and
+two single-thread instances were no faster; and no queue delay, because on a
+CPU a bigger batch does not make an image cheaper. Requests that arrive while
+a batch runs (about a second per image) still go together into the next one;
+a request that finds the model idle starts at once.""",
+                batching=DynamicBatching(CPU_QUEUE_DELAY_US),
+                parameters=(
+                    _ONNX_FILE,
+                    Parameter(
+                        "intra_op_num_threads",
+                        "0",
+                        """onnxruntime intra-op threads; 0 lets it use all physical cores. Any
+onnxruntime session config entry ("session.*") may be added the same way.""",
+                    ),
+                ),
+                warmup_batch=1,
+            ),
+        ),
+    )
+
+
+def postprocess(strictness: str = spec.DEFAULT_STRICTNESS) -> ServedModel:
+    """The postprocessor with the server's default strictness preset (the export's --strictness)."""
+    if strictness not in spec.STRICTNESS_PRESETS:
+        raise ValueError(f"unknown strictness preset {strictness!r} (one of {', '.join(spec.STRICTNESS_PRESETS)})")
+    return ServedModel(
+        spec.POSTPROCESS_MODEL,
+        spec.POSTPROCESS_INPUTS,
+        spec.POSTPROCESS_OUTPUTS,
+        copied_files=(CONCEPT_SET_MODULE,),
+        variants=(
+            Variant(
+                "python",
+                f"""Thresholds, rounding and the special-care rule of diffusers'
+StableDiffusionSafetyChecker.forward(), vectorised over every request of a
+batch. Thresholds are read from 1/{spec.CONCEPTS_FILENAME}, written by the export;
+custom concepts from 1/{spec.CUSTOM_CONCEPTS_FILENAME}, re-read whenever it changes.
+Inputs and outputs are read by position, in the order declared here.""",
+                instance_kind="KIND_CPU",
+                batching=DynamicBatching(POSTPROCESS_QUEUE_DELAY_US),
+                parameters=(
+                    Parameter(
+                        spec.STRICTNESS_CONFIG_KEY,
+                        strictness,
+                        f"""The strictness preset every request gets unless it
+sends the request parameter "{spec.STRICTNESS_PARAMETER}" (a preset) or
+"{spec.STRICTNESS_ADJUSTMENT_PARAMETER}" (a number). "{spec.DEFAULT_STRICTNESS}" reproduces the reference
+checker exactly.""",
+                    ),
+                    Parameter(
+                        "strictness_presets",
+                        json.dumps(spec.STRICTNESS_PRESETS),
+                        'Adjustment added to every score before the "> 0" test (diffusers PR #9068).',
+                    ),
+                    Parameter(
+                        "max_strictness_adjustment",
+                        f"{spec.MAX_STRICTNESS_ADJUSTMENT:g}",
+                        "Largest |strictness_adjustment| a request may ask for.",
+                    ),
+                    Parameter(
+                        "strictness_parameter",
+                        spec.STRICTNESS_PARAMETER,
+                        "The request parameters that choose a preset or an adjustment.",
+                    ),
+                    Parameter("strictness_adjustment_parameter", spec.STRICTNESS_ADJUSTMENT_PARAMETER),
+                    Parameter(
+                        "concepts_file",
+                        spec.CONCEPTS_FILENAME,
+                        "Files in the version folder: the built-in thresholds, the operator's concepts.",
+                    ),
+                    Parameter("custom_concepts_file", spec.CUSTOM_CONCEPTS_FILENAME),
+                ),
+            ),
+        ),
+    )
+
+
+def served_models(
+    strictness: str = spec.DEFAULT_STRICTNESS, engine_cache_key: str = REFERENCE_ENGINE_KEY
+) -> Tuple[ServedModel, ...]:
+    """Every model of the repository the export writes."""
+    return (ENSEMBLE, UINT8_ENSEMBLE, NORMALIZE, embedder(engine_cache_key), postprocess(strictness))

@@ -1,1 +1,0 @@
-../../safety_checker_embedder/1/model.py

@@ -1,1 +1,0 @@
-../../../client/safety_checker_client/concept_set.py
