@@ -1,6 +1,7 @@
 # make serve:     set up, export the model if needed, serve it on CPU.
 # make test:      set up and run the whole test suite (what CI runs, after make lint).
 # make test-fast: the tests that start no tritonserver and are not slow (under a minute).
+# make deploy-check: the KServe manifests, validated and their runtime arguments served.
 # make lint:      ruff (lint and format check) and vermin (served code runs on Python 3.10).
 # make style:     let ruff fix and format what it can.
 # make bench:     diffusers vs onnxruntime vs the served checker, full size (~12 min on 2 cores).
@@ -19,7 +20,7 @@ STAMP := $(REPOSITORY)/.exported-from
 # What Triton's Python backend runs: the NGC 24.10 container's Python is 3.10.
 SERVED_PYTHON := model_repository admin/safety_checker_admin/concept_set.py
 
-.PHONY: setup repository serve test test-fast lint style bench clean
+.PHONY: setup repository serve test test-fast deploy-check lint style bench clean
 
 setup: $(VENV)/.installed
 
@@ -45,6 +46,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -m "not server and not slow"
+
+# The KServe manifests: schemas, the runtime's own arguments served, the admin API, two replicas.
+deploy-check: setup
+	$(PY) -m pytest tests/test_deploy_manifests.py tests/test_deploy_runtime.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

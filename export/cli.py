@@ -10,6 +10,7 @@ from typing import Optional, Sequence
 
 from export.checkpoint import DEFAULT_MODEL, CheckpointError, check_preprocessor, load_checkpoint
 from export.graph import EmbedderGraph
+from export.models import Settings
 from export.onnx_export import DEFAULT_OPSET, DEFAULT_TOLERANCE, VerificationError, export_onnx, verify_onnx
 from export.quantize import DEFAULT_CHECK_IMAGES, compare_int8, quantize_int8, summary
 from export.repository import RepositoryError, concept_metadata, existing_custom_concepts, model_dims, write_repository
@@ -36,6 +37,14 @@ def _parser() -> argparse.ArgumentParser:
         f"(default {spec.DEFAULT_STRICTNESS}: the reference checker's decisions)",
     )
     parser.add_argument(
+        "--concepts-dir",
+        default="",
+        metavar="DIR",
+        help="read the custom concept set from DIR/custom_concepts.json on the server instead of the "
+        "postprocessor's version folder: a folder every replica shares, e.g. a ConfigMap mounted at "
+        "/mnt/concepts (an absolute path as the server sees it)",
+    )
+    parser.add_argument(
         "--int8",
         action="store_true",
         help="serve a dynamically quantised int8 embedder (faster on CPU; can change decisions "
@@ -55,6 +64,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(argv)
     if args.opset < 17:
         print(f"error: --opset {args.opset} is below 17", file=sys.stderr)
+        return 2
+    if args.concepts_dir and not args.concepts_dir.startswith("/"):
+        print(f"error: --concepts-dir {args.concepts_dir!r} must be an absolute path on the server", file=sys.stderr)
         return 2
     try:
         print(f"loading {args.model}", flush=True)
@@ -78,9 +90,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 report = compare_int8(onnx_file, int8_file, metadata, images=args.int8_check_images)
                 print(summary(report))
                 onnx_file = int8_file
-            write_repository(
-                args.repository, onnx_file, dims, metadata, strictness=args.strictness, quantization=report
-            )
+            settings = Settings(strictness=args.strictness, concepts_dir=args.concepts_dir)
+            write_repository(args.repository, onnx_file, dims, metadata, settings, quantization=report)
     except (CheckpointError, VerificationError, RepositoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -14,10 +14,11 @@ from typing import Dict, Iterable
 
 from export.models import (
     FAST_CONFIG_NAME,
-    REFERENCE_ENGINE_KEY,
+    REFERENCE_SETTINGS,
     SOURCE_REPOSITORY,
     Parameter,
     ServedModel,
+    Settings,
     Step,
     Variant,
     served_models,
@@ -151,24 +152,17 @@ def render(model: ServedModel, variant: Variant, dims: ModelDims) -> str:
     )
 
 
-def render_all(
-    dims: ModelDims, strictness: str = spec.DEFAULT_STRICTNESS, engine_cache_key: str = REFERENCE_ENGINE_KEY
-) -> Dict[Path, str]:
+def render_all(dims: ModelDims, settings: Settings = REFERENCE_SETTINGS) -> Dict[Path, str]:
     """Every config file of the repository, by its path relative to the repository root."""
     return {
         Path(model.name, variant.path): render(model, variant, dims)
-        for model in served_models(strictness, engine_cache_key)
+        for model in served_models(settings)
         for variant in model.variants
     }
 
 
-def write_all(
-    repository: Path,
-    dims: ModelDims,
-    strictness: str = spec.DEFAULT_STRICTNESS,
-    engine_cache_key: str = REFERENCE_ENGINE_KEY,
-) -> None:
-    for relative, text in render_all(dims, strictness, engine_cache_key).items():
+def write_all(repository: Path, dims: ModelDims, settings: Settings = REFERENCE_SETTINGS) -> None:
+    for relative, text in render_all(dims, settings).items():
         target = repository / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)

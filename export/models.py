@@ -235,9 +235,11 @@ faster and not exact; configs/{CPU_CONFIG_NAME}.pbtxt serves the same model.onnx
                 f"""Embedder on a GPU with TensorRT in FP16 (--model-config-name={FAST_CONFIG_NAME}):
 fast, and NOT exact. FP16 moves cosines, so a score next to a threshold can round
 the other way than diffusers' fp32; how far has not been measured on
-TensorRT (docs/gpu.md). With explicit profiles onnxruntime builds the engine
-(batch 1..{spec.MAX_BATCH_SIZE}, tuned for {GPU_OPT_BATCH}) when the session is created, before
-the model reports ready: minutes on the first start. Engines are cached in
+TensorRT (docs/gpu.md). Each LayerNorm's variance stays in fp32
+(trt_layer_norm_fp32_fallback, on the export's decomposed LayerNorms).
+With explicit profiles onnxruntime builds the engine (batch
+1..{spec.MAX_BATCH_SIZE}, tuned for {GPU_OPT_BATCH}) when the session is created, before the model
+reports ready: minutes on the first start. Engines are cached in
 {GPU_ENGINE_CACHE} (a volume) under a prefix that is model.onnx's digest, because
 onnxruntime's cache key does not hash the weights: a re-exported checker of
 the same architecture gets its own engine instead of the old one.""",
@@ -251,6 +253,8 @@ the same architecture gets its own engine instead of the old one.""",
                     "tensorrt",
                     (
                         ("precision_mode", "FP16"),
+                        # Keeps each LayerNorm's variance (Pow -> ReduceMean, as the export decomposes it) in fp32.
+                        ("trt_layer_norm_fp32_fallback", "1"),
                         ("max_workspace_size_bytes", str(GPU_WORKSPACE_BYTES)),
                         ("trt_engine_cache_enable", "1"),
                         ("trt_engine_cache_path", GPU_ENGINE_CACHE),
@@ -293,8 +297,9 @@ onnxruntime session config entry ("session.*") may be added the same way.""",
     )
 
 
-def postprocess(strictness: str = spec.DEFAULT_STRICTNESS) -> ServedModel:
-    """The postprocessor with the server's default strictness preset (the export's --strictness)."""
+def postprocess(strictness: str = spec.DEFAULT_STRICTNESS, concepts_dir: str = "") -> ServedModel:
+    """The postprocessor with the server's default strictness preset (the export's --strictness) and the folder
+    of its custom concept set ("": its version folder; the export's --concepts-dir)."""
     if strictness not in spec.STRICTNESS_PRESETS:
         raise ValueError(f"unknown strictness preset {strictness!r} (one of {', '.join(spec.STRICTNESS_PRESETS)})")
     return ServedModel(
@@ -343,14 +348,37 @@ checker exactly.""",
                         "Files in the version folder: the built-in thresholds, the operator's concepts.",
                     ),
                     Parameter("custom_concepts_file", spec.CUSTOM_CONCEPTS_FILENAME),
+                    Parameter(
+                        "custom_concepts_dir",
+                        concepts_dir,
+                        """Where custom_concepts_file is read: empty for the version folder, or a
+folder every replica shares (a ConfigMap volume), re-read when it changes.""",
+                    ),
                 ),
             ),
         ),
     )
 
 
-def served_models(
-    strictness: str = spec.DEFAULT_STRICTNESS, engine_cache_key: str = REFERENCE_ENGINE_KEY
-) -> Tuple[ServedModel, ...]:
+@dataclass(frozen=True)
+class Settings:
+    """What one export chooses for its served models; the defaults render the committed reference configs."""
+
+    strictness: str = spec.DEFAULT_STRICTNESS  # the server's default preset (--strictness)
+    engine_cache_key: str = REFERENCE_ENGINE_KEY  # model.onnx's digest: the TensorRT engine cache prefix
+    concepts_dir: str = ""  # where the custom concept set is read (--concepts-dir); "": the version folder
+
+
+# What the committed model_repository/ configs are rendered with.
+REFERENCE_SETTINGS = Settings()
+
+
+def served_models(settings: Settings = REFERENCE_SETTINGS) -> Tuple[ServedModel, ...]:
     """Every model of the repository the export writes."""
-    return (ENSEMBLE, UINT8_ENSEMBLE, NORMALIZE, embedder(engine_cache_key), postprocess(strictness))
+    return (
+        ENSEMBLE,
+        UINT8_ENSEMBLE,
+        NORMALIZE,
+        embedder(settings.engine_cache_key),
+        postprocess(settings.strictness, settings.concepts_dir),
+    )

@@ -6,12 +6,14 @@ run the file and its cosines agree with the PyTorch model on random inputs.
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from export.graph import EmbedderGraph
 from safety_checker_client import spec
@@ -26,8 +28,42 @@ class VerificationError(RuntimeError):
     """The ONNX graph does not reproduce the PyTorch model."""
 
 
+class DecomposedLayerNorm(nn.Module):
+    """A LayerNorm that exports as ReduceMean, Sub, Pow, ReduceMean, Add, Sqrt, Div, Mul, Add.
+
+    Why not opset 17's LayerNormalization: onnxruntime's TensorRT option
+    trt_layer_norm_fp32_fallback (the fast GPU config) keeps exactly this
+    Pow -> ReduceMean in fp32, the variance that overflows in FP16, and has no
+    hold on a LayerNormalization node. onnxruntime's CPU and CUDA providers fuse
+    the pattern back into their LayerNormalization kernel, and the export's
+    verification holds it to PyTorch's LayerNorm like everything else.
+    """
+
+    def __init__(self, norm: nn.LayerNorm) -> None:
+        super().__init__()
+        self.weight, self.bias, self.eps = norm.weight, norm.bias, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = x - x.mean(-1, keepdim=True)
+        variance = centred.pow(2).mean(-1, keepdim=True)
+        return centred / torch.sqrt(variance + self.eps) * self.weight + self.bias
+
+
+def with_decomposed_layer_norms(module: nn.Module) -> nn.Module:
+    """A copy of `module` whose every nn.LayerNorm (over the last dimension) is a DecomposedLayerNorm."""
+    module = copy.deepcopy(module)
+    for name, child in list(module.named_modules()):
+        if isinstance(child, nn.LayerNorm):
+            if len(child.normalized_shape) != 1:
+                raise ValueError(f"{name}: only a LayerNorm over the last dimension can be decomposed")
+            parent_name, _, attribute = name.rpartition(".")
+            setattr(module.get_submodule(parent_name), attribute, DecomposedLayerNorm(child))
+    return module
+
+
 def export_onnx(graph: EmbedderGraph, path: Path, opset: int = DEFAULT_OPSET) -> None:
-    """Write `graph` as a single-file fp32 ONNX model with a dynamic batch axis."""
+    """Write `graph` as a single-file fp32 ONNX model with a dynamic batch axis, LayerNorms decomposed."""
+    graph = with_decomposed_layer_norms(graph)
     names_in = [t.name for t in spec.EMBEDDER_INPUTS]
     names_out = [t.name for t in spec.EMBEDDER_OUTPUTS]
     example = torch.zeros(2, spec.NUM_CHANNELS, spec.IMAGE_SIZE, spec.IMAGE_SIZE)

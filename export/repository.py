@@ -8,6 +8,7 @@ carried over byte for byte; a first export writes an empty one (version 0).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 from export import configs
-from export.models import SOURCE_REPOSITORY, served_models
+from export.models import REFERENCE_SETTINGS, SOURCE_REPOSITORY, Settings, served_models
 from export.normalize import write_normalizer
 from export.quantize import REPORT_FILENAME
 from safety_checker_admin import concept_set
@@ -102,10 +103,12 @@ def write_repository(
     onnx_file: Path,
     dims: ModelDims,
     metadata: Dict[str, Any],
-    strictness: str = spec.DEFAULT_STRICTNESS,
+    settings: Settings = REFERENCE_SETTINGS,
     quantization: Optional[Dict[str, Any]] = None,
 ) -> None:
     """Write the model folders; an existing custom concept set is kept, otherwise an empty one is made.
+
+    `settings`: the export's choices; its engine cache key is replaced by the digest of `onnx_file`.
 
     `quantization`: the int8 report, stored beside a quantised model.onnx so it is never unlabelled.
     """
@@ -113,13 +116,14 @@ def write_repository(
     destination.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=destination))
     try:
-        for model in served_models(strictness):
+        settings = dataclasses.replace(settings, engine_cache_key=_digest(onnx_file))
+        for model in served_models(settings):
             shutil.copytree(SOURCE_REPOSITORY / model.name, staging / model.name, ignore=_NOT_COPIED)
             # Version 1 of every model; the ensembles' are empty, which git does not keep.
             (staging / model.name / "1").mkdir(exist_ok=True)
             for source in model.copied_files:
                 shutil.copyfile(source, staging / model.name / "1" / source.name)
-        configs.write_all(staging, dims, strictness, engine_cache_key=_digest(onnx_file))
+        configs.write_all(staging, dims, settings)
         shutil.copyfile(onnx_file, staging / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME)
         if quantization is not None:
             report = staging / spec.EMBEDDER_MODEL / "1" / REPORT_FILENAME

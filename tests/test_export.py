@@ -14,6 +14,7 @@ from conftest import exported, run_export
 
 from export import configs
 from export.graph import EmbedderGraph
+from export.models import Settings
 from export.onnx_export import VerificationError, export_onnx, verify_onnx
 from export.repository import MODEL_FOLDERS
 from fixtures.checkers import build_checker, save_checker
@@ -39,7 +40,7 @@ def test_writes_a_complete_repository(repository, reference_checker):
 
     dims = ModelDims(17, 3, reference_checker.config.projection_dim)
     digest = hashlib.sha256(onnx_file.read_bytes()).hexdigest()[:16]
-    for relative, text in configs.render_all(dims, engine_cache_key=digest).items():
+    for relative, text in configs.render_all(dims, Settings(engine_cache_key=digest)).items():
         assert (repository / relative).read_text() == text
     metadata = json.loads((repository / spec.POSTPROCESS_MODEL / "1" / spec.CONCEPTS_FILENAME).read_text())
     assert [c["threshold"] for c in metadata["concepts"]] == reference_checker.concept_embeds_weights.tolist()

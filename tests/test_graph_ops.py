@@ -130,3 +130,25 @@ def test_nonfinite_count_is_exact_per_image(onnx_file, level):
     np.testing.assert_array_equal(counts, expected)
     (single,) = session.run([spec.NONFINITE_VALUES.name], {spec.PIXEL_VALUES.name: images[1:2]})
     np.testing.assert_array_equal(single, expected[1:2])
+
+
+def test_layer_norms_are_decomposed_for_the_tensorrt_fp32_fallback(inferred, onnx_file):
+    """Each LayerNorm exports as Pow -> ReduceMean (the variance), the pattern trt_layer_norm_fp32_fallback keeps in
+    fp32 under FP16; onnxruntime's CPU provider fuses every one back into its LayerNormalization kernel."""
+    import onnxruntime as ort
+    from torch import nn
+
+    layer_norms = sum(isinstance(m, nn.LayerNorm) for m in build_checker().vision_model.modules())
+    nodes = list(_nodes(inferred.graph))
+    producers = {output: node for node in nodes for output in node.output}
+    assert "LayerNormalization" not in {n.op_type for n in nodes}
+    variances = [n for n in nodes if n.op_type == "ReduceMean" and producers[n.input[0]].op_type == "Pow"]
+    assert len(variances) == layer_norms > 0
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.optimized_model_filepath = str(onnx_file.with_name("optimized.onnx"))
+    ort.InferenceSession(str(onnx_file), options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath)
+    fused = [n for n in optimized.graph.node if n.op_type == "LayerNormalization"]
+    assert len(fused) == layer_norms and "Pow" not in {n.op_type for n in optimized.graph.node}

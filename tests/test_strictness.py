@@ -20,6 +20,7 @@ from reference import diffusers_forward
 from tritonclient.utils import InferenceServerException
 
 from export import configs
+from export.models import Settings
 from export.onnx_export import reference_outputs
 from export.served import served_module
 from safety_checker_client import spec
@@ -209,7 +210,7 @@ def test_configured_preset(repository_copy, pixels, reference, server):
     from safety_checker_admin.server import TritonServer, free_port
 
     dims = ModelDims(17, 3, 16)
-    strong = configs.render_all(dims, "strong")[configs.POSTPROCESS_CONFIG]
+    strong = configs.render_all(dims, Settings(strictness="strong"))[configs.POSTPROCESS_CONFIG]
     (repository_copy / configs.POSTPROCESS_CONFIG).write_text(strong)
     pixels = pixels[:40]
     with TritonServer(
@@ -236,4 +237,4 @@ def test_unknown_configured_preset_stops_the_model_loading(repository_copy):
 
 def test_render_refuses_an_unknown_preset():
     with pytest.raises(ValueError, match="unknown strictness preset"):
-        configs.render_all(spec.REFERENCE_DIMS, "lenient")
+        configs.render_all(spec.REFERENCE_DIMS, Settings(strictness="lenient"))

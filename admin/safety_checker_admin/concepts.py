@@ -219,6 +219,8 @@ def _add(args: argparse.Namespace, out: TextIO) -> int:
         )
     path = concept_file(args)
     current = read_set(path)
+    # A phrase's default threshold comes from the repository: known (or refused) before any work is done.
+    text_default = builtin_thresholds(args.repository) if args.text and args.threshold is None else None
     if current.get(args.name) is not None:
         raise ConceptCommandError(
             f"a concept named {args.name!r} already exists in {path} (version "
@@ -244,8 +246,7 @@ def _add(args: argparse.Namespace, out: TextIO) -> int:
                 raise ConceptCommandError(str(error)) from None
             source = {"kind": "text", "text": args.text}
             if args.threshold is None:
-                thresholds = builtin_thresholds(args.repository)
-                threshold = round(float(np.mean(thresholds)), 3)
+                threshold = round(float(np.mean(text_default)), 3)
                 how = "the mean threshold of the built-in concepts, which are text embeddings too"
         if args.threshold is not None:
             threshold, how = float(args.threshold), "--threshold"

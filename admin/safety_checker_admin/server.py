@@ -43,7 +43,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import List, Optional, Tuple, Type
+from typing import List, Optional, Sequence, Tuple, Type
 
 # Requests to our own server must never go through an http(s)_proxy.
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -143,7 +143,13 @@ class TritonServer:
         host: str = "127.0.0.1",
         model_config_name: Optional[str] = "cpu",
         log_verbose: bool = False,
+        arguments: Optional[Sequence[str]] = None,
+        wrapper: Sequence[str] = (),
     ) -> None:
+        """`arguments`: run tritonserver with exactly these arguments (a deployment's own command line, e.g. a
+        KServe ServingRuntime's) instead of the launcher's; only --backend-directory is added, and the ports
+        given here must be the ones in them (they are polled). `wrapper`: a command the server runs under
+        (e.g. a mount namespace that puts the repository where those arguments expect it)."""
         self.repository = Path(repository).resolve()
         self.host = host
         self.ports = {"HTTP": http_port, "gRPC": grpc_port, "metrics": metrics_port}
@@ -153,6 +159,8 @@ class TritonServer:
             raise ServerError(f"invalid model config name {model_config_name!r} (no spaces allowed)")
         self.model_config_name = model_config_name
         self.log_verbose = log_verbose
+        self.arguments = None if arguments is None else list(arguments)
+        self.wrapper = list(wrapper)
         self._process: Optional[subprocess.Popen] = None
         self._backend_dir: Optional[Path] = None
         self._log_path: Optional[Path] = None
@@ -217,7 +225,10 @@ class TritonServer:
         return env
 
     def _command(self, binary: Path, backends: Path) -> List[str]:
+        if self.arguments is not None:
+            return [*self.wrapper, str(binary), f"--backend-directory={backends}", *self.arguments]
         cmd = [
+            *self.wrapper,
             str(binary),
             f"--model-repository={self.repository}",
             f"--backend-directory={backends}",
@@ -243,7 +254,7 @@ class TritonServer:
         """Launch tritonserver and wait until it is ready; ServerError on any failure."""
         if self.running:
             raise ServerError("tritonserver is already running")
-        if not self.repository.is_dir():
+        if self.arguments is None and not self.repository.is_dir():
             raise ServerError(f"model repository not found: {self.repository}")
         for name, port in self.ports.items():
             if _port_in_use(self.host, port):

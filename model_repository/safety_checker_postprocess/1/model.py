@@ -85,7 +85,9 @@ class TritonPythonModel:
         self.default_strictness = self.presets[preset]
 
         embedding_dim = int(config["input"][self.inputs.index(self.image_embeds)]["dims"][-1])
-        path = os.path.join(version_dir, parameters["custom_concepts_file"])
+        # A folder every replica shares (a ConfigMap volume on Kubernetes), or else the version folder.
+        concepts_dir = parameters.get("custom_concepts_dir") or version_dir
+        path = os.path.join(concepts_dir, parameters["custom_concepts_file"])
         self.custom = CustomConceptFile(path, embedding_dim)
         pb_utils.Logger.log_info(
             f"strictness preset {preset!r} (adjustment {self.default_strictness:+g}); "

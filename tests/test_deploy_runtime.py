@@ -1,0 +1,308 @@
+"""The KServe runtime's own command line, run for real, and one concept set for every replica.
+
+The CPU ServingRuntime's container arguments are read from the YAML and run by
+the bundled tritonserver (2.51, the NGC 24.10 release's). What is substituted,
+and nothing else: the three ports (free ones, so tests never collide), the
+backend directory (the launcher adds `--backend-directory`: the wheel keeps
+its backends elsewhere than the NGC image), and `$(ADMIN_API_KEY)`, which the
+kubelet expands from the Secret and is expanded here from the same Secret
+manifest. The paths stay as written: each server runs in a private mount
+namespace (`unshare`) whose /mnt holds the exported repository at
+/mnt/models and a folder laid out exactly like a ConfigMap volume at
+/mnt/concepts. The GPU runtime's arguments differ only in the model config
+name (its embedder needs the onnxruntime backend, which the wheel lacks); the
+manifest tests check that.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+import yaml
+from conftest import ROOT, run_export
+from tritonclient.utils import InferenceServerException
+
+from safety_checker_admin import concept_set
+from safety_checker_admin.server import TritonServer, free_port
+from safety_checker_client import spec
+from safety_checker_client.client import SafetyCheckerClient
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+
+DEPLOY = ROOT / "deploy" / "kserve"
+MODELS, CONCEPTS = "/mnt/models", "/mnt/concepts"
+KEY_HEADER = "admin-key"
+# Over gRPC, Triton expects the restricted-protocol header under this prefix.
+GRPC_KEY_HEADER = f"triton-grpc-protocol-{KEY_HEADER}"
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def manifest(name: str) -> dict:
+    return yaml.safe_load((DEPLOY / name).read_text())
+
+
+def secret_key() -> str:
+    return manifest("admin-api-secret.yaml")["stringData"]["key"]
+
+
+def runtime_arguments(ports: Dict[str, int]) -> List[str]:
+    """The CPU runtime's args after `tritonserver`, with only the ports and the Secret's key substituted."""
+    (container,) = manifest("servingruntime-cpu.yaml")["spec"]["containers"]
+    args = container["args"]
+    assert args[0] == "tritonserver"
+    flags = {"--http-port": ports["http"], "--grpc-port": ports["grpc"], "--metrics-port": ports["metrics"]}
+    out = []
+    for arg in args[1:]:
+        name = arg.split("=", 1)[0]
+        arg = f"{name}={flags[name]}" if name in flags else arg
+        out.append(arg.replace("$(ADMIN_API_KEY)", secret_key()))
+    assert f"--model-repository={MODELS}" in out
+    return out
+
+
+def configmap_volume(directory: Path, files: Dict[str, str], stamp: str) -> None:
+    """Write `files` as the kubelet writes a ConfigMap volume: a timestamped folder, `..data` pointing to it,
+    one symlink per key through `..data`; a later call swaps `..data` in one rename, as an update does."""
+    directory.mkdir(parents=True, exist_ok=True)
+    folder = directory / f"..{stamp}"
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    previous = os.readlink(directory / "..data") if (directory / "..data").is_symlink() else None
+    os.symlink(folder.name, directory / "..data_tmp")
+    os.rename(directory / "..data_tmp", directory / "..data")
+    for name in files:
+        if not (directory / name).is_symlink():
+            os.symlink(f"..data/{name}", directory / name)
+    if previous is not None:
+        shutil.rmtree(directory / previous)
+
+
+def namespace(repository: Path, concepts: Path) -> List[str]:
+    """A private mount namespace with the repository at /mnt/models and the concepts at /mnt/concepts."""
+    script = (
+        'mount -t tmpfs tmpfs /mnt && mkdir /mnt/models /mnt/concepts && mount --bind "$1" /mnt/models '
+        '&& mount --bind "$2" /mnt/concepts && shift 2 && exec "$@"'
+    )
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(repository), str(concepts)]
+
+
+def replica(repository: Path, concepts: Path) -> TritonServer:
+    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    return TritonServer(
+        Path(MODELS),
+        http_port=ports["http"],
+        grpc_port=ports["grpc"],
+        metrics_port=ports["metrics"],
+        arguments=runtime_arguments(ports),
+        wrapper=namespace(repository, concepts),
+    )
+
+
+def concept_file(version: int, names: List[str], dim: int) -> str:
+    rng = np.random.default_rng(version)
+    concepts = tuple(
+        concept_set.make_concept(name, rng.standard_normal(dim), -1.0, {"kind": "text", "text": f"a {name}"})
+        for name in names
+    )
+    return concept_set.dumps(concept_set.ConceptSet(version=version, embedding_dim=dim, concepts=concepts))
+
+
+@pytest.fixture(scope="module")
+def deployed(parity_set, tmp_path_factory):
+    """The repository exported as the KServe guide says: the custom concept set read from /mnt/concepts."""
+    target = tmp_path_factory.mktemp("mnt-models")
+    result = run_export(parity_set.checker_dir, target, "--concepts-dir", CONCEPTS)
+    assert result.returncode == 0, result.stderr
+    return target
+
+
+def test_runtime_arguments_load_and_answer_with_admin_apis_restricted(deployed, parity_set, tmp_path):
+    concepts = tmp_path / "concepts"
+    configmap_volume(concepts, {spec.CUSTOM_CONCEPTS_FILENAME: concept_file(3, ["logo"], 16)}, "2026_11_30_12_00_00.1")
+    with replica(deployed, concepts) as server:
+        with SafetyCheckerClient(server.grpc_url) as client:
+            (answer,) = client.check_batch(parity_set.pixels[:1])
+        assert answer.concept_set_version == 3 and list(answer.custom_scores) == ["logo"]
+        assert answer.custom_scores["logo"] > 0 and answer.flagged  # threshold -1 fires on every image
+
+        base, key = f"http://{server.http_url}", secret_key()
+
+        def status(method: str, path: str, body: bytes = b"", headers: Optional[Dict[str, str]] = None) -> int:
+            request = urllib.request.Request(base + path, data=body or None, method=method, headers=headers or {})
+            try:
+                with _HTTP.open(request, timeout=30) as response:
+                    return response.status
+            except urllib.error.HTTPError as error:
+                return error.code
+
+        admin = [
+            ("GET", "/v2/logging"),
+            ("POST", "/v2/logging"),
+            ("GET", "/v2/trace/setting"),
+            ("GET", "/v2/systemsharedmemory/status"),
+            ("POST", "/v2/repository/index"),
+        ]
+        for method, path in admin:
+            body = b"{}" if method == "POST" else b""
+            assert status(method, path, body) == 403, path
+            assert status(method, path, body, {KEY_HEADER: "wrong"}) == 403, path
+        assert status("POST", "/v2/logging", b'{"log_verbose_level": 0}', {KEY_HEADER: key}) == 200
+        for _, path in admin[:3] + [("", "/v2/systemsharedmemory/status")]:
+            assert status("GET", path, headers={KEY_HEADER: key}) == 200, path
+        assert status("POST", "/v2/repository/index", b"{}", {KEY_HEADER: key}) == 200
+        # Inference, health, metadata and statistics stay open.
+        for path in (
+            "/v2/health/ready",
+            "/v2/health/live",
+            "/v2",
+            f"/v2/models/{spec.ENSEMBLE_MODEL}",
+            f"/v2/models/{spec.ENSEMBLE_MODEL}/stats",
+        ):
+            assert status("GET", path) == 200, path
+
+        grpc = grpcclient.InferenceServerClient(server.grpc_url)
+        with pytest.raises(InferenceServerException):
+            grpc.get_log_settings()
+        with pytest.raises(InferenceServerException):
+            grpc.get_system_shared_memory_status()
+        assert grpc.get_log_settings(headers={GRPC_KEY_HEADER: key}) is not None
+        assert grpc.get_system_shared_memory_status(headers={GRPC_KEY_HEADER: key}) is not None
+        assert grpc.is_server_ready()
+        metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.ports['metrics']}/metrics", timeout=30).read()
+        assert b"nv_inference_queue_duration_us" in metrics and b"nv_inference_request_success" in metrics
+
+
+def test_two_replicas_follow_one_configmap_swap_under_load(deployed, parity_set, tmp_path):
+    """Two replicas read one ConfigMap-laid-out folder; after the kubelet-style swap of `..data` both serve the new
+    version, and no request fails while they change over."""
+    concepts = tmp_path / "concepts"
+    configmap_volume(concepts, {spec.CUSTOM_CONCEPTS_FILENAME: concept_file(1, [], 16)}, "2026_11_30_12_00_00.1")
+    pixels = parity_set.pixels[:2]
+    with replica(deployed, concepts) as first, replica(deployed, concepts) as second:
+        servers = [first, second]
+        failures: List[str] = []
+        seen: Dict[int, List[int]] = {0: [], 1: []}
+        stop = threading.Event()
+
+        def load(index: int) -> None:
+            with SafetyCheckerClient(servers[index].grpc_url) as client:
+                deadline = time.monotonic() + 120  # bounded, whatever happens
+                while not stop.is_set() and time.monotonic() < deadline:
+                    try:
+                        versions = {r.concept_set_version for r in client.check_batch(pixels)}
+                    except Exception as error:
+                        failures.append(f"replica {index}: {error}")
+                        continue
+                    assert len(versions) == 1, versions  # a request is answered wholly under one set
+                    seen[index].append(versions.pop())
+
+        threads = [threading.Thread(target=load, args=(i,)) for i in (0, 1, 0, 1)]
+        for thread in threads:
+            thread.start()
+        try:
+            time.sleep(1.0)
+            new = concept_file(2, ["logo", "gore"], 16)
+            configmap_volume(concepts, {spec.CUSTOM_CONCEPTS_FILENAME: new}, "2026_11_30_12_05_00.2")
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not all(seen[i] and seen[i][-1] == 2 for i in (0, 1)):
+                time.sleep(0.2)
+            time.sleep(1.0)  # keep the load on after the change-over
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join()
+    assert failures == []
+    for index in (0, 1):
+        assert seen[index][0] == 1 and seen[index][-1] == 2, (index, seen[index][:3], seen[index][-3:])
+        changes = [b for a, b in zip(seen[index], seen[index][1:]) if a != b]
+        assert len(changes) <= 2, changes  # 1 -> 2, at most once per thread; never back
+
+
+def test_concepts_export_emits_the_configmap(tmp_path):
+    """`safety-checker concepts export --configmap NAME` writes the ConfigMap every replica mounts."""
+    from test_deploy_manifests import problems
+
+    folder = tmp_path / "concepts"
+    folder.mkdir()
+    (folder / spec.CUSTOM_CONCEPTS_FILENAME).write_text(concept_file(4, ["logo"], 16))
+    command = [
+        str(ROOT / ".venv" / "bin" / "safety-checker"),
+        "concepts",
+        "export",
+        "--concepts-dir",
+        str(folder),
+        "--configmap",
+        "safety-checker-concepts",
+        "--namespace",
+        "guardrails",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    configmap = yaml.safe_load(result.stdout)
+    assert problems(configmap) == []
+    assert configmap["metadata"] == {"name": "safety-checker-concepts", "namespace": "guardrails"}
+    text = configmap["data"][spec.CUSTOM_CONCEPTS_FILENAME]
+    assert text == (folder / spec.CUSTOM_CONCEPTS_FILENAME).read_text()
+    assert concept_set.parse(text.encode(), embedding_dim=16).version == 4
+    assert re.search(r"kubectl apply", result.stderr)
+    # An invalid set is never exported.
+    (folder / spec.CUSTOM_CONCEPTS_FILENAME).write_text(
+        json.dumps({"format_version": 1, "version": "x", "embedding_dim": 16, "concepts": []})
+    )
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 1 and refused.stdout == "" and "version" in refused.stderr
+
+
+def test_concept_commands_write_a_concepts_dir_without_waiting(server, tmp_path):
+    """`--concepts-dir` edits the folder a ConfigMap is made from; `--no-wait` does not wait for a server that only
+    sees the change once the ConfigMap is applied."""
+    from PIL import Image
+
+    folder = tmp_path / "concepts"
+    folder.mkdir()
+    (folder / spec.CUSTOM_CONCEPTS_FILENAME).write_text(concept_file(0, [], 16))
+    picture = tmp_path / "logo.png"
+    Image.fromarray((np.arange(96 * 64 * 3) * 7 % 256).astype(np.uint8).reshape(96, 64, 3)).save(picture)
+    command = str(ROOT / ".venv" / "bin" / "safety-checker")
+    added = subprocess.run(
+        [command, "concepts", "add", "--concepts-dir", str(folder), "--url", server.grpc_url, "--no-wait",
+         "--name", "logo", "--image", str(picture)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    assert "now serves" not in added.stdout  # it did not wait for the server
+    written = concept_set.read(folder / spec.CUSTOM_CONCEPTS_FILENAME)
+    assert written.version == 1 and written.names == ["logo"]
+    listed = subprocess.run([command, "concepts", "list", "--concepts-dir", str(folder), "--json"],
+                            capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert json.loads(listed.stdout)["concepts"][0]["name"] == "logo"
+    both = subprocess.run([command, "concepts", "list", "--concepts-dir", str(folder), "--repository", str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
+    text = subprocess.run(
+        [command, "concepts", "add", "--concepts-dir", str(folder), "--url", server.grpc_url, "--no-wait",
+         "--name", "gore", "--text", "gore"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert text.returncode == 1 and "give --threshold" in text.stderr
+
+
+def test_export_refuses_a_relative_concepts_dir(tmp_path):
+    from export.cli import main
+
+    assert main(["--repository", str(tmp_path / "repository"), "--concepts-dir", "concepts"]) == 2
+    assert not (tmp_path / "repository").exists()
