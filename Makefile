@@ -16,6 +16,8 @@ GRPC_PORT ?= 8001
 METRICS_PORT ?= 8002
 # The export records which MODEL it wrote here; a different MODEL re-exports.
 STAMP := $(REPOSITORY)/.exported-from
+# perf_analyzer's own prefix (bench/perf.py finds it there).
+PERF_ANALYZER := .perf-analyzer
 
 # What Triton's Python backend runs: the NGC 24.10 container's Python is 3.10.
 SERVED_PYTHON := model_repository admin/safety_checker_admin/concept_set.py
@@ -24,10 +26,12 @@ SERVED_PYTHON := model_repository admin/safety_checker_admin/concept_set.py
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements/dev.txt requirements/export.txt client/pyproject.toml admin/pyproject.toml
+$(VENV)/.installed: requirements/dev.txt requirements/export.txt requirements/perf-analyzer.txt \
+		client/pyproject.toml admin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install -r requirements/dev.txt
+	$(PY) -m pip install --quiet --no-deps --prefix $(PERF_ANALYZER) -r requirements/perf-analyzer.txt
 	touch $@
 
 repository: setup
