@@ -31,7 +31,7 @@ $(VENV)/.installed: requirements/dev.txt requirements/export.txt requirements/pe
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install -r requirements/dev.txt
-	$(PY) -m pip install --quiet --no-deps --prefix $(PERF_ANALYZER) -r requirements/perf-analyzer.txt
+	$(PY) -m pip install --quiet --no-deps --ignore-installed --prefix $(PERF_ANALYZER) -r requirements/perf-analyzer.txt
 	touch $@
 
 repository: setup

@@ -37,3 +37,15 @@ def test_committed_input_data_exists_for_every_ensemble():
 def test_a_missing_binary_is_reported(tmp_path):
     with pytest.raises(perf.PerfAnalyzerError, match="make setup"):
         perf.binary(tmp_path)
+
+
+def test_the_clients_tritonclient_stays_current():
+    """perf_analyzer's old tritonclient lives in its own prefix; the environment keeps the pinned one."""
+    from importlib.metadata import version
+
+    from conftest import ROOT
+
+    pinned = [line for line in (ROOT / "requirements" / "dev.txt").read_text().splitlines()
+              if line.startswith("tritonclient")]  # fmt: skip
+    assert pinned == [f"tritonclient[grpc,http]=={version('tritonclient')}"]
+    assert perf.binary().is_file()
