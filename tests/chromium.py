@@ -148,12 +148,12 @@ class Chromium:
             raise ChromiumError(f"{expression}: {result['exceptionDetails']}")
         return result["result"].get("value")
 
-    def box(self, selector: str) -> Dict[str, float]:
-        """The element's box in viewport pixels, after scrolling it into view."""
+    def box(self, selector: str, scroll: bool = True) -> Dict[str, float]:
+        """The element's box in viewport pixels (as drawn, transforms included), scrolled into view first."""
         found = self.evaluate(
             f"(function () {{ var e = document.querySelector({json.dumps(selector)}); if (!e) return null;"
-            " e.scrollIntoView({block: 'center'}); var r = e.getBoundingClientRect();"
-            " return {x: r.x, y: r.y, width: r.width, height: r.height}; })()"
+            + (" e.scrollIntoView({block: 'center'});" if scroll else "")
+            + " var r = e.getBoundingClientRect(); return {x: r.x, y: r.y, width: r.width, height: r.height}; })()"
         )
         if found is None:
             raise ChromiumError(f"no element matches {selector!r}")
