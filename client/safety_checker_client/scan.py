@@ -555,6 +555,7 @@ class ScanResult:
     skipped: int  # already answered in the report
     interrupted: bool = False
     file_errors: int = 0  # flagged files that could not be copied or moved
+    cpu_s: float = 0.0  # this process's CPU time (every thread) during the run
 
     @property
     def images_per_s(self) -> float:
@@ -597,7 +598,7 @@ class Scanner:
 
     def run(self, items: Sequence[Item]) -> ScanResult:
         options = self.options
-        started = time.monotonic()
+        started, cpu_started = time.monotonic(), _cpu_s()
         received = 0
         todo = iter(items)
         ready: List[Item] = []
@@ -668,6 +669,7 @@ class Scanner:
             skipped=0,
             interrupted=self.stop.is_set(),
             file_errors=self.file_errors,
+            cpu_s=_cpu_s() - cpu_started,
         )
 
     def _record(self, item: Item, result: Optional[CheckResult], error: Optional[str]) -> None:
@@ -976,7 +978,7 @@ def summary_lines(
         f"scanned {files} files: {total.checked} images checked, {total.flagged} flagged, {total.errors} errors"
         + (" (interrupted)" if result.interrupted else ""),
         f"this run: {result.this_run} images checked in {duration(result.seconds)} "
-        f"({result.images_per_s:.1f} images/s)"
+        f"({result.images_per_s:.2f} images/s, client CPU {result.cpu_s:.2f} s)"
         + (f"; {result.skipped} already checked in {report}" if result.skipped else ""),
     ]
     if total.per_concept:
@@ -989,6 +991,11 @@ def summary_lines(
     if html:
         lines.append(f"page: {html}")
     return lines
+
+
+def _cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def _is_tty(stream: TextIO) -> bool:
