@@ -191,7 +191,10 @@ def render(
         run_note += "; it was interrupted before the end"
     out.append(f'<p class="muted">{esc(run_note)}.</p></section>')
 
-    out.append('<section id="concepts"><h2>Flagged images per concept</h2>')
+    out.append(
+        '<section id="concepts"><h2>Flagged images per concept</h2><p class="muted">Special-care concepts never '
+        "flag an image on their own and are not counted; each image's caption lists every concept that fired.</p>"
+    )
     if tally.per_concept:
         peak = max(tally.per_concept.values())
         out.append("<table><tr><th>concept</th><th>flagged images</th><th></th></tr>")

@@ -78,6 +78,8 @@ MAX_COOLDOWN_S = 60.0
 TICK_S = 0.2
 
 MODES = ("float", "uint8", "encoded")
+# fired_concepts names the special-care concepts so; they are not counted per concept.
+SPECIAL_CARE_PREFIX = "special_care_"
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -519,7 +521,8 @@ class Tally:
             self.flagged += 1
             fired = list(record.get("fired_concepts") or [])
             for name in fired:
-                self.per_concept[name] = self.per_concept.get(name, 0) + 1
+                if not name.startswith(SPECIAL_CARE_PREFIX):  # they never flag an image on their own
+                    self.per_concept[name] = self.per_concept.get(name, 0) + 1
             path = str(record["path"])
             self.flagged_images.append(Flagged(path, location or path, fired, top))
 
@@ -896,16 +899,25 @@ def run(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as error:
             print(f"error: cannot resume from {args.report}: {error}", file=sys.stderr)
             return EXIT_ERROR
+    try:
+        writer = ReportWriter.open(args.report, args.resume)
+    except OSError as error:
+        print(f"error: cannot write the report {args.report}: {error}", file=sys.stderr)
+        return EXIT_ERROR
     items: List[Item] = []
     previous = Tally()
-    for item in expand(args.paths, sys.stdin, skip):
-        record = earlier.get(path_key(item.path))
-        if record is not None and item.error is None:
-            previous.add(record)
-        else:
-            items.append(item)
+    try:
+        for item in expand(args.paths, sys.stdin, skip):
+            record = earlier.get(path_key(item.path))
+            if record is not None and item.error is None:
+                previous.add(record)
+            else:
+                items.append(item)
+    except KeyboardInterrupt:
+        writer.close()
+        print("interrupted while listing the files; nothing was checked", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
-    writer = ReportWriter.open(args.report, args.resume)
     progress = Progress(human, len(items), tty=_is_tty(human))
     stop = threading.Event()
     scanner = Scanner(options, writer, progress, stop=stop, warn=lambda m: print(m, file=sys.stderr, flush=True))
