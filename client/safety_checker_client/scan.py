@@ -605,16 +605,16 @@ class Scanner:
         received = 0
         todo = iter(items)
         ready: List[Item] = []
-        preparing: Set[Future] = set()
-        in_flight: Set[Future] = set()
+        preparing: Dict[Future, Item] = {}
+        in_flight: Dict[Future, List[Item]] = {}
         buffered = options.concurrency * options.batch_size + 2 * options.workers
-        exhausted = False
+        exhausted = stopped = False
         prep_pool = ThreadPoolExecutor(options.workers, thread_name_prefix="scan-prepare")
         check_pool = ThreadPoolExecutor(options.concurrency, thread_name_prefix="scan-check")
         try:
             while True:
-                if self.stop.is_set() and not exhausted:
-                    exhausted = True
+                if self.stop.is_set() and not stopped:
+                    exhausted = stopped = True
                     for future in preparing:
                         future.cancel()
                     preparing.clear()
@@ -633,30 +633,39 @@ class Scanner:
                     if item.error is not None:
                         self._record(item, None, item.error)
                         continue
-                    preparing.add(prep_pool.submit(prepare, item, options.mode))
+                    preparing[prep_pool.submit(prepare, item, options.mode)] = item
                 while (
                     not self.stop.is_set()
                     and len(in_flight) < options.concurrency
                     and (len(ready) >= options.batch_size or (ready and exhausted and not preparing))
                 ):
                     batch, ready = ready[: options.batch_size], ready[options.batch_size :]
-                    in_flight.add(check_pool.submit(check_items, self.servers, batch, options.mode, options.strictness))
+                    future = check_pool.submit(check_items, self.servers, batch, options.mode, options.strictness)
+                    in_flight[future] = batch
                 if not preparing and not in_flight and (exhausted and (not ready or self.stop.is_set())):
                     break
-                done, _ = wait(preparing | in_flight, timeout=TICK_S, return_when=FIRST_COMPLETED)
+                done, _ = wait([*preparing, *in_flight], timeout=TICK_S, return_when=FIRST_COMPLETED)
                 for future in done:
                     if future in preparing:
-                        preparing.discard(future)
-                        item = future.result()
-                        if self.stop.is_set():
+                        item = preparing.pop(future)
+                        if stopped:
                             continue
+                        failure = future.exception()
+                        if failure is not None:  # prepare() catches what it expects; anything else is an error too
+                            item.error = f"cannot read {item.path!r}: {type(failure).__name__}: {failure}"
                         if item.error is not None:
                             self._record(item, None, item.error)
                         else:
                             ready.append(item)
                     else:
-                        in_flight.discard(future)
-                        for item, result, error in future.result():
+                        batch = in_flight.pop(future)
+                        failure = future.exception()
+                        outcomes = (
+                            future.result()
+                            if failure is None
+                            else [(item, None, f"{type(failure).__name__}: {failure}") for item in batch]
+                        )
+                        for item, result, error in outcomes:
                             self._record(item, result, error)
                             received += result is not None
                 if self.progress is not None:
