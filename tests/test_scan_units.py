@@ -98,6 +98,10 @@ class FakeClient:
             for first in firsts
         ]
 
+    def check_files(self, paths: List[str], strictness=None) -> List[CheckResult]:
+        """The encoded form: the file's bytes go to the server, which reads the number from the name here."""
+        return self.check_batch(np.array([[int(Path(p).stem.split("-")[1]) % 256] for p in paths]), strictness)
+
     def close(self) -> None:
         pass
 
@@ -111,10 +115,10 @@ def fake_items(count: int, start: int = 0) -> List[scan.Item]:
     return items
 
 
-def run_fake(items, servers: Dict[str, FakeServer], stop=None, **options):
+def run_fake(items, servers: Dict[str, FakeServer], stop=None, mode="uint8", **options):
     out = io.StringIO()
     writer = scan.ReportWriter(out, ".jsonl", header=False, owned=False)
-    settings = scan.ScanOptions(urls=list(servers), mode="uint8", workers=2, **options)
+    settings = scan.ScanOptions(urls=list(servers), mode=mode, workers=2, **options)
     warnings: List[str] = []
     scanner = scan.Scanner(
         settings, writer, make_client=lambda url: servers[url].client(url), stop=stop, warn=warnings.append
@@ -168,6 +172,15 @@ def test_a_refused_batch_is_split_so_one_bad_image_takes_no_other_down():
     assert len(by_path) == 16
     assert "flagged" not in by_path["image-7.png"] and "invalid" in by_path["image-7.png"]["error"]
     assert all("flagged" in r for p, r in by_path.items() if p != "image-7.png")
+
+
+def test_encoded_sends_the_files_and_splits_a_refused_batch():
+    servers = {"a:1": FakeServer("a:1", refuse_value=3), "b:1": FakeServer("b:1", refuse_value=3)}
+    result, records, _ = run_fake(fake_items(20), servers, mode="encoded", concurrency=2, batch_size=5)
+    by_path = {r["path"]: r for r in records}
+    assert len(by_path) == 20 and "flagged" not in by_path["image-3.png"]
+    assert sum("flagged" in r for r in records) == 19
+    assert sorted(n for s in servers.values() for n in s.seen) == [n for n in range(20) if n != 3]
 
 
 def test_stop_writes_the_answers_in_flight_and_sends_nothing_more():

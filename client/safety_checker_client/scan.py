@@ -70,7 +70,7 @@ _JSON_COLUMNS = ("fired_concepts", "concept_scores", "special_scores", "custom_s
 
 DEFAULT_CONCURRENCY = 8
 DEFAULT_BATCH_SIZE = 8
-DEFAULT_TIMEOUT_S = 120.0
+DEFAULT_TIMEOUT_S = 600.0  # per request: a scan is batch work, and a CPU server queues many images
 # A server that failed is skipped this long, doubled at each further failure up to the maximum.
 COOLDOWN_S = 5.0
 MAX_COOLDOWN_S = 60.0
@@ -999,7 +999,7 @@ def summary_lines(
         f"scanned {files} files: {total.checked} images checked, {total.flagged} flagged, {total.errors} errors"
         + (" (interrupted)" if result.interrupted else ""),
         f"this run: {result.this_run} images checked in {duration(result.seconds)} "
-        f"({result.images_per_s:.2f} images/s, client CPU {result.cpu_s:.2f} s)"
+        f"({result.images_per_s:.{3 if result.images_per_s < 10 else 2}f} images/s, client CPU {result.cpu_s:.2f} s)"
         + (f"; {result.skipped} already checked in {report}" if result.skipped else ""),
     ]
     if total.per_concept:
