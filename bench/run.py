@@ -24,6 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from bench import report
+from bench import scan as scan_bench
 from bench.loadgen import LoadResult, measure
 from export.quantize import REPORT_FILENAME
 from fixtures.checkers import build_checker, save_checker
@@ -196,7 +197,7 @@ def _pooled_server_stats(windows: List[Dict[str, Dict[str, Optional[float]]]]) -
     return pooled
 
 
-def summarize(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+def summarize(rows: List[Dict[str, Any]], scan: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     def best(kind: str) -> Optional[Dict[str, Any]]:
         candidates = [r for r in rows if r["kind"] == kind]
         return max(candidates, key=lambda r: r["images_per_s"]) if candidates else None
@@ -215,6 +216,12 @@ def summarize(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         summary["triton_int8_images_per_s"] = int8["images_per_s"]
         summary["int8_speedup_vs_diffusers"] = int8["images_per_s"] / diffusers["images_per_s"]
         summary["triton_int8_vs_ort_int8"] = int8["images_per_s"] / ort_int8["images_per_s"]
+    if scan:
+        served, ceiling = scan["served"], scan["ceiling"]
+        summary["scan_images_per_s"] = served["images_per_s"]
+        summary["scan_vs_server"] = served["images_per_s"] / triton["images_per_s"]
+        summary["scan_ceiling_images_per_s"] = ceiling["images_per_s"]
+        summary["scan_ceiling_images_per_client_core_s"] = ceiling["images_per_client_cpu_s"]
     return summary
 
 
@@ -251,14 +258,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         say("exporting fp32 and int8 model repositories with `python -m export`")
         export(scratch / "checker", scratch / "fp32", logs / "export-fp32.log")
         export(scratch / "checker", scratch / "int8", logs / "export-int8.log", "--int8")
+        names = ["fp32", "int8"]
+        if not args.quick:  # the client's ceiling needs a server that costs almost nothing: a tiny checker
+            save_checker(scratch / "tiny-checker", build_checker("tiny"))
+            export(scratch / "tiny-checker", scratch / "tiny", logs / "export-tiny.log")
+            names.append("tiny")
         int8_report = json.loads((scratch / "int8" / spec.EMBEDDER_MODEL / "1" / REPORT_FILENAME).read_text())
         pixels = bench_pixels()
         np.save(scratch / "pixels.npy", pixels)
 
-        say("starting two tritonservers (fp32, int8) and the in-process workers")
+        say(f"starting {len(names)} tritonservers ({', '.join(names)}) and the in-process workers")
         servers = {
             name: TritonServer(scratch / name, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-            for name in ("fp32", "int8")
+            for name in names
         }
         workers: List[Worker] = []
         try:
@@ -287,6 +299,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     candidate.windows.append(candidate.window(settings.window_s))
                     bar.update()
             bar.close()
+            best = max(_pooled_triton_row(c)["images_per_s"] for c in candidates if c.kind == "triton")
+            scan = _scan(settings, servers, best, scratch, logs, say)
         finally:
             for worker in workers:
                 worker.close()
@@ -307,14 +321,60 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         },
         "int8_report": int8_report,
         "rows": rows,
-        "summary": summarize(rows),
+        "scan": scan,
+        "summary": summarize(rows, scan),
     }
     report.write_json(results, output / "results.json")
     report.plot(results, output / "throughput.png")
     print(report.table(results))
+    print(scan_line(scan, results["summary"]))
     print(f"results: {output / 'results.json'}, plot: {output / 'throughput.png'}")
     print(json.dumps(results["summary"]))
     return 0
+
+
+# Images in the scan against the served checker: about as long as the load generator's windows together.
+SCAN_IMAGES = (48, 4000)
+# Images in the scan against a tiny checker (the client's ceiling).
+CEILING_IMAGES = {"quick": 96, "full": 800}
+
+
+def _scan(
+    settings: Settings,
+    servers: Dict[str, TritonServer],
+    best: float,
+    scratch: Path,
+    logs: Path,
+    say: Callable[[str], None],
+) -> Dict[str, Any]:
+    """`safety-checker scan` over real-size files: against the served checker, then against a tiny one."""
+    low, high = SCAN_IMAGES
+    count = int(min(max(round(best * settings.window_s * settings.rounds), low), high))
+    quick = "tiny" not in servers
+    ceiling_count = CEILING_IMAGES["quick" if quick else "full"]
+    folder = scan_bench.write_folder(scratch / "scan-images", max(count, ceiling_count))
+    files = sorted(folder.iterdir())
+    served_folder, ceiling_folder = scratch / "scan-served", scratch / "scan-ceiling"
+    for target, number in ((served_folder, count), (ceiling_folder, ceiling_count)):
+        target.mkdir()
+        for source in files[:number]:
+            os.link(source, target / source.name)
+    say(f"safety-checker scan: {count} real-size files against the served checker")
+    served = scan_bench.run_scan(servers["fp32"].grpc_url, served_folder, logs / "scan-served.log")
+    say(f"safety-checker scan: {ceiling_count} real-size files against a tiny checker (the client's ceiling)")
+    ceiling = scan_bench.run_scan(
+        servers["tiny" if not quick else "fp32"].grpc_url, ceiling_folder, logs / "scan-ceiling.log"
+    )
+    return {"served": served, "ceiling": ceiling, "best_served_images_per_s": best}
+
+
+def scan_line(scan: Dict[str, Any], summary: Dict[str, Any]) -> str:
+    served, ceiling = scan["served"], scan["ceiling"]
+    return (
+        f"scan: {served['images']} real-size files at {served['images_per_s']:.2f} images/s against the served "
+        f"checker ({summary['scan_vs_server']:.2f} of the load generator's best); against a tiny checker "
+        f"{ceiling['images_per_s']:.1f} images/s, {ceiling['images_per_client_cpu_s']:.1f} images/s per client core"
+    )
 
 
 def _candidates(

@@ -22,6 +22,10 @@ SUMMARY_KEYS = {
     "triton_images_per_s",
     "speedup_vs_diffusers",
     "triton_vs_ort",
+    "scan_images_per_s",
+    "scan_vs_server",
+    "scan_ceiling_images_per_s",
+    "scan_ceiling_images_per_client_core_s",
 }
 
 
@@ -50,6 +54,19 @@ def test_last_line_is_the_summary_json(quick_run):
     best = {kind: max(r["images_per_s"] for r in rows if r["kind"] == kind) for kind in ("baseline", "ort", "triton")}
     assert summary["speedup_vs_diffusers"] == pytest.approx(best["triton"] / best["baseline"])
     assert summary["triton_vs_ort"] == pytest.approx(best["triton"] / best["ort"])
+    assert summary["scan_vs_server"] == pytest.approx(summary["scan_images_per_s"] / best["triton"])
+
+
+def test_scan_ran_over_real_size_files(quick_run):
+    result, output = quick_run
+    scan = json.loads((output / "results.json").read_text())["scan"]
+    for run in (scan["served"], scan["ceiling"]):
+        assert run["images"] >= 48 and run["images_per_s"] > 0 and run["client_cpu_s"] > 0
+    assert scan["ceiling"]["images_per_client_cpu_s"] == pytest.approx(
+        scan["ceiling"]["images"] / scan["ceiling"]["client_cpu_s"]
+    )
+    assert "real-size files at" in result.stdout and "images/s per client core" in result.stdout
+    assert (output / "logs" / "scan-served.log").read_text().count("images checked") >= 1
 
 
 def test_every_candidate_was_measured_without_errors(quick_run):

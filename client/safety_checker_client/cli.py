@@ -1,4 +1,4 @@
-"""The `safety-checker` console command: `check` images against a running server.
+"""The `safety-checker` console command: `check` images against a running server, or `scan` many.
 
 The operator package (`pip install ./admin`) adds its own subcommands (`serve`,
 `concepts`) to the same command through the entry-point group
@@ -48,6 +48,10 @@ def _parser() -> argparse.ArgumentParser:
         help="send resized uint8 images to safety_checker_uint8 (4x fewer bytes; same decisions)",
     )
     check.set_defaults(run=_check)
+
+    from safety_checker_client.scan import add_parser as add_scan
+
+    add_scan(commands, _strictness)
 
     for command in _plugin_commands():
         command.load()(commands)

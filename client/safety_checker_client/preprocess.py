@@ -19,6 +19,7 @@ Float arrays from a Stable Diffusion pipeline become uint8 the way diffusers'
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from typing import Union
@@ -67,12 +68,22 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     `load_image` do, so the checker sees the picture a person would see.
     The mode is kept: `to_uint8_image` converts it as CLIPImageProcessor does.
     """
+    return _opened(path, os.fspath(path))
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """`load_image` for the bytes of a file already read (`name` goes into the error message)."""
+    return _opened(io.BytesIO(data), name)
+
+
+def _opened(source, name: str) -> Image.Image:
     try:
-        with Image.open(path) as image:
+        with Image.open(source) as image:
             image.load()
             return ImageOps.exif_transpose(image)
     except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
-        raise ImageError(f"cannot read image file {os.fspath(path)!r}: {error}") from error
+        detail = str(error).replace(" " + repr(source), "")  # Pillow names a file object by its repr
+        raise ImageError(f"cannot read image file {name!r}: {detail}") from error
 
 
 def to_uint8_image(image: ImageLike, value_range: tuple[float, float] = ZERO_ONE) -> Image.Image:
