@@ -17,8 +17,10 @@ METRICS_PORT ?= 8002
 # The export records which MODEL it wrote here; a different MODEL re-exports.
 STAMP := $(REPOSITORY)/.exported-from
 
-# What Triton's Python backend runs: the NGC 24.10 container's Python is 3.10.
-SERVED_PYTHON := model_repository admin/safety_checker_admin/concept_set.py
+# What Triton's Python backend runs (the client's preprocessing too: the images model decodes with a copy):
+# the NGC 24.10 container's Python is 3.10.
+SERVED_PYTHON := model_repository admin/safety_checker_admin/concept_set.py \
+	client/safety_checker_client/preprocess.py client/safety_checker_client/spec.py
 
 .PHONY: setup repository serve test test-fast deploy-check lint style bench clean
 
