@@ -141,8 +141,11 @@ def _answers(
         results = check([item for _, item in loaded], strictness=strictness)
         return {path: result for (path, _), result in zip(loaded, results)}
     except (CheckError, ImageError) as err:
-        if not (client.encoded and len(loaded) > 1 and isinstance(err, CheckError) and refused_image(err) is not None):
-            errors.update({path: str(err) for path, _ in loaded})
+        refused = isinstance(err, CheckError) and refused_image(err) is not None
+        if not (client.encoded and refused and len(loaded) > 1):
+            # A file the server refused is named, as one the client could not read is.
+            named = client.encoded and refused
+            errors.update({path: f"{path}: {err}" if named else str(err) for path, _ in loaded})
             return {}
     answers = {}
     for item in loaded:
