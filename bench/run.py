@@ -28,7 +28,7 @@ from bench import scan as scan_bench
 from bench.loadgen import LoadResult, measure
 from export.quantize import REPORT_FILENAME
 from fixtures.checkers import build_checker, save_checker
-from fixtures.photos import PHOTOS, photo
+from fixtures.photos import PHOTOS, photo, photo_file
 from safety_checker_admin.server import TritonServer, free_port
 from safety_checker_client import spec
 
@@ -54,7 +54,7 @@ class Candidate:
     """One row of the table: something measured for one window at a time."""
 
     name: str
-    kind: str  # baseline | ort | ort-int8 | triton | triton-int8
+    kind: str  # baseline | ort | ort-int8 | decoder | triton | triton-images | triton-int8
     window: Callable[[float], Dict[str, Any]]
     extra: Dict[str, Any] = field(default_factory=dict)
     windows: List[Dict[str, Any]] = field(default_factory=list)
@@ -129,6 +129,21 @@ def bench_pixels() -> np.ndarray:
 
     images = [photo(name) for name in PHOTOS]
     return preprocess(images + [images[0][:, ::-1]])
+
+
+# What safety_checker_images is fed: every photo as PNG and as JPEG, at its own size (300x451 to 1411x1411).
+ENCODED_FORMATS = ("png", "jpeg")
+# What the decoder alone decodes: a 512x512 photograph.
+DECODER_PHOTO = "astronaut"
+
+
+def encoded_requests() -> List[Dict[str, np.ndarray]]:
+    """One request per file (batch 1), each client sending them in turn."""
+    return [
+        {spec.IMAGE.name: np.array([[photo_file(name, extension)]], dtype=object)}
+        for name in PHOTOS
+        for extension in ENCODED_FORMATS
+    ]
 
 
 def export(checkpoint: Path, repository: Path, log: Path, *extra: str) -> None:
@@ -211,6 +226,14 @@ def summarize(rows: List[Dict[str, Any]], scan: Optional[Dict[str, Any]] = None)
         "speedup_vs_diffusers": triton["images_per_s"] / diffusers["images_per_s"],
         "triton_vs_ort": triton["images_per_s"] / ort["images_per_s"],
     }
+    encoded = best("triton-images")
+    if encoded is not None:
+        summary["images_encoded_per_s"] = encoded["images_per_s"]
+        summary["encoded_best_concurrency"] = encoded["concurrency"]
+        summary["encoded_vs_pixels"] = encoded["images_per_s"] / triton["images_per_s"]
+    for row in rows:
+        if row["kind"] == "decoder":
+            summary[f"decoded_{row['format'].lower()}_per_s_per_instance"] = row["images_per_s"]
     int8, ort_int8 = best("triton-int8"), best("ort-int8")
     if int8 is not None and ort_int8 is not None:
         summary["triton_int8_images_per_s"] = int8["images_per_s"]
@@ -266,6 +289,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         int8_report = json.loads((scratch / "int8" / spec.EMBEDDER_MODEL / "1" / REPORT_FILENAME).read_text())
         pixels = bench_pixels()
         np.save(scratch / "pixels.npy", pixels)
+        decoder_files = {}
+        for extension in ENCODED_FORMATS:
+            decoder_files[extension] = scratch / f"{DECODER_PHOTO}.{extension}"
+            decoder_files[extension].write_bytes(photo_file(DECODER_PHOTO, extension))
 
         say(f"starting {len(names)} tritonservers ({', '.join(names)}) and the in-process workers")
         servers = {
@@ -289,8 +316,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 scratch / "pixels.npy",
                 logs / "onnxruntime-int8.log",
             )
-            workers = [diffusers, ort_fp32, ort_int8]
-            candidates = _candidates(settings, servers, diffusers, ort_fp32, ort_int8, pixels)
+            images_config = scratch / "fp32" / spec.IMAGES_MODEL / "configs" / "cpu.pbtxt"
+            decoders = {
+                extension: Worker("decoder", images_config, path, logs / f"decoder-{extension}.log")
+                for extension, path in decoder_files.items()
+            }
+            workers = [diffusers, ort_fp32, ort_int8, *decoders.values()]
+            candidates = _candidates(settings, servers, diffusers, ort_fp32, ort_int8, decoders, pixels)
 
             bar = tqdm(total=settings.rounds * len(candidates), unit="window", file=sys.stderr)
             for round_index in range(settings.rounds):
@@ -383,6 +415,7 @@ def _candidates(
     diffusers: Worker,
     ort_fp32: Worker,
     ort_int8: Worker,
+    decoders: Dict[str, Worker],
     pixels: np.ndarray,
 ) -> List[Candidate]:
     candidates = []
@@ -406,26 +439,47 @@ def _candidates(
     candidates.append(
         Candidate("onnxruntime int8 in-process, batch 1", "ort-int8", lambda w: ort_int8.window(1, w), {"batch": 1})
     )
+    photo_size = "x".join(str(d) for d in photo(DECODER_PHOTO).shape[:2])
+    for extension, worker in decoders.items():
+        candidates.append(
+            Candidate(
+                f"decoder alone, {photo_size} {extension.upper()} (one instance)",
+                "decoder",
+                lambda w, worker=worker: worker.window(1, w),
+                {"batch": 1, "format": extension.upper()},
+            )
+        )
     request = {spec.PIXEL_VALUES.name: pixels[:1]}
     stats = (spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL, spec.ENSEMBLE_MODEL)
-    for name, kind, levels in (
-        ("fp32", "triton", settings.concurrency),
-        ("int8", "triton-int8", settings.int8_concurrency),
+    files = encoded_requests()
+    files_stats = (*stats, spec.IMAGES_MODEL)
+    for name, kind, levels, model, requests, models in (
+        ("fp32", "triton", settings.concurrency, spec.ENSEMBLE_MODEL, request, stats),
+        ("fp32", "triton-images", settings.concurrency, spec.IMAGES_MODEL, files, files_stats),
+        ("int8", "triton-int8", settings.int8_concurrency, spec.ENSEMBLE_MODEL, request, stats),
     ):
+        label = f"triton {name} image files, PNG+JPEG (gRPC)" if kind == "triton-images" else f"triton {name} (gRPC)"
         for concurrency in levels:
 
-            def window(w: float, c: int = concurrency, server: TritonServer = servers[name]) -> Dict[str, Any]:
+            def window(
+                w: float,
+                c: int = concurrency,
+                server: TritonServer = servers[name],
+                model=model,
+                inputs=requests,
+                models=models,
+            ) -> Dict[str, Any]:
                 return {
                     "result": measure(
                         server.grpc_url,
-                        spec.ENSEMBLE_MODEL,
-                        request,
+                        model,
+                        inputs,
                         c,
                         w,
                         warmup_s=settings.warmup_s,
-                        stats_models=stats,
+                        stats_models=models,
                     )
                 }
 
-            candidates.append(Candidate(f"triton {name} (gRPC)", kind, window, {"concurrency": concurrency}))
+            candidates.append(Candidate(label, kind, window, {"concurrency": concurrency}))
     return candidates

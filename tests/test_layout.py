@@ -83,14 +83,22 @@ def test_copies_in_an_exported_repository_equal_their_sources(repository):
             copy = repository / model.name / "1" / source.name
             assert not copy.is_symlink() and copy.read_bytes() == source.read_bytes(), copy
             checked += 1
-    assert checked >= 6  # embedder runner (2), its copies for the normaliser (2), postprocessor (2) + concept set
+    # embedder runner (2), its copies for the normaliser (2), postprocessor (3) + concept set (1), images model (2) +
+    # the client's preprocess.py and spec.py and the postprocessor's strictness.py (3)
+    assert checked >= 13
 
 
 def test_served_python_reads_tensor_names_from_its_config():
     """No served model.py restates a tensor name of the contract; each reads them from config.pbtxt."""
     names = {
         t.name
-        for group in (spec.ENSEMBLE_INPUTS, spec.ENSEMBLE_OUTPUTS, spec.EMBEDDER_OUTPUTS, spec.UINT8_ENSEMBLE_INPUTS)
+        for group in (
+            spec.ENSEMBLE_INPUTS,
+            spec.ENSEMBLE_OUTPUTS,
+            spec.EMBEDDER_OUTPUTS,
+            spec.UINT8_ENSEMBLE_INPUTS,
+            spec.IMAGES_INPUTS,
+        )
         for t in group
     }
     for model_py in (ROOT / "model_repository").glob("*/1/*.py"):

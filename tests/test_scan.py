@@ -162,6 +162,24 @@ def test_csv_over_http_with_uint8_says_the_same(server, tree, tree_scan, tmp_pat
     }
 
 
+def test_encoded_files_go_to_the_server_as_they_are_and_say_the_same(server, tree, tree_scan, tmp_path):
+    """--encoded: each file's bytes to safety_checker_images, decoded there by the same preprocessing."""
+    _, records, _ = tree_scan
+    report = tmp_path / "report.jsonl"
+    result = scan(str(tree), "--url", server.grpc_url, "--encoded", "--report", str(report))
+    assert result.returncode == 1  # the unreadable file and the non-image
+    encoded = {r["path"]: r for r in read_report(str(report))}
+    assert set(encoded) == {r["path"] for r in records}
+    for record in records:
+        mine = encoded[record["path"]]
+        if record.get("error"):
+            assert mine["error"] and "flagged" not in mine  # refused by the server instead: still an error
+        else:
+            assert {k: mine[k] for k in ("flagged", "concept_scores", "special_scores", "fired_concepts")} == {
+                k: record[k] for k in ("flagged", "concept_scores", "special_scores", "fired_concepts")
+            }
+
+
 def test_globs_stdin_and_fail_on_flagged(server, tree, tree_scan):
     _, records, _ = tree_scan
     flagged = {r["path"]: r["flagged"] for r in records if "flagged" in r}
@@ -210,8 +228,7 @@ def test_the_html_page_in_headless_chromium(tree_scan, tmp_path):
     """Self-contained; summary, per-concept counts, histogram; flagged images blurred until a real click."""
     from chromium import BINARY, Chromium
 
-    if BINARY is None:
-        pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)")
+    assert BINARY is not None, "chromium is not installed (apt-get install chromium; .ci/run installs it)"
     _, records, page = tree_scan
     text = page.read_text()
     flagged = [r for r in records if r.get("flagged")]

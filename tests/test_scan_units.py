@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from safety_checker_client import scan
-from safety_checker_client.client import CheckError, CheckResult, SafetyCheckerClient
+from safety_checker_client.client import CheckError, CheckResult
 from safety_checker_client.html_report import histogram
 from safety_checker_client.progress import Progress
 
@@ -331,17 +331,6 @@ def test_unreachable_server_fails_closed(tree, tmp_path):
     records = scan.read_report(str(report))
     assert len(records) == 4 and all("flagged" not in r and r["error"] for r in records)
     assert "0 images checked" in result.stdout and "4 errors" in result.stdout
-
-
-def test_encoded_needs_a_client_that_sends_files(tree):
-    try:
-        SafetyCheckerClient("127.0.0.1:1", encoded=True)
-    except TypeError:
-        pass
-    else:
-        pytest.skip("this client sends encoded files: the server tests cover --encoded")
-    result = scan_command(str(tree[0]), "--encoded")
-    assert result.returncode == 1 and "--encoded needs" in result.stderr and result.stdout == ""
 
 
 def test_usage_error_helper_accepts_good_arguments():

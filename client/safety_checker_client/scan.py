@@ -852,24 +852,6 @@ def _usage_error(args: argparse.Namespace) -> Optional[str]:
     return None
 
 
-def encoded_support_error(url: str, protocol: str) -> Optional[str]:
-    """Why this installation cannot send encoded files (None when it can)."""
-    try:
-        client = SafetyCheckerClient(url, protocol=protocol, encoded=True)
-    except TypeError:
-        client = None
-    if client is None or not callable(getattr(client, "check_files", None)):
-        if client is not None:
-            _close_quietly(client)
-        return (
-            "--encoded needs a safety-checker-client that sends encoded image files "
-            "(SafetyCheckerClient(..., encoded=True).check_files); this one cannot: upgrade it, "
-            "or scan without --encoded"
-        )
-    _close_quietly(client)
-    return None
-
-
 def run(args: argparse.Namespace) -> int:
     """`safety-checker scan`; returns the exit status (see EPILOG)."""
     problem = _usage_error(args)
@@ -878,11 +860,6 @@ def run(args: argparse.Namespace) -> int:
         return 2
     urls = args.urls or [DEFAULT_URLS[args.protocol]]
     mode = "encoded" if args.encoded else "uint8" if args.uint8 else "float"
-    if mode == "encoded":
-        problem = encoded_support_error(urls[0], args.protocol)
-        if problem:
-            print(f"error: {problem}", file=sys.stderr)
-            return EXIT_ERROR
     options = ScanOptions(
         urls=urls,
         protocol=args.protocol,
