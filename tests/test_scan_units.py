@@ -224,7 +224,7 @@ def test_prepare_reads_hashes_and_fails_closed(tree, tmp_path):
     encoded = scan.prepare(scan.Item(str(files[0])), "encoded")
     assert encoded.data is None and encoded.error is None and encoded.sha256 == item.sha256
     text = scan.prepare(scan.Item(str(root / "notes.txt")), "float")
-    assert "cannot identify image file" in text.error and "BytesIO" not in text.error and text.size == 13
+    assert "not an image file" in text.error and "BytesIO" not in text.error and text.size == 13
     assert "no such file" in scan.prepare(scan.Item(str(tmp_path / "gone.png")), "float").error
     assert "not a regular file" in scan.prepare(scan.Item(str(root / "sub")), "float").error
 
