@@ -389,9 +389,13 @@ def prepare(item: Item, mode: str) -> Item:
 
 def refused(error: CheckError) -> bool:
     """The server answered that the request is invalid (the images' fault), rather than failing itself."""
-    status = getattr(error.__cause__, "status", None)
-    status = status() if callable(status) else None
-    return status in ("StatusCode.INVALID_ARGUMENT", "400")
+    cause = error.__cause__  # tritonclient's exception, perhaps behind the client's own CheckError naming a file
+    while cause is not None:
+        status = getattr(cause, "status", None)
+        if callable(status):
+            return status() in ("StatusCode.INVALID_ARGUMENT", "400")
+        cause = cause.__cause__
+    return False
 
 
 class Servers:
