@@ -19,8 +19,10 @@ STAMP := $(REPOSITORY)/.exported-from
 # perf_analyzer's own prefix (bench/perf.py finds it there).
 PERF_ANALYZER := .perf-analyzer
 
-# What Triton's Python backend runs: the NGC 24.10 container's Python is 3.10.
-SERVED_PYTHON := model_repository admin/safety_checker_admin/concept_set.py
+# What Triton's Python backend runs (the client's preprocessing too: the images model decodes with a copy):
+# the NGC 24.10 container's Python is 3.10.
+SERVED_PYTHON := model_repository admin/safety_checker_admin/concept_set.py \
+	client/safety_checker_client/preprocess.py client/safety_checker_client/spec.py
 
 .PHONY: setup repository serve test test-fast deploy-check lint style bench clean
 

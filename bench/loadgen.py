@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from tritonclient.utils import np_to_triton_dtype
@@ -109,13 +109,29 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {text}"
 
 
-def _batch_of(inputs: Mapping[str, np.ndarray]) -> int:
-    if not inputs:
-        raise ValueError("no inputs given")
-    sizes = {name: int(np.shape(array)[0]) for name, array in inputs.items()}
-    if len(set(sizes.values())) != 1:
-        raise ValueError(f"inputs disagree on the batch (first axis): {sizes}")
-    return next(iter(sizes.values()))
+Inputs = Mapping[str, np.ndarray]
+
+
+def _requests(inputs: Union[Inputs, Sequence[Inputs]]) -> List[Inputs]:
+    """One request's inputs, or several that each client sends in turn."""
+    requests = [inputs] if isinstance(inputs, Mapping) else list(inputs)
+    if not requests:
+        raise ValueError("no requests given")
+    return requests
+
+
+def _batch_of(inputs: Union[Inputs, Sequence[Inputs]]) -> int:
+    batches = set()
+    for request in _requests(inputs):
+        if not request:
+            raise ValueError("no inputs given")
+        sizes = {name: int(np.shape(array)[0]) for name, array in request.items()}
+        if len(set(sizes.values())) != 1:
+            raise ValueError(f"inputs disagree on the batch (first axis): {sizes}")
+        batches.add(next(iter(sizes.values())))
+    if len(batches) != 1:
+        raise ValueError(f"requests of different batch sizes: {sorted(batches)}")
+    return batches.pop()
 
 
 def _output_names(client, model_name: str, protocol: str) -> List[str]:
@@ -205,26 +221,33 @@ def _worker(
     module,
     url: str,
     model_name: str,
-    inputs: Mapping[str, np.ndarray],
+    inputs: Sequence[Inputs],
     outputs: Sequence[str],
     stop: threading.Event,
     recorder: _Recorder,
 ) -> None:
-    """One closed loop: send, wait for the answer, send again, until `stop`."""
+    """One closed loop: send, wait for the answer, send again, until `stop`; the requests in turn, starting
+    at this client's index."""
     try:
         client = module.InferenceServerClient(url)
     except Exception as err:  # a malformed URL; tritonclient raises several types
         recorder.failure(time.perf_counter(), err)
         return
     try:
-        tensors = []
-        for name, array in inputs.items():
-            array = np.ascontiguousarray(array)
-            tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            tensor.set_data_from_numpy(array)
-            tensors.append(tensor)
+        requests = []
+        for request in inputs:
+            tensors = []
+            for name, array in request.items():
+                array = np.ascontiguousarray(array)
+                tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+                tensor.set_data_from_numpy(array)
+                tensors.append(tensor)
+            requests.append(tensors)
         requested = [module.InferRequestedOutput(name) for name in outputs]
+        turn = index
         while not stop.is_set():
+            tensors = requests[turn % len(requests)]
+            turn += 1
             sent = time.perf_counter()
             try:
                 client.infer(model_name, tensors, outputs=requested or None)
@@ -240,7 +263,7 @@ def _worker(
 def measure(
     url: str,
     model_name: str,
-    inputs: Dict[str, np.ndarray],
+    inputs: Union[Inputs, Sequence[Inputs]],
     concurrency: int,
     window_s: float,
     warmup_s: float = 5.0,
@@ -251,8 +274,10 @@ def measure(
     """Drive `model_name` at `url` with `concurrency` outstanding requests and measure one window.
 
     `inputs` maps input name -> array whose first axis is the batch of one
-    request; the Triton datatype follows the numpy dtype. Every request asks
-    for all outputs in the model's metadata.
+    request (or is a list of such requests, of one batch size, which each
+    client sends in turn); the Triton datatype follows the numpy dtype (object
+    arrays of bytes are BYTES). Every request asks for all outputs in the
+    model's metadata.
 
     Throughput is measured per client cycle (see `LoadResult.images_per_s`);
     perf_analyzer's count of requests *completed* inside the window x batch /
@@ -272,6 +297,7 @@ def measure(
         raise ValueError(f"window_s must be > 0, not {window_s}")
     module = triton_module(protocol)
     batch = _batch_of(inputs)
+    requests = _requests(inputs)
 
     control = module.InferenceServerClient(url)
     try:
@@ -283,7 +309,7 @@ def measure(
                 target=_worker,
                 name=f"loadgen-{i}",
                 daemon=True,
-                args=(i, module, url, model_name, inputs, outputs, stop, recorder),
+                args=(i, module, url, model_name, requests, outputs, stop, recorder),
             )
             for i in range(concurrency)
         ]

@@ -82,7 +82,12 @@ def plot(results: Mapping[str, object], path: PathLike) -> Path:
 
     rows: List[Row] = list(results.get("rows", []))
     series = _series(rows)
-    references = [row for row in rows if not _is_series(row) and row.get("images_per_s") is not None]
+    # The decoder's rows (decoded images/s per instance, a hundred times the checker's rate) are in the table only.
+    references = [
+        row
+        for row in rows
+        if not _is_series(row) and row.get("images_per_s") is not None and row.get("kind") != "decoder"
+    ]
     concurrencies = sorted({int(r["concurrency"]) for group in series.values() for r in group}) or [1]
 
     fig, (throughput_ax, latency_ax) = plt.subplots(1, 2, figsize=(13, 5.5))

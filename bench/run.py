@@ -24,10 +24,11 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 
 from bench import report
+from bench import scan as scan_bench
 from bench.loadgen import LoadResult, measure
 from export.quantize import REPORT_FILENAME
 from fixtures.checkers import build_checker, save_checker
-from fixtures.photos import PHOTOS, photo
+from fixtures.photos import PHOTOS, photo, photo_file
 from safety_checker_admin.server import TritonServer, free_port
 from safety_checker_client import spec
 
@@ -53,7 +54,7 @@ class Candidate:
     """One row of the table: something measured for one window at a time."""
 
     name: str
-    kind: str  # baseline | ort | ort-int8 | triton | triton-int8
+    kind: str  # baseline | ort | ort-int8 | decoder | triton | triton-images | triton-int8
     window: Callable[[float], Dict[str, Any]]
     extra: Dict[str, Any] = field(default_factory=dict)
     windows: List[Dict[str, Any]] = field(default_factory=list)
@@ -130,6 +131,21 @@ def bench_pixels() -> np.ndarray:
     return preprocess(images + [images[0][:, ::-1]])
 
 
+# What safety_checker_images is fed: every photo as PNG and as JPEG, at its own size (300x451 to 1411x1411).
+ENCODED_FORMATS = ("png", "jpeg")
+# What the decoder alone decodes: a 512x512 photograph.
+DECODER_PHOTO = "astronaut"
+
+
+def encoded_requests() -> List[Dict[str, np.ndarray]]:
+    """One request per file (batch 1), each client sending them in turn."""
+    return [
+        {spec.IMAGE.name: np.array([[photo_file(name, extension)]], dtype=object)}
+        for name in PHOTOS
+        for extension in ENCODED_FORMATS
+    ]
+
+
 def export(checkpoint: Path, repository: Path, log: Path, *extra: str) -> None:
     with log.open("w") as out:
         result = subprocess.run(
@@ -196,7 +212,7 @@ def _pooled_server_stats(windows: List[Dict[str, Dict[str, Optional[float]]]]) -
     return pooled
 
 
-def summarize(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
+def summarize(rows: List[Dict[str, Any]], scan: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     def best(kind: str) -> Optional[Dict[str, Any]]:
         candidates = [r for r in rows if r["kind"] == kind]
         return max(candidates, key=lambda r: r["images_per_s"]) if candidates else None
@@ -210,11 +226,25 @@ def summarize(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
         "speedup_vs_diffusers": triton["images_per_s"] / diffusers["images_per_s"],
         "triton_vs_ort": triton["images_per_s"] / ort["images_per_s"],
     }
+    encoded = best("triton-images")
+    if encoded is not None:
+        summary["images_encoded_per_s"] = encoded["images_per_s"]
+        summary["encoded_best_concurrency"] = encoded["concurrency"]
+        summary["encoded_vs_pixels"] = encoded["images_per_s"] / triton["images_per_s"]
+    for row in rows:
+        if row["kind"] == "decoder":
+            summary[f"decoded_{row['format'].lower()}_per_s_per_instance"] = row["images_per_s"]
     int8, ort_int8 = best("triton-int8"), best("ort-int8")
     if int8 is not None and ort_int8 is not None:
         summary["triton_int8_images_per_s"] = int8["images_per_s"]
         summary["int8_speedup_vs_diffusers"] = int8["images_per_s"] / diffusers["images_per_s"]
         summary["triton_int8_vs_ort_int8"] = int8["images_per_s"] / ort_int8["images_per_s"]
+    if scan:
+        served, ceiling = scan["served"], scan["ceiling"]
+        summary["scan_images_per_s"] = served["images_per_s"]
+        summary["scan_vs_server"] = served["images_per_s"] / triton["images_per_s"]
+        summary["scan_ceiling_images_per_s"] = ceiling["images_per_s"]
+        summary["scan_ceiling_images_per_client_core_s"] = ceiling["images_per_client_cpu_s"]
     return summary
 
 
@@ -251,14 +281,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         say("exporting fp32 and int8 model repositories with `python -m export`")
         export(scratch / "checker", scratch / "fp32", logs / "export-fp32.log")
         export(scratch / "checker", scratch / "int8", logs / "export-int8.log", "--int8")
+        names = ["fp32", "int8"]
+        if not args.quick:  # the client's ceiling needs a server that costs almost nothing: a tiny checker
+            save_checker(scratch / "tiny-checker", build_checker("tiny"))
+            export(scratch / "tiny-checker", scratch / "tiny", logs / "export-tiny.log")
+            names.append("tiny")
         int8_report = json.loads((scratch / "int8" / spec.EMBEDDER_MODEL / "1" / REPORT_FILENAME).read_text())
         pixels = bench_pixels()
         np.save(scratch / "pixels.npy", pixels)
+        decoder_files = {}
+        for extension in ENCODED_FORMATS:
+            decoder_files[extension] = scratch / f"{DECODER_PHOTO}.{extension}"
+            decoder_files[extension].write_bytes(photo_file(DECODER_PHOTO, extension))
 
-        say("starting two tritonservers (fp32, int8) and the in-process workers")
+        say(f"starting {len(names)} tritonservers ({', '.join(names)}) and the in-process workers")
         servers = {
             name: TritonServer(scratch / name, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-            for name in ("fp32", "int8")
+            for name in names
         }
         workers: List[Worker] = []
         try:
@@ -277,8 +316,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 scratch / "pixels.npy",
                 logs / "onnxruntime-int8.log",
             )
-            workers = [diffusers, ort_fp32, ort_int8]
-            candidates = _candidates(settings, servers, diffusers, ort_fp32, ort_int8, pixels)
+            images_config = scratch / "fp32" / spec.IMAGES_MODEL / "configs" / "cpu.pbtxt"
+            decoders = {
+                extension: Worker("decoder", images_config, path, logs / f"decoder-{extension}.log")
+                for extension, path in decoder_files.items()
+            }
+            workers = [diffusers, ort_fp32, ort_int8, *decoders.values()]
+            candidates = _candidates(settings, servers, diffusers, ort_fp32, ort_int8, decoders, pixels)
 
             bar = tqdm(total=settings.rounds * len(candidates), unit="window", file=sys.stderr)
             for round_index in range(settings.rounds):
@@ -287,6 +331,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     candidate.windows.append(candidate.window(settings.window_s))
                     bar.update()
             bar.close()
+            best = max(_pooled_triton_row(c)["images_per_s"] for c in candidates if c.kind == "triton")
+            scan = _scan(settings, servers, best, scratch, logs, say)
         finally:
             for worker in workers:
                 worker.close()
@@ -307,14 +353,60 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         },
         "int8_report": int8_report,
         "rows": rows,
-        "summary": summarize(rows),
+        "scan": scan,
+        "summary": summarize(rows, scan),
     }
     report.write_json(results, output / "results.json")
     report.plot(results, output / "throughput.png")
     print(report.table(results))
+    print(scan_line(scan, results["summary"]))
     print(f"results: {output / 'results.json'}, plot: {output / 'throughput.png'}")
     print(json.dumps(results["summary"]))
     return 0
+
+
+# Images in the scan against the served checker: about as long as the load generator's windows together.
+SCAN_IMAGES = (48, 4000)
+# Images in the scan against a tiny checker (the client's ceiling).
+CEILING_IMAGES = {"quick": 96, "full": 800}
+
+
+def _scan(
+    settings: Settings,
+    servers: Dict[str, TritonServer],
+    best: float,
+    scratch: Path,
+    logs: Path,
+    say: Callable[[str], None],
+) -> Dict[str, Any]:
+    """`safety-checker scan` over real-size files: against the served checker, then against a tiny one."""
+    low, high = SCAN_IMAGES
+    count = int(min(max(round(best * settings.window_s * settings.rounds), low), high))
+    quick = "tiny" not in servers
+    ceiling_count = CEILING_IMAGES["quick" if quick else "full"]
+    folder = scan_bench.write_folder(scratch / "scan-images", max(count, ceiling_count))
+    files = sorted(folder.iterdir())
+    served_folder, ceiling_folder = scratch / "scan-served", scratch / "scan-ceiling"
+    for target, number in ((served_folder, count), (ceiling_folder, ceiling_count)):
+        target.mkdir()
+        for source in files[:number]:
+            os.link(source, target / source.name)
+    say(f"safety-checker scan: {count} real-size files against the served checker")
+    served = scan_bench.run_scan(servers["fp32"].grpc_url, served_folder, logs / "scan-served.log")
+    say(f"safety-checker scan: {ceiling_count} real-size files against a tiny checker (the client's ceiling)")
+    ceiling = scan_bench.run_scan(
+        servers["tiny" if not quick else "fp32"].grpc_url, ceiling_folder, logs / "scan-ceiling.log"
+    )
+    return {"served": served, "ceiling": ceiling, "best_served_images_per_s": best}
+
+
+def scan_line(scan: Dict[str, Any], summary: Dict[str, Any]) -> str:
+    served, ceiling = scan["served"], scan["ceiling"]
+    return (
+        f"scan: {served['images']} real-size files at {served['images_per_s']:.2f} images/s against the served "
+        f"checker ({summary['scan_vs_server']:.2f} of the load generator's best); against a tiny checker "
+        f"{ceiling['images_per_s']:.1f} images/s, {ceiling['images_per_client_cpu_s']:.1f} images/s per client core"
+    )
 
 
 def _candidates(
@@ -323,6 +415,7 @@ def _candidates(
     diffusers: Worker,
     ort_fp32: Worker,
     ort_int8: Worker,
+    decoders: Dict[str, Worker],
     pixels: np.ndarray,
 ) -> List[Candidate]:
     candidates = []
@@ -346,26 +439,47 @@ def _candidates(
     candidates.append(
         Candidate("onnxruntime int8 in-process, batch 1", "ort-int8", lambda w: ort_int8.window(1, w), {"batch": 1})
     )
+    photo_size = "x".join(str(d) for d in photo(DECODER_PHOTO).shape[:2])
+    for extension, worker in decoders.items():
+        candidates.append(
+            Candidate(
+                f"decoder alone, {photo_size} {extension.upper()} (one instance)",
+                "decoder",
+                lambda w, worker=worker: worker.window(1, w),
+                {"batch": 1, "format": extension.upper()},
+            )
+        )
     request = {spec.PIXEL_VALUES.name: pixels[:1]}
     stats = (spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL, spec.ENSEMBLE_MODEL)
-    for name, kind, levels in (
-        ("fp32", "triton", settings.concurrency),
-        ("int8", "triton-int8", settings.int8_concurrency),
+    files = encoded_requests()
+    files_stats = (*stats, spec.IMAGES_MODEL)
+    for name, kind, levels, model, requests, models in (
+        ("fp32", "triton", settings.concurrency, spec.ENSEMBLE_MODEL, request, stats),
+        ("fp32", "triton-images", settings.concurrency, spec.IMAGES_MODEL, files, files_stats),
+        ("int8", "triton-int8", settings.int8_concurrency, spec.ENSEMBLE_MODEL, request, stats),
     ):
+        label = f"triton {name} image files, PNG+JPEG (gRPC)" if kind == "triton-images" else f"triton {name} (gRPC)"
         for concurrency in levels:
 
-            def window(w: float, c: int = concurrency, server: TritonServer = servers[name]) -> Dict[str, Any]:
+            def window(
+                w: float,
+                c: int = concurrency,
+                server: TritonServer = servers[name],
+                model=model,
+                inputs=requests,
+                models=models,
+            ) -> Dict[str, Any]:
                 return {
                     "result": measure(
                         server.grpc_url,
-                        spec.ENSEMBLE_MODEL,
-                        request,
+                        model,
+                        inputs,
                         c,
                         w,
                         warmup_s=settings.warmup_s,
-                        stats_models=stats,
+                        stats_models=models,
                     )
                 }
 
-            candidates.append(Candidate(f"triton {name} (gRPC)", kind, window, {"concurrency": concurrency}))
+            candidates.append(Candidate(label, kind, window, {"concurrency": concurrency}))
     return candidates

@@ -1,4 +1,4 @@
-"""One in-process candidate in its own process: diffusers' forward() or an onnxruntime session.
+"""One in-process candidate in its own process: diffusers' forward(), an onnxruntime session, or the decoder.
 
 Each candidate gets a process of its own so that its threads, memory and
 warm caches never mix with the load generator's or another candidate's. The
@@ -7,6 +7,11 @@ window, so candidates can be interleaved window by window.
 
     python -m bench.worker diffusers CHECKPOINT_DIR PIXELS.npy
     python -m bench.worker onnxruntime MODEL.onnx PIXELS.npy
+    python -m bench.worker decoder IMAGES_CONFIG.pbtxt IMAGE_FILE
+
+The decoder is safety_checker_images' own decoding (decoding.py, with the
+client's preprocessing) under the limits of the given config, one file per
+call on one thread: what one instance of the model decodes per second.
 """
 
 from __future__ import annotations
@@ -37,12 +42,7 @@ def _diffusers(checkpoint: str) -> Callable[[np.ndarray], None]:
 
 def _served_parameters(model: Path) -> Dict[str, str]:
     """The `parameters` of the CPU config serving this model.onnx (version folder's parent)."""
-    from google.protobuf import text_format
-    from tritonclient.grpc import model_config_pb2
-
-    config_file = model.parent.parent / "configs" / "cpu.pbtxt"
-    config = text_format.Parse(config_file.read_text(), model_config_pb2.ModelConfig())
-    return {key: value.string_value for key, value in config.parameters.items()}
+    return _config_parameters(model.parent.parent / "configs" / "cpu.pbtxt")
 
 
 def _onnxruntime(model: str) -> Callable[[np.ndarray], None]:
@@ -60,7 +60,30 @@ def _onnxruntime(model: str) -> Callable[[np.ndarray], None]:
     return run
 
 
-CANDIDATES = {"diffusers": _diffusers, "onnxruntime": _onnxruntime}
+def _decoder(config_file: str) -> Callable[[np.ndarray], None]:
+    """safety_checker_images' decoding, as one of its instances runs it (Triton's transfers aside)."""
+    from export.served import served_module
+    from safety_checker_client import spec
+
+    decoding = served_module(spec.IMAGES_MODEL, "decoding")
+    limits = decoding.limits_from(_config_parameters(Path(config_file)))
+    decoding.set_pillow_limit(limits)
+
+    def run(files: np.ndarray) -> None:
+        decoding.decode(list(files), limits)
+
+    return run
+
+
+def _config_parameters(config_file: Path) -> Dict[str, str]:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    config = text_format.Parse(config_file.read_text(), model_config_pb2.ModelConfig())
+    return {key: value.string_value for key, value in config.parameters.items()}
+
+
+CANDIDATES = {"diffusers": _diffusers, "onnxruntime": _onnxruntime, "decoder": _decoder}
 
 
 def window(run: Callable[[np.ndarray], None], pixels: np.ndarray, window_s: float) -> Dict[str, object]:
@@ -82,7 +105,10 @@ def window(run: Callable[[np.ndarray], None], pixels: np.ndarray, window_s: floa
 
 def main() -> int:
     kind, model, pixels_file = sys.argv[1:4]
-    pixels = np.load(pixels_file)
+    if kind == "decoder":  # one encoded file, as a batch of one
+        pixels = np.array([Path(pixels_file).read_bytes()], dtype=object)
+    else:
+        pixels = np.load(pixels_file)
     run = CANDIDATES[kind](model)
     run(pixels[:1])  # first-call allocations and graph preparation
     print(json.dumps({"ready": True}), flush=True)

@@ -11,7 +11,7 @@ from typing import Optional, Sequence
 
 from export.checkpoint import DEFAULT_MODEL, CheckpointError, check_preprocessor, load_checkpoint
 from export.graph import EmbedderGraph
-from export.models import Settings
+from export.models import GPU_DECODERS_PER_CORE, Settings, host_decoder_instances
 from export.onnx_export import DEFAULT_OPSET, DEFAULT_TOLERANCE, VerificationError, export_onnx, verify_onnx
 from export.quantize import DEFAULT_CHECK_IMAGES, compare_int8, quantize_int8, summary
 from export.repository import RepositoryError, concept_metadata, existing_custom_concepts, model_dims, write_repository
@@ -46,6 +46,15 @@ def _parser() -> argparse.ArgumentParser:
         "/mnt/concepts (an absolute path as the server sees it)",
     )
     parser.add_argument(
+        "--decoder-instances",
+        type=int,
+        default=None,
+        metavar="N",
+        help="CPU instances of safety_checker_images, which decode image files: N in the CPU configuration, "
+        f"{GPU_DECODERS_PER_CORE}N in the GPU one (default: one per core of this host, {host_decoder_instances()}; "
+        "give the serving host's count when the export runs elsewhere)",
+    )
+    parser.add_argument(
         "--int8",
         action="store_true",
         help="serve a dynamically quantised int8 embedder (faster on CPU; can change decisions "
@@ -72,6 +81,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.opset < 17:
         print(f"error: --opset {args.opset} is below 17", file=sys.stderr)
         return 2
+    if args.decoder_instances is not None and args.decoder_instances < 1:
+        print(f"error: --decoder-instances {args.decoder_instances} is below 1", file=sys.stderr)
+        return 2
+    decoder_instances = args.decoder_instances or host_decoder_instances()
     if args.concepts_dir and not args.concepts_dir.startswith("/"):
         print(f"error: --concepts-dir {args.concepts_dir!r} must be an absolute path on the server", file=sys.stderr)
         return 2
@@ -91,7 +104,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             metadata = concept_metadata(checkpoint.model, checkpoint.source)
             report = None
             onnx_files = {spec.EMBEDDER_MODEL: onnx_file}
-            settings = Settings(strictness=args.strictness, concepts_dir=args.concepts_dir, cascade=args.cascade)
+            settings = Settings(
+                strictness=args.strictness,
+                concepts_dir=args.concepts_dir,
+                cascade=args.cascade,
+                decoder_instances=decoder_instances,
+            )
             if args.int8 or args.cascade:
                 int8_file = Path(scratch) / "model_int8.onnx"
                 print("quantising to int8 (dynamic) and comparing with fp32", flush=True)
@@ -107,6 +125,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(
         f"wrote model repository {args.repository} ({dims.num_concepts} concepts, "
         f"{dims.num_special} special-care concepts, projection_dim {dims.projection_dim}, "
-        f"{'int8/fp32 cascade' if args.cascade else 'int8' if args.int8 else 'fp32'} embedder)"
+        f"{'int8/fp32 cascade' if args.cascade else 'int8' if args.int8 else 'fp32'} embedder, "
+        f"{decoder_instances} image decoders on CPU)"
     )
     return 0

@@ -11,11 +11,13 @@ listed files; nothing about a served model is written anywhere else.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Tuple
 
 import safety_checker_admin.concept_set
+import safety_checker_client.preprocess
 from export.served import SOURCE_REPOSITORY
 from safety_checker_client import spec
 from safety_checker_client.spec import TensorSpec
@@ -26,6 +28,13 @@ ONNX_RUNNER = (
     SOURCE_REPOSITORY / spec.EMBEDDER_MODEL / "1" / "session.py",
 )
 CONCEPT_SET_MODULE = Path(safety_checker_admin.concept_set.__file__).resolve()
+# The client's preprocessing and the contract it imports, which the images model decodes files with; and the
+# postprocessor's reading of the strictness request parameters, which it checks requests with.
+CLIENT_PREPROCESSING = (
+    Path(safety_checker_client.preprocess.__file__).resolve(),
+    Path(spec.__file__).resolve(),
+)
+STRICTNESS_MODULE = SOURCE_REPOSITORY / spec.POSTPROCESS_MODEL / "1" / "strictness.py"
 
 # The names given to --model-config-name: configs/cpu.pbtxt (the bundled CPU
 # server) and configs/fast.pbtxt (TensorRT FP16 on a GPU, opt-in).
@@ -40,6 +49,19 @@ GPU_WORKSPACE_BYTES = 4 << 30
 GPU_ENGINE_CACHE = "/trt-cache"
 # The engine cache prefix of the committed reference configs; the export writes model.onnx's digest.
 REFERENCE_ENGINE_KEY = "not-exported"
+
+# The images model's CPU instances, which decode files: one per core of the host the export runs on, unless
+# the export is told (--decoder-instances). The committed reference configs show this many.
+REFERENCE_DECODER_INSTANCES = 4
+# GPU configuration: an instance waits for the GPU after each decode, so twice as many keep the cores busy.
+GPU_DECODERS_PER_CORE = 2
+
+
+def host_decoder_instances() -> int:
+    """One decoder per core this process may run on: the export's default --decoder-instances."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, cores or 1)
+
 
 # Dynamic batching: how long a request may wait for others to fill a batch.
 GPU_QUEUE_DELAY_US = 2000
@@ -317,12 +339,34 @@ onnxruntime session config entry ("session.*") may be added the same way.""",
     )
 
 
+# How requests choose a strictness: read by the postprocessor, checked by the images model (strictness.py).
+_STRICTNESS_PARAMETERS = (
+    Parameter(
+        "strictness_presets",
+        json.dumps(spec.STRICTNESS_PRESETS),
+        'Adjustment added to every score before the "> 0" test (diffusers PR #9068).',
+    ),
+    Parameter(
+        "max_strictness_adjustment",
+        f"{spec.MAX_STRICTNESS_ADJUSTMENT:g}",
+        "Largest |strictness_adjustment| a request may ask for.",
+    ),
+    Parameter(
+        "strictness_parameter",
+        spec.STRICTNESS_PARAMETER,
+        "The request parameters that choose a preset or an adjustment.",
+    ),
+    Parameter("strictness_adjustment_parameter", spec.STRICTNESS_ADJUSTMENT_PARAMETER),
+)
+
+
 def postprocess(
     strictness: str = spec.DEFAULT_STRICTNESS, concepts_dir: str = "", cosine_bound: float = 0.0
 ) -> ServedModel:
     """The postprocessor with the server's default strictness preset (the export's --strictness), the folder of
     its custom concept set ("": its version folder; the export's --concepts-dir) and the error bound of the
     embedder in front of it (0: fp32; an --int8 export's measured bound)."""
+
     if strictness not in spec.STRICTNESS_PRESETS:
         raise ValueError(f"unknown strictness preset {strictness!r} (one of {', '.join(spec.STRICTNESS_PRESETS)})")
     return ServedModel(
@@ -349,22 +393,7 @@ sends the request parameter "{spec.STRICTNESS_PARAMETER}" (a preset) or
 "{spec.STRICTNESS_ADJUSTMENT_PARAMETER}" (a number). "{spec.DEFAULT_STRICTNESS}" reproduces the reference
 checker exactly.""",
                     ),
-                    Parameter(
-                        "strictness_presets",
-                        json.dumps(spec.STRICTNESS_PRESETS),
-                        'Adjustment added to every score before the "> 0" test (diffusers PR #9068).',
-                    ),
-                    Parameter(
-                        "max_strictness_adjustment",
-                        f"{spec.MAX_STRICTNESS_ADJUSTMENT:g}",
-                        "Largest |strictness_adjustment| a request may ask for.",
-                    ),
-                    Parameter(
-                        "strictness_parameter",
-                        spec.STRICTNESS_PARAMETER,
-                        "The request parameters that choose a preset or an adjustment.",
-                    ),
-                    Parameter("strictness_adjustment_parameter", spec.STRICTNESS_ADJUSTMENT_PARAMETER),
+                    *_STRICTNESS_PARAMETERS,
                     Parameter(
                         "concepts_file",
                         spec.CONCEPTS_FILENAME,
@@ -390,6 +419,75 @@ folder every replica shares (a ConfigMap volume), re-read when it changes.""",
     )
 
 
+def images(decoder_instances: int = REFERENCE_DECODER_INSTANCES) -> ServedModel:
+    """The checker fed encoded image files, with `decoder_instances` CPU instances (per core: --decoder-instances)."""
+    if decoder_instances < 1:
+        raise ValueError(f"decoder instances must be at least 1, not {decoder_instances}")
+    parameters = (
+        Parameter(
+            "max_encoded_bytes",
+            str(spec.MAX_ENCODED_BYTES),
+            """Largest image file per element, in bytes (20 MiB), raw or as what its base64
+text decodes to; a larger one refuses the request.""",
+        ),
+        Parameter(
+            "max_pixels",
+            str(spec.MAX_IMAGE_PIXELS),
+            """Largest width x height per image, read from the file's header before any
+pixel is decoded: a decompression bomb is refused without decoding it.""",
+        ),
+        Parameter(
+            "formats",
+            ",".join(spec.IMAGE_FORMATS),
+            "The formats decoded (Pillow's names); anything else (SVG, PDF, ...) is refused.",
+        ),
+        Parameter(
+            "checker_model",
+            spec.ENSEMBLE_MODEL,
+            "The model the decoded pixels go to (through BLS), and its pixel input.",
+        ),
+        Parameter("checker_input", spec.PIXEL_VALUES.name),
+        *_STRICTNESS_PARAMETERS,
+    )
+    about = f"""The checker fed image files: each element is one PNG, JPEG, WebP, GIF, BMP
+or TIFF file, its raw bytes or their base64 text (told apart by content),
+decoded with the client's own preprocessing (1/preprocess.py, copied by the
+export), checked by "{spec.ENSEMBLE_MODEL}" through BLS, and answered with its
+outputs in this config's order, has_nsfw_concepts first (an ensemble would
+answer JSON requests in a hash map's order). One element that cannot be
+checked refuses the whole request with INVALID_ARG naming its index."""
+    return ServedModel(
+        spec.IMAGES_MODEL,
+        spec.IMAGES_INPUTS,
+        spec.IMAGES_OUTPUTS,
+        copied_files=(*CLIENT_PREPROCESSING, STRICTNESS_MODULE),
+        variants=(
+            Variant(
+                "python",
+                about,
+                instance_kind="KIND_CPU",
+                instance_count=GPU_DECODERS_PER_CORE * decoder_instances,
+                comment_instances=f"""Decoding is CPU work: CPU instances on a GPU host too,
+{GPU_DECODERS_PER_CORE} per core ({decoder_instances} cores, rendered by the export: --decoder-instances,
+default the cores of the host it runs on), because each waits for the GPU's
+answer after decoding its request.""",
+                parameters=parameters,
+            ),
+            Variant(
+                "python",
+                about,
+                config_name=CPU_CONFIG_NAME,
+                instance_kind="KIND_CPU",
+                instance_count=decoder_instances,
+                comment_instances=f"""One instance per core ({decoder_instances}, rendered by the export:
+--decoder-instances, default one per core of the host it runs on). Each holds
+its request until the embedder answered, and the embedder needs the cores.""",
+                parameters=parameters,
+            ),
+        ),
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     """What one export chooses for its served models; the defaults render the committed reference configs."""
@@ -401,6 +499,7 @@ class Settings:
     cosine_bound: float = 0.0
     cascade: bool = False
     int8_engine_cache_key: str = REFERENCE_ENGINE_KEY
+    decoder_instances: int = REFERENCE_DECODER_INSTANCES  # the images model's decoders (--decoder-instances)
 
 
 # What the committed model_repository/ configs are rendered with.
@@ -455,6 +554,7 @@ def served_models(settings: Settings = REFERENCE_SETTINGS) -> Tuple[ServedModel,
         uint8_ensemble(settings.cascade),
         NORMALIZE,
         embedder(settings.engine_cache_key),
+        images(settings.decoder_instances),
     )
     if not settings.cascade:
         return (*common, postprocess(settings.strictness, settings.concepts_dir, settings.cosine_bound))

@@ -6,7 +6,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, List
+from typing import Dict, Iterator, List
 
 import numpy as np
 import pytest
@@ -79,6 +79,20 @@ def parity_set(tmp_path_factory) -> ParitySet:
     checker_dir = save_checker(tmp_path_factory.mktemp("checker") / "tiny-checker", checker)
     pixels = np.concatenate([plain, np.stack([c.pixels for c in crafted])])
     return ParitySet(checker_dir=checker_dir, pixels=pixels, crafted=crafted, crafted_offset=len(plain))
+
+
+@pytest.fixture(scope="session")
+def encoded_files(tmp_path_factory) -> Dict[str, Path]:
+    """Image files by name: the photos as PNG, JPEG (one EXIF-rotated) and WebP, every PIL mode, animations
+    (tests/image_files.py)."""
+    from image_files import parity_files
+
+    folder = tmp_path_factory.mktemp("image-files")
+    paths = {}
+    for name, data in parity_files().items():
+        paths[name] = folder / name
+        paths[name].write_bytes(data)
+    return paths
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,14 @@ SUMMARY_KEYS = {
     "triton_images_per_s",
     "speedup_vs_diffusers",
     "triton_vs_ort",
+    "scan_images_per_s",
+    "scan_vs_server",
+    "scan_ceiling_images_per_s",
+    "scan_ceiling_images_per_client_core_s",
+    "images_encoded_per_s",
+    "encoded_vs_pixels",
+    "decoded_png_per_s_per_instance",
+    "decoded_jpeg_per_s_per_instance",
 }
 
 
@@ -50,15 +58,39 @@ def test_last_line_is_the_summary_json(quick_run):
     best = {kind: max(r["images_per_s"] for r in rows if r["kind"] == kind) for kind in ("baseline", "ort", "triton")}
     assert summary["speedup_vs_diffusers"] == pytest.approx(best["triton"] / best["baseline"])
     assert summary["triton_vs_ort"] == pytest.approx(best["triton"] / best["ort"])
+    assert summary["scan_vs_server"] == pytest.approx(summary["scan_images_per_s"] / best["triton"])
+    encoded = max((r for r in rows if r["kind"] == "triton-images"), key=lambda r: r["images_per_s"])
+    assert summary["images_encoded_per_s"] == pytest.approx(encoded["images_per_s"])
+    assert summary["encoded_best_concurrency"] == encoded["concurrency"]
+    assert summary["encoded_vs_pixels"] == pytest.approx(encoded["images_per_s"] / best["triton"])
+
+
+def test_scan_ran_over_real_size_files(quick_run):
+    result, output = quick_run
+    scan = json.loads((output / "results.json").read_text())["scan"]
+    for run in (scan["served"], scan["ceiling"]):
+        assert run["images"] >= 48 and run["images_per_s"] > 0 and run["client_cpu_s"] > 0
+    assert scan["ceiling"]["images_per_client_cpu_s"] == pytest.approx(
+        scan["ceiling"]["images"] / scan["ceiling"]["client_cpu_s"]
+    )
+    assert "real-size files at" in result.stdout and "images/s per client core" in result.stdout
+    assert (output / "logs" / "scan-served.log").read_text().count("images checked") >= 1
 
 
 def test_every_candidate_was_measured_without_errors(quick_run):
     _, output = quick_run
     results = json.loads((output / "results.json").read_text())
     kinds = {r["kind"] for r in results["rows"]}
-    assert kinds == {"baseline", "ort", "ort-int8", "triton", "triton-int8"}
+    assert kinds == {"baseline", "ort", "ort-int8", "decoder", "triton", "triton-images", "triton-int8"}
     triton = [r for r in results["rows"] if r["kind"] == "triton"]
     assert [r["concurrency"] for r in triton] == [1, 2]
+    encoded = [r for r in results["rows"] if r["kind"] == "triton-images"]
+    assert [r["concurrency"] for r in encoded] == [1, 2]
+    for row in encoded:  # every request decoded on the server, then checked by the embedder
+        assert row["server"]["safety_checker_images"]["requests"] > 0
+        assert row["server"]["safety_checker_embedder"]["executions"] > 0
+    decoders = [r for r in results["rows"] if r["kind"] == "decoder"]
+    assert sorted(r["format"] for r in decoders) == ["JPEG", "PNG"]
     for row in results["rows"]:
         assert row["images_per_s"] > 0, row
         assert row.get("errors", 0) == 0, row
@@ -72,6 +104,8 @@ def test_plot_table_and_int8_report(quick_run):
     result, output = quick_run
     assert (output / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "diffusers forward() fp32, batch 1" in result.stdout and "triton int8 (gRPC)" in result.stdout
+    assert "triton fp32 image files, PNG+JPEG (gRPC)" in result.stdout
+    assert "decoder alone, 512x512 PNG (one instance)" in result.stdout
     report = json.loads((output / "results.json").read_text())["int8_report"]
     assert report["max_cosine_deviation"] > 0
     assert 0 <= report["stress_margins"]["decision_agreement"] <= 1

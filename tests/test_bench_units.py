@@ -88,6 +88,30 @@ def test_measure_refuses_inputs_that_disagree_on_the_batch():
         loadgen.measure("127.0.0.1:1", "m", {"a": np.zeros((1, 2)), "b": np.zeros((2, 2))}, 1, 1.0)
 
 
+def test_measure_refuses_requests_of_different_batch_sizes():
+    with pytest.raises(ValueError, match="different batch sizes"):
+        loadgen.measure("127.0.0.1:1", "m", [{"a": np.zeros((1, 2))}, {"a": np.zeros((2, 2))}], 1, 1.0)
+
+
+def test_measure_sends_image_files_in_turn(server):
+    """A list of requests: each client sends them in turn; object arrays of bytes go as BYTES."""
+    from image_files import small_png
+
+    files = [{spec.IMAGE.name: np.array([[small_png(seed)]], dtype=object)} for seed in (1, 2, 3)]
+    result = loadgen.measure(
+        server.grpc_url,
+        spec.IMAGES_MODEL,
+        files,
+        concurrency=2,
+        window_s=1.0,
+        warmup_s=0.3,
+        stats_models=(spec.IMAGES_MODEL,),
+    )
+    assert result.errors == 0, result.first_error
+    assert result.requests > 0 and result.batch == 1
+    assert result.server[spec.IMAGES_MODEL]["requests"] >= result.requests - 2
+
+
 class _StatsClient:
     """Answers get_inference_statistics with the samples given, as tritonclient.grpc's as_json does."""
 

@@ -117,6 +117,36 @@ def test_uint8_form_prints_the_same_answers(served, image_files):
     assert lines(uint8) == lines(plain)
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_encoded_form_prints_the_same_answers(served, image_files, protocol):
+    files = [str(image_files[n]) for n in ("astronaut", "coffee", "camera")]
+    plain = check("--url", f"127.0.0.1:{served[1]}", *files)
+    port = served[1] if protocol == "grpc" else served[0]
+    encoded = check("--url", f"127.0.0.1:{port}", "--protocol", protocol, "--encoded", *files)
+    assert encoded.returncode == 0, encoded.stderr
+    assert lines(encoded) == lines(plain)
+
+
+def test_encoded_form_gives_each_bad_file_its_own_error_line(served, image_files):
+    """The server refuses a batch holding a file it cannot decode; the command then asks file by file."""
+    files = [str(image_files[n]) for n in ("astronaut", "corrupt", "text", "missing", "coffee")]
+    result = check("--url", f"127.0.0.1:{served[1]}", "--encoded", *files)
+    assert result.returncode != 0
+    records = lines(result)
+    assert [r["path"] for r in records] == files
+    good, corrupt, text, missing, good_again = records
+    plain = lines(check("--url", f"127.0.0.1:{served[1]}", files[0], files[-1]))
+    assert [good, good_again] == plain
+    for bad in (corrupt, text, missing):
+        assert "flagged" not in bad and bad["path"] in bad["error"]
+    assert "corrupt or truncated image file" in corrupt["error"] and "image 0" in corrupt["error"]
+    assert "invalid base64" in text["error"]
+    assert "No such file" in missing["error"]
+    assert "3 of 5 images were not checked" in result.stderr
+    both = check("--url", f"127.0.0.1:{served[1]}", "--encoded", "--uint8", files[0])
+    assert both.returncode == 2 and "not allowed with" in both.stderr
+
+
 def test_unreadable_files_get_an_error_line_and_a_failing_exit(served, image_files):
     files = [str(image_files[n]) for n in ("astronaut", "corrupt", "text", "missing", "coffee")]
     result = check("--url", f"127.0.0.1:{served[1]}", *files)

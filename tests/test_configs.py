@@ -54,3 +54,34 @@ def test_default_gpu_config_is_exact_fp32_without_tf32():
 def test_committed_configs_are_the_rendered_reference_configs():
     for relative, text in configs.render_committed().items():
         assert (ROOT / "model_repository" / relative).read_text() == text, relative
+
+
+def test_images_model_decodes_on_cpu_instances_in_every_configuration():
+    from export.models import GPU_DECODERS_PER_CORE, REFERENCE_DECODER_INSTANCES, Settings
+
+    for decoders in (REFERENCE_DECODER_INSTANCES, 3):
+        rendered = configs.render_all(spec.REFERENCE_DIMS, Settings(decoder_instances=decoders))
+        gpu, cpu = (_parse(rendered[Path(spec.IMAGES_MODEL, name)]) for name in ("config.pbtxt", "configs/cpu.pbtxt"))
+        for config in (gpu, cpu):
+            assert config.backend == "python" and config.max_batch_size == spec.MAX_BATCH_SIZE
+            assert [i.name for i in config.input] == [spec.IMAGE.name] and config.input[0].dims == [1]
+            assert [o.name for o in config.output] == [t.name for t in spec.ENSEMBLE_OUTPUTS]
+            assert config.output[0].name == spec.HAS_NSFW_CONCEPTS.name
+            assert [g.kind for g in config.instance_group] == [config.instance_group[0].KIND_CPU]
+            assert config.parameters["max_encoded_bytes"].string_value == str(20 * 1024 * 1024)
+            assert config.parameters["max_pixels"].string_value == str(spec.MAX_IMAGE_PIXELS)
+            assert config.parameters["checker_model"].string_value == spec.ENSEMBLE_MODEL
+        assert [g.count for g in cpu.instance_group] == [decoders]
+        assert [g.count for g in gpu.instance_group] == [GPU_DECODERS_PER_CORE * decoders]
+    # Same outputs, in the same order, as the pixel ensemble.
+    pixel = _parsed(Path(spec.ENSEMBLE_MODEL, "config.pbtxt"))
+    assert [(o.name, o.data_type, list(o.dims)) for o in pixel.output] == [
+        (o.name, o.data_type, list(o.dims)) for o in _parsed(Path(spec.IMAGES_MODEL, "config.pbtxt")).output
+    ]
+
+
+def _parse(text: str):
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2
+
+    return text_format.Parse(text, model_config_pb2.ModelConfig())

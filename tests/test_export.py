@@ -14,7 +14,7 @@ from conftest import exported, run_export
 
 from export import configs
 from export.graph import EmbedderGraph
-from export.models import Settings
+from export.models import GPU_DECODERS_PER_CORE, Settings, host_decoder_instances
 from export.onnx_export import VerificationError, export_onnx, verify_onnx
 from export.repository import MODEL_FOLDERS
 from fixtures.checkers import build_checker, save_checker
@@ -40,7 +40,8 @@ def test_writes_a_complete_repository(repository, reference_checker):
 
     dims = ModelDims(17, 3, reference_checker.config.projection_dim)
     digest = hashlib.sha256(onnx_file.read_bytes()).hexdigest()[:16]
-    for relative, text in configs.render_all(dims, Settings(engine_cache_key=digest)).items():
+    settings = Settings(engine_cache_key=digest, decoder_instances=host_decoder_instances())
+    for relative, text in configs.render_all(dims, settings).items():
         assert (repository / relative).read_text() == text
     metadata = json.loads((repository / spec.POSTPROCESS_MODEL / "1" / spec.CONCEPTS_FILENAME).read_text())
     assert [c["threshold"] for c in metadata["concepts"]] == reference_checker.concept_embeds_weights.tolist()
@@ -165,6 +166,21 @@ def test_unreachable_hub(existing_repository):
 def test_low_opset_is_refused(existing_repository, tmp_path):
     result = run_export(tmp_path / "unused", existing_repository, "--opset", "13")
     assert result.returncode == 2 and "17" in result.stderr
+
+
+def test_decoder_instances_are_chosen_or_refused(existing_repository, tmp_path):
+    result = run_export(tmp_path / "unused", existing_repository, "--decoder-instances", "0")
+    assert result.returncode == 2 and "--decoder-instances 0 is below 1" in result.stderr
+    target = exported_with(tmp_path, "--decoder-instances", "3")
+    for relative, count in (("configs/cpu.pbtxt", 3), ("config.pbtxt", GPU_DECODERS_PER_CORE * 3)):
+        assert f"kind: KIND_CPU\n    count: {count}\n" in (target / spec.IMAGES_MODEL / relative).read_text()
+
+
+def exported_with(tmp_path, *extra: str) -> Path:
+    checker_dir = save_checker(tmp_path / "checker", build_checker(seed=5))
+    result = run_export(checker_dir, tmp_path / "repo", *extra)
+    assert result.returncode == 0, result.stderr
+    return tmp_path / "repo"
 
 
 def test_verification_catches_a_graph_that_differs(tmp_path):

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT
 
+from export.models import CLIENT_PREPROCESSING
 from safety_checker_admin import concept_set
 
 
@@ -31,7 +32,7 @@ def test_forms_only_python_3_11_reads_are_refused(text):
 
 
 def test_vermin_finds_nothing_newer_than_3_10():
-    served = [str(ROOT / "model_repository"), concept_set.__file__]
+    served = [str(ROOT / "model_repository"), concept_set.__file__, *map(str, CLIENT_PREPROCESSING)]
     result = subprocess.run(
         [
             str(Path(sys.executable).with_name("vermin")),

@@ -1,2 +1,3 @@
 """The thin client of the safety checker served by Triton: the contract (`spec`), CLIP preprocessing,
-`SafetyCheckerClient` and the `safety-checker check` command; it needs tritonclient, numpy and pillow only."""
+`SafetyCheckerClient`, the `safety-checker check` and `scan` commands, and the diffusers drop-in
+`diffusers.TritonSafetyChecker`; it needs tritonclient, numpy and pillow only."""

@@ -1,4 +1,4 @@
-"""The `safety-checker` console command: `check` images against a running server.
+"""The `safety-checker` console command: `check` images against a running server, or `scan` many.
 
 The operator package (`pip install ./admin`) adds its own subcommands (`serve`,
 `concepts`) to the same command through the entry-point group
@@ -12,10 +12,19 @@ import argparse
 import json
 import sys
 from importlib.metadata import entry_points
-from typing import Iterable, Iterator, List, Optional, Sequence, TextIO, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, TextIO, Tuple
 
 from safety_checker_client import spec
-from safety_checker_client.client import DEFAULT_URLS, PROTOCOLS, CheckError, SafetyCheckerClient, Strictness
+from safety_checker_client.client import (
+    DEFAULT_URLS,
+    PROTOCOLS,
+    CheckError,
+    CheckResult,
+    SafetyCheckerClient,
+    Strictness,
+    read_file,
+    refused_image,
+)
 from safety_checker_client.preprocess import ImageError, load_image
 
 
@@ -42,12 +51,23 @@ def _parser() -> argparse.ArgumentParser:
         f"[-{spec.MAX_STRICTNESS_ADJUSTMENT:g}, {spec.MAX_STRICTNESS_ADJUSTMENT:g}] "
         "(default: the server's configured preset)",
     )
-    check.add_argument(
+    form = check.add_mutually_exclusive_group()
+    form.add_argument(
         "--uint8",
         action="store_true",
         help="send resized uint8 images to safety_checker_uint8 (4x fewer bytes; same decisions)",
     )
+    form.add_argument(
+        "--encoded",
+        action="store_true",
+        help="send each file's bytes untouched to safety_checker_images, which decodes them "
+        "(PNG, JPEG, WebP, GIF, BMP, TIFF; same decisions)",
+    )
     check.set_defaults(run=_check)
+
+    from safety_checker_client.scan import add_parser as add_scan
+
+    add_scan(commands, _strictness)
 
     for command in _plugin_commands():
         command.load()(commands)
@@ -89,7 +109,10 @@ def check_files(paths: Sequence[str], client: SafetyCheckerClient, out: TextIO, 
 
     Files are read and sent a batch at a time, so memory stays flat for any
     number of files. A file that cannot be read, or whose batch the server did
-    not answer, gets an "error" line and never a "flagged" field.
+    not answer, gets an "error" line and never a "flagged" field. With an
+    encoded client the server decodes the files, and one it cannot decode
+    refuses its whole batch: the files of a batch refused for one image are
+    then sent one at a time, so that each gets its own answer or error.
     """
     failures = 0
     batch_size = client.max_batch_size
@@ -98,16 +121,10 @@ def check_files(paths: Sequence[str], client: SafetyCheckerClient, out: TextIO, 
         errors = {}
         for path in chunk:
             try:
-                loaded.append((path, load_image(path)))
+                loaded.append((path, read_file(path) if client.encoded else load_image(path)))
             except ImageError as err:
                 errors[path] = str(err)
-        answers = {}
-        if loaded:
-            try:
-                results = client.check([image for _, image in loaded], strictness=strictness)
-                answers = {path: result for (path, _), result in zip(loaded, results)}
-            except (CheckError, ImageError) as err:
-                errors.update({path: str(err) for path, _ in loaded})
+        answers = _answers(client, loaded, strictness, errors)
         for path in chunk:
             if path in answers:
                 _emit(out, {"path": path, **answers[path].as_dict()})
@@ -117,9 +134,32 @@ def check_files(paths: Sequence[str], client: SafetyCheckerClient, out: TextIO, 
     return failures
 
 
+def _answers(
+    client: SafetyCheckerClient, loaded: List[Tuple[str, object]], strictness: Strictness, errors: Dict[str, str]
+) -> Dict[str, CheckResult]:
+    """The server's answer per path; the reason of every path without one goes into `errors`."""
+    if not loaded:
+        return {}
+    check = client.check_encoded if client.encoded else client.check
+    try:
+        results = check([item for _, item in loaded], strictness=strictness)
+        return {path: result for (path, _), result in zip(loaded, results)}
+    except (CheckError, ImageError) as err:
+        refused = isinstance(err, CheckError) and refused_image(err) is not None
+        if not (client.encoded and refused and len(loaded) > 1):
+            # A file the server refused is named, as one the client could not read is.
+            named = client.encoded and refused
+            errors.update({path: f"{path}: {err}" if named else str(err) for path, _ in loaded})
+            return {}
+    answers = {}
+    for item in loaded:
+        answers.update(_answers(client, [item], strictness, errors))
+    return answers
+
+
 def _check(args: argparse.Namespace) -> int:
     try:
-        client = SafetyCheckerClient(args.url, protocol=args.protocol, uint8=args.uint8)
+        client = SafetyCheckerClient(args.url, protocol=args.protocol, uint8=args.uint8, encoded=args.encoded)
         with client:
             failures = check_files(args.files, client, sys.stdout, args.strictness)
     except CheckError as err:  # the server could not even be asked for its config

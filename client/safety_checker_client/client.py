@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from safety_checker_client import spec
-from safety_checker_client.preprocess import ImageLike, preprocess, preprocess_uint8
+from safety_checker_client.preprocess import ImageError, ImageLike, load_image, preprocess, preprocess_uint8
 
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 PROTOCOLS = tuple(DEFAULT_URLS)
@@ -87,12 +89,15 @@ def triton_module(protocol: str):
 
 
 class SafetyCheckerClient:
-    """Sends image batches to an ensemble, split to fit the served max_batch_size.
+    """Sends image batches to the checker, split to fit the served max_batch_size.
 
     By default it sends float32 `pixel_values` to `safety_checker`. With
     `uint8=True` it sends the resized and cropped uint8 images to
     `safety_checker_uint8`, which normalises them on the server: a quarter of
-    the bytes on the wire, the same decisions.
+    the bytes on the wire, the same decisions. With `encoded=True` it sends
+    image files as they are (`check_files`, `check_encoded`) to
+    `safety_checker_images`, which decodes them with this package's own
+    preprocessing: a JPEG stays a JPEG on the wire, the same decisions.
     """
 
     def __init__(
@@ -102,13 +107,22 @@ class SafetyCheckerClient:
         model_name: Optional[str] = None,
         timeout_s: Optional[float] = 120.0,
         uint8: bool = False,
+        encoded: bool = False,
     ) -> None:
+        if uint8 and encoded:
+            raise ValueError("choose one input form: uint8=True or encoded=True")
         self.protocol = protocol
         self._triton = triton_module(protocol)
         self.url = url or DEFAULT_URLS[protocol]
         self.uint8 = uint8
-        self.input = spec.IMAGES if uint8 else spec.PIXEL_VALUES
-        self.model_name = model_name or (spec.UINT8_ENSEMBLE_MODEL if uint8 else spec.ENSEMBLE_MODEL)
+        self.encoded = encoded
+        if encoded:
+            self.input, default_model = spec.IMAGE, spec.IMAGES_MODEL
+        elif uint8:
+            self.input, default_model = spec.IMAGES, spec.UINT8_ENSEMBLE_MODEL
+        else:
+            self.input, default_model = spec.PIXEL_VALUES, spec.ENSEMBLE_MODEL
+        self.model_name = model_name or default_model
         self.timeout_s = timeout_s
         kwargs = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
         self._client = self._triton.InferenceServerClient(self.url, **kwargs)
@@ -147,13 +161,19 @@ class SafetyCheckerClient:
 
     def preprocess(self, images: Sequence[ImageLike], value_range: Tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
         """The batch this client sends for `images`: uint8 images or float32 pixel_values."""
+        if self.encoded:
+            raise ValueError(
+                "encoded=True sends image files as they are: use check_files(paths) or check_encoded(file_bytes)"
+            )
         return (preprocess_uint8 if self.uint8 else preprocess)(images, value_range=value_range)
 
     def infer(self, batch: np.ndarray, strictness: Strictness = None) -> Dict[str, np.ndarray]:
         """Run a batch in the client's input form, in as many requests as max_batch_size needs.
 
-        float32 pixel_values [N, 3, 224, 224] (other float dtypes are cast), or
-        with `uint8=True` uint8 images [N, 224, 224, 3].
+        float32 pixel_values [N, 3, 224, 224] (other float dtypes are cast),
+        with `uint8=True` uint8 images [N, 224, 224, 3], or with
+        `encoded=True` image files: a sequence of bytes, or an object array
+        [N] or [N, 1] of them.
         """
         batch = self._checked(batch)
         parameters = request_parameters(strictness)
@@ -164,6 +184,8 @@ class SafetyCheckerClient:
         return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
     def _checked(self, batch: np.ndarray) -> np.ndarray:
+        if self.encoded:
+            return _encoded_batch(batch)
         expected = tuple(self.input.dims)
         if self.uint8 and batch.dtype != np.uint8:
             raise ValueError(f"{self.input.name} must be uint8, got {batch.dtype}")
@@ -177,7 +199,10 @@ class SafetyCheckerClient:
 
     def _infer_once(self, batch: np.ndarray, parameters: Optional[Dict[str, object]] = None) -> Dict[str, np.ndarray]:
         tensor = self._triton.InferInput(self.input.name, list(batch.shape), self.input.datatype)
-        tensor.set_data_from_numpy(batch)
+        if self.protocol == "http":
+            tensor.set_data_from_numpy(batch, binary_data=True)  # the bytes as they are, not base64 in JSON
+        else:
+            tensor.set_data_from_numpy(batch)
         outputs = [self._triton.InferRequestedOutput(t.name) for t in spec.ENSEMBLE_OUTPUTS]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         if parameters:
@@ -201,6 +226,72 @@ class SafetyCheckerClient:
     ) -> List[CheckResult]:
         """Check images (PIL, uint8 arrays or float arrays in `value_range`), one result each, in order."""
         return self.check_batch(self.preprocess(images, value_range), strictness)
+
+    def check_encoded(self, files: Sequence[bytes], strictness: Strictness = None) -> List[CheckResult]:
+        """Check image files given as their bytes (PNG, JPEG, WebP, ...), one result each, in order.
+
+        Needs `encoded=True`: the bytes are sent untouched and decoded on the server.
+        """
+        if not self.encoded:
+            raise ValueError("check_encoded sends image files: create the client with encoded=True")
+        return self.check_batch(_encoded_batch(files), strictness)
+
+    def check_files(self, paths: Sequence[Union[str, os.PathLike]], strictness: Strictness = None) -> List[CheckResult]:
+        """Check image files, one result each, in order.
+
+        With `encoded=True` each file's bytes are sent untouched (a JPEG stays
+        a JPEG) and the server decodes them; otherwise the files are decoded
+        and preprocessed here. A file that cannot be read raises ImageError;
+        with `encoded=True` one the server cannot decode fails the call with
+        CheckError naming it.
+        """
+        if not self.encoded:
+            return self.check([load_image(path) for path in paths], strictness=strictness)
+        files = [read_file(path) for path in paths]
+        batch = _encoded_batch(files)
+        results = []
+        for start in range(0, len(batch), self.max_batch_size):
+            try:
+                results += self.check_batch(batch[start : start + self.max_batch_size], strictness)
+            except CheckError as error:
+                index = refused_image(error)
+                if index is None or start + index >= len(paths):
+                    raise
+                raise CheckError(f"{os.fspath(paths[start + index])}: {error}") from error
+        return results
+
+
+# How safety_checker_images names the element it refused: "image 3: ...", its index in the request.
+_REFUSED_INDEX = re.compile(r"\bimage (\d+): ")
+
+
+def refused_image(error: CheckError) -> Optional[int]:
+    """The index of the image a refusal names ("image 3: ..."), or None when it names none."""
+    named = _REFUSED_INDEX.search(str(error))
+    return None if named is None else int(named.group(1))
+
+
+def read_file(path: Union[str, os.PathLike]) -> bytes:
+    """An image file's bytes, untouched; ImageError if it cannot be read."""
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise ImageError(f"cannot read image file {os.fspath(path)!r}: {error.strerror or error}") from error
+
+
+def _encoded_batch(files: Union[Sequence[bytes], np.ndarray]) -> np.ndarray:
+    """Image files as the BYTES tensor [N, 1] of safety_checker_images."""
+    if isinstance(files, (bytes, bytearray)):
+        raise ValueError("expected a sequence of image files (bytes), not one bytes object")
+    array = np.empty((len(files), 1), dtype=object)
+    for i, data in enumerate(np.asarray(files, dtype=object).reshape(-1) if isinstance(files, np.ndarray) else files):
+        if not isinstance(data, (bytes, bytearray, np.bytes_)):
+            raise ValueError(f"image file {i} must be bytes, not {type(data).__name__}")
+        array[i, 0] = bytes(data)
+    if len(array) == 0:
+        raise ValueError("no images to check")
+    return array
 
 
 def result_from(answer: Dict[str, np.ndarray], i: int) -> CheckResult:

@@ -19,12 +19,13 @@ Float arrays from a Stable Diffusion pipeline become uint8 the way diffusers'
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
-from typing import Union
+from typing import IO, Union
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from safety_checker_client.spec import IMAGE_SIZE
 
@@ -67,12 +68,52 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     `load_image` do, so the checker sees the picture a person would see.
     The mode is kept: `to_uint8_image` converts it as CLIPImageProcessor does.
     """
+    return _opened(path, os.fspath(path))
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """`load_image` for the bytes of a file already read (`name` goes into the error message)."""
+    return _opened(io.BytesIO(data), name)
+
+
+def _opened(source, name: str) -> Image.Image:
     try:
-        with Image.open(path) as image:
+        return open_image(source)
+    except ImageError as error:
+        raise ImageError(f"cannot read image file {name!r}: {error}") from error
+
+
+def open_image(
+    file: str | os.PathLike | IO[bytes],
+    max_pixels: int | None = None,
+    formats: Sequence[str] | None = None,
+) -> Image.Image:
+    """`load_image` for a path or an open binary file, with limits: what the server decodes files with.
+
+    The first frame of an animated image (GIF, WebP, APNG) is the image, as
+    Pillow opens it. `max_pixels` refuses an image whose width x height, as
+    its header states, is larger, before any pixel is decoded, so a
+    decompression bomb costs nothing. `formats` are the Pillow format names
+    tried (None: every format Pillow reads). Any failure raises ImageError.
+    """
+    try:
+        with Image.open(file, formats=formats) as image:
+            if max_pixels is not None and image.width * image.height > max_pixels:
+                raise ImageError(
+                    f"{image.width}x{image.height} is {image.width * image.height} pixels, more than the "
+                    f"limit of {max_pixels} (checked from the {image.format} header, nothing was decoded)"
+                )
             image.load()
             return ImageOps.exif_transpose(image)
-    except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as error:
-        raise ImageError(f"cannot read image file {os.fspath(path)!r}: {error}") from error
+    except ImageError:
+        raise
+    except Image.DecompressionBombError as error:
+        raise ImageError(f"decompression bomb refused from its header: {error}") from error
+    except UnidentifiedImageError as error:
+        known = f" ({', '.join(formats)})" if formats else ""
+        raise ImageError(f"not an image file in a format the checker reads{known}") from error
+    except Exception as error:  # Pillow raises many types for corrupt files: OSError, SyntaxError, struct.error, ...
+        raise ImageError(str(error) or type(error).__name__) from error
 
 
 def to_uint8_image(image: ImageLike, value_range: tuple[float, float] = ZERO_ONE) -> Image.Image:

@@ -15,6 +15,8 @@ from typing import Tuple, Union
 ENSEMBLE_MODEL = "safety_checker"
 # The same checker fed uint8 images (4x less on the wire than float32 pixels).
 UINT8_ENSEMBLE_MODEL = "safety_checker_uint8"
+# The same checker fed the image files themselves (PNG, JPEG, WebP, ...), decoded on the server.
+IMAGES_MODEL = "safety_checker_images"
 NORMALIZE_MODEL = "safety_checker_normalize"
 EMBEDDER_MODEL = "safety_checker_embedder"
 # The cascade (`python -m export --cascade`): an int8 embedder answers first, the fp32 one where int8 is not sure.
@@ -140,6 +142,20 @@ IMAGES = TensorSpec("images", "UINT8", (IMAGE_SIZE, IMAGE_SIZE, NUM_CHANNELS))
 
 UINT8_ENSEMBLE_INPUTS = (IMAGES,)
 UINT8_ENSEMBLE_OUTPUTS = ENSEMBLE_OUTPUTS
+
+# -- Encoded images: the files themselves, decoded on the server ---------------
+# One encoded image file per batch element: its raw bytes (gRPC, HTTP's binary
+# tensor extension) or the base64 text of those bytes (a JSON request).
+IMAGE = TensorSpec("image", "BYTES", (1,))
+
+IMAGES_INPUTS = (IMAGE,)
+IMAGES_OUTPUTS = ENSEMBLE_OUTPUTS
+
+# What the server accepts, per image; each is a config parameter of the images model.
+MAX_ENCODED_BYTES = 20 * 1024 * 1024  # the file's size (20 MiB), before any base64
+MAX_IMAGE_PIXELS = 50_000_000  # width x height, read from the file's header before any pixel is decoded
+# Formats the server opens (Pillow's names); anything else (SVG, PDF, PSD, ...) is refused.
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
 # -- Normaliser (an ONNX lookup table: uint8 -> CLIP pixel_values) ------------
 NORMALIZE_INPUTS = (IMAGES,)

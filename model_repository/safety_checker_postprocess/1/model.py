@@ -18,7 +18,6 @@ threshold; see scoring.py.
 """
 
 import json
-import math
 import os
 import sys
 import time
@@ -29,6 +28,7 @@ import triton_python_backend_utils as pb_utils
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import concept_set
 from scoring import certain, cosines, score_all
+from strictness import Strictness
 
 # A file rejected while it was being written in place is looked at again for this long.
 RECENT_WRITE_S = 2.0
@@ -57,8 +57,6 @@ class TritonPythonModel:
         ) = [o["name"] for o in config["output"]]
         # The error bound of the cosines when a request does not send its own (the optional last input).
         self.default_bound = float(parameters["cosine_bound"])
-        self.strictness_parameter = parameters["strictness_parameter"]
-        self.strictness_adjustment_parameter = parameters["strictness_adjustment_parameter"]
 
         with open(os.path.join(version_dir, parameters["concepts_file"])) as handle:
             metadata = json.load(handle)
@@ -78,14 +76,13 @@ class TritonPythonModel:
                     f"the config declares {widths[output]}"
                 )
 
-        self.presets = {name: float(value) for name, value in json.loads(parameters["strictness_presets"]).items()}
-        self.max_adjustment = float(parameters["max_strictness_adjustment"])
+        self.strictness = Strictness(parameters)
         preset = parameters.get("strictness", "normal").strip().lower()
-        if preset not in self.presets:
+        if preset not in self.strictness.presets:
             raise pb_utils.TritonModelException(
-                f"config parameter strictness: unknown preset {preset!r} (one of {', '.join(self.presets)})"
+                f"config parameter strictness: unknown preset {preset!r} (one of {', '.join(self.strictness.presets)})"
             )
-        self.default_strictness = self.presets[preset]
+        self.default_strictness = self.strictness.presets[preset]
 
         embedding_dim = int(config["input"][self.inputs.index(self.image_embeds)]["dims"][-1])
         # A folder every replica shares (a ConfigMap volume on Kubernetes), or else the version folder.
@@ -186,41 +183,10 @@ class TritonPythonModel:
 
     def _strictness(self, request):
         """(adjustment, None) for this request, or (default, TritonError) naming the bad parameter."""
-        try:
-            parameters = json.loads(request.parameters() or "{}")
-        except ValueError:
-            parameters = {}
-        preset = parameters.get(self.strictness_parameter)
-        value = parameters.get(self.strictness_adjustment_parameter)
-        if preset is not None and value is not None:
-            return self.default_strictness, _invalid(
-                f"request parameters {self.strictness_parameter!r} and {self.strictness_adjustment_parameter!r} "
-                "were both given; give one"
-            )
-        if preset is not None:
-            if not isinstance(preset, str) or preset.lower() not in self.presets:
-                return self.default_strictness, _invalid(
-                    f"request parameter {self.strictness_parameter!r}: unknown preset {preset!r} "
-                    f"(one of {', '.join(self.presets)})"
-                )
-            return self.presets[preset.lower()], None
-        if value is not None:
-            number = None
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                number = float(value)
-            elif isinstance(value, str):
-                try:
-                    number = float(value)
-                except ValueError:
-                    number = None
-            limit = self.max_adjustment
-            if number is None or not math.isfinite(number) or abs(number) > limit:
-                return self.default_strictness, _invalid(
-                    f"request parameter {self.strictness_adjustment_parameter!r} = {value!r} must be a number "
-                    f"in [{-limit:g}, {limit:g}]"
-                )
-            return number, None
-        return self.default_strictness, None
+        value, problem = self.strictness.of(request.parameters())
+        if problem is not None:
+            return self.default_strictness, _invalid(problem)
+        return (self.default_strictness if value is None else value), None
 
 
 class Snapshot:

@@ -1,0 +1,344 @@
+"""`safety-checker scan` through a real tritonserver: a tree with photos, synthetic images, an unreadable file and
+a non-image; the HTML page in headless Chromium; Ctrl-C then --resume; a server killed mid-scan; copy/move."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fixtures.photos import photos
+from safety_checker_client.scan import read_report
+
+COMMAND = str(Path(sys.executable).parent / "safety-checker")
+ANSWER_FIELDS = (
+    "flagged",
+    "fired_concepts",
+    "concept_scores",
+    "special_scores",
+    "custom_scores",
+    "concept_set_version",
+    "strictness_adjustment",
+)
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def synthetic(rng: np.random.Generator, kind: int, size: int = 224) -> np.ndarray:
+    """Noise, a smooth wave or coloured blocks: the kinds of input the tiny checker's thresholds were set on."""
+    if kind == 0:
+        base = rng.uniform(0, 255, (1, 1, 3))
+        image = base + rng.uniform(5, 120) * rng.standard_normal((size, size, 3))
+    elif kind == 1:
+        grid = np.linspace(-1, 1, size)
+        fx, fy = rng.uniform(-3, 3, 2)
+        wave = np.sin(fx * grid[None, :] + fy * grid[:, None])[..., None]
+        image = rng.uniform(40, 215, (1, 1, 3)) + rng.uniform(20, 100) * wave
+    else:
+        blocks = -(-size // 32)
+        image = np.kron(rng.uniform(0, 255, (blocks, blocks, 3)), np.ones((32, 32, 1)))[:size, :size]
+    return np.clip(image, 0, 255).astype(np.uint8)
+
+
+def write_synthetic(folder: Path, count: int, seed: int, size: int = 224, prefix: str = "s") -> List[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        path = folder / f"{prefix}{i:03d}.png"
+        Image.fromarray(synthetic(rng, i % 3, size)).save(path)
+        paths.append(path)
+    return paths
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> Path:
+    """Real photographs (PNG and JPEG), synthetic images in nested folders, one unreadable file, one non-image."""
+    root = tmp_path_factory.mktemp("scan") / "tree"
+    (root / "photos" / "jpeg").mkdir(parents=True)
+    for name, pixels in photos().items():
+        Image.fromarray(pixels).save(root / "photos" / f"{name}.png")
+        Image.fromarray(pixels).save(root / "photos" / "jpeg" / f"{name}.jpg", quality=90)
+    write_synthetic(root / "synthetic", 12, seed=5)
+    write_synthetic(root / "synthetic" / "nested" / "deeper", 12, seed=6, prefix="n")
+    (root / "photos" / "broken.png").write_bytes((root / "photos" / "coffee.png").read_bytes()[:3000])
+    (root / "notes.txt").write_text("a text file, not an image\n")
+    return root
+
+
+def files_under(root: Path) -> List[str]:
+    return sorted(str(p) for p in root.rglob("*") if p.is_file())
+
+
+def scan(*args: str, stdin: str = "", timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([COMMAND, "scan", *args], capture_output=True, text=True, timeout=timeout, input=stdin)
+
+
+def check(url: str, files: List[str]) -> Dict[str, dict]:
+    result = subprocess.run([COMMAND, "check", "--url", url, *files], capture_output=True, text=True, timeout=300)
+    return {record["path"]: record for record in map(json.loads, result.stdout.splitlines())}
+
+
+def inference_count(http_url: str, model: str = "safety_checker") -> int:
+    with _HTTP.open(f"http://{http_url}/v2/models/{model}/stats", timeout=10) as response:
+        return int(json.load(response)["model_stats"][0]["inference_count"])
+
+
+def wait_for_lines(report: Path, count: int, process: subprocess.Popen, timeout_s: float = 120) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not report.exists() or report.read_text().count("\n") < count:
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the scan wrote too few lines"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def tree_scan(server, tree, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tree-scan")
+    report, page = out / "report.jsonl", out / "page.html"
+    result = scan(str(tree), "--url", server.grpc_url, "--report", str(report), "--html", str(page))
+    return result, read_report(str(report)), page
+
+
+def test_a_tree_gets_one_line_per_file_and_the_answers_of_check(server, tree, tree_scan):
+    result, records, _ = tree_scan
+    assert result.returncode == 1, result.stderr  # two files could not be checked
+    files = files_under(tree)
+    assert sorted(r["path"] for r in records) == files  # exactly one line per file
+    by_path = {r["path"]: r for r in records}
+    for bad in ("photos/broken.png", "notes.txt"):
+        record = by_path[str(tree / bad)]
+        assert "flagged" not in record and str(tree / bad) in record["error"]
+    answered = [r for r in records if "flagged" in r]
+    assert len(answered) == len(files) - 2 and all(r["error"] is None for r in answered)
+    for record in records:
+        data = Path(record["path"]).read_bytes()
+        assert record["size"] == len(data) and record["sha256"] == hashlib.sha256(data).hexdigest()
+
+    expected = check(server.grpc_url, files)
+    for record in answered:
+        assert {k: record[k] for k in ANSWER_FIELDS} == {k: expected[record["path"]][k] for k in ANSWER_FIELDS}
+    flagged = [r for r in answered if r["flagged"]]
+    assert 0 < len(flagged) < len(answered)  # the comparison covers both decisions
+
+    summary = result.stdout
+    assert f"scanned {len(files)} files: {len(answered)} images checked, {len(flagged)} flagged, 2 errors" in summary
+    assert re.search(r"this run: \d+ images checked in [\d.]+ s \([\d.]+ images/s", summary)
+    concepts = {}
+    for record in flagged:
+        for name in record["fired_concepts"]:
+            if not name.startswith("special_care_"):  # never flags on its own: not counted
+                concepts[name] = concepts.get(name, 0) + 1
+    line = next(line for line in summary.splitlines() if line.startswith("flagged per concept: "))
+    assert {n: int(c) for n, c in (p.rsplit(" ", 1) for p in line.split(": ", 1)[1].split(", "))} == concepts
+    assert "scan: " in summary and "images/s, flagged" in summary  # plain progress lines: stdout is no terminal
+
+
+def test_csv_over_http_with_uint8_says_the_same(server, tree, tree_scan, tmp_path):
+    _, records, _ = tree_scan
+    report = tmp_path / "report.csv"
+    result = scan(str(tree), "--protocol", "http", "--url", server.http_url, "--uint8", "--report", str(report))
+    assert result.returncode == 1
+    lines = report.read_text().splitlines()
+    assert lines[0] == "path,size,sha256,flagged,fired_concepts,concept_scores,special_scores,custom_scores," + (
+        "concept_set_version,strictness_adjustment,error"
+    )
+    assert len(lines) == len(records) + 1
+    assert {r["path"]: r.get("flagged") for r in read_report(str(report))} == {
+        r["path"]: r.get("flagged") for r in records
+    }
+
+
+def test_encoded_files_go_to_the_server_as_they_are_and_say_the_same(server, tree, tree_scan, tmp_path):
+    """--encoded: each file's bytes to safety_checker_images, decoded there by the same preprocessing."""
+    _, records, _ = tree_scan
+    report = tmp_path / "report.jsonl"
+    result = scan(str(tree), "--url", server.grpc_url, "--encoded", "--report", str(report))
+    assert result.returncode == 1  # the unreadable file and the non-image
+    encoded = {r["path"]: r for r in read_report(str(report))}
+    assert set(encoded) == {r["path"] for r in records}
+    for record in records:
+        mine = encoded[record["path"]]
+        if record.get("error"):
+            assert mine["error"] and "flagged" not in mine  # refused by the server instead: still an error
+        else:
+            assert {k: mine[k] for k in ("flagged", "concept_scores", "special_scores", "fired_concepts")} == {
+                k: record[k] for k in ("flagged", "concept_scores", "special_scores", "fired_concepts")
+            }
+
+
+def test_globs_stdin_and_fail_on_flagged(server, tree, tree_scan):
+    _, records, _ = tree_scan
+    flagged = {r["path"]: r["flagged"] for r in records if "flagged" in r}
+    clean = [p for p, f in flagged.items() if not f][:3]
+    result = scan("-", "--url", server.grpc_url, "--fail-on-flagged", stdin="\n".join(clean) + "\n")
+    assert result.returncode == 0, result.stderr
+    assert sorted(json.loads(line)["path"] for line in result.stdout.splitlines()) == sorted(clean)
+    assert "scanned 3 files: 3 images checked, 0 flagged, 0 errors" in result.stderr
+    result = scan(str(tree / "photos" / "**" / "*.jpg"), "--url", server.grpc_url, "--fail-on-flagged")
+    jpegs = sorted(p for p in flagged if p.endswith(".jpg"))
+    assert sorted(json.loads(line)["path"] for line in result.stdout.splitlines()) == jpegs
+    assert result.returncode == (3 if any(flagged[p] for p in jpegs) else 0)
+
+
+def test_copy_and_move_flagged(server, tree, tree_scan, tmp_path):
+    import shutil
+
+    _, records, _ = tree_scan
+    flagged = {os.path.relpath(r["path"], tree) for r in records if r.get("flagged")}
+    images = tmp_path / "images"
+    shutil.copytree(tree / "synthetic", images)
+    flagged_here = {p[len("synthetic/") :] for p in flagged if p.startswith("synthetic/")}
+    assert flagged_here
+    copied, moved = tmp_path / "copied", images / "quarantine"  # inside the tree: never scanned itself
+    result = scan(str(images), "--url", server.grpc_url, "--copy-flagged", str(copied), "--fail-on-flagged")
+    assert result.returncode == 3, result.stderr
+    assert {str(p.relative_to(copied)) for p in copied.rglob("*.png")} == flagged_here
+    result = scan(str(images), "--url", server.grpc_url, "--move-flagged", str(moved))
+    assert result.returncode == 0, result.stderr
+    assert {str(p.relative_to(moved)) for p in moved.rglob("*.png")} == flagged_here
+    assert not any((images / p).exists() for p in flagged_here)
+    for path in flagged_here:
+        assert (moved / path).read_bytes() == (tree / "synthetic" / path).read_bytes()
+    # Only the unflagged ones are left (the quarantine inside the tree is not scanned).
+    result = scan(str(images), "--url", server.grpc_url, "--move-flagged", str(moved), "--fail-on-flagged")
+    assert result.returncode == 0 and '"flagged": true' not in result.stdout
+
+
+def _detail(pixels: np.ndarray) -> float:
+    """Mean absolute difference between neighbouring pixels: what a blur takes away."""
+    pixels = pixels.astype(np.float64)
+    return float(np.abs(np.diff(pixels, axis=0)).mean() + np.abs(np.diff(pixels, axis=1)).mean())
+
+
+def test_the_html_page_in_headless_chromium(tree_scan, tmp_path):
+    """Self-contained; summary, per-concept counts, histogram; flagged images blurred until a real click."""
+    from chromium import BINARY, Chromium
+
+    assert BINARY is not None, "chromium is not installed (apt-get install chromium; .ci/run installs it)"
+    _, records, page = tree_scan
+    text = page.read_text()
+    flagged = [r for r in records if r.get("flagged")]
+    assert not re.search(r"""(src|href)=["']?(https?:|//)""", text)  # nothing to fetch: it opens offline
+    thumbnails = re.findall(r'<img src="data:image/jpeg;base64,([^"]+)"', text)
+    assert len(thumbnails) == len(flagged)
+    # The thumbnail with the most detail shows best whether the blur hides it.
+    decoded = [np.asarray(Image.open(io.BytesIO(base64.b64decode(t))).convert("RGB")) for t in thumbnails]
+    chosen = max(range(len(decoded)), key=lambda i: _detail(decoded[i]))
+
+    with Chromium(width=1200, height=900) as browser:
+        browser.open(page.as_uri())
+        assert browser.evaluate("document.querySelectorAll('#grid .thumb img').length") == len(flagged)
+        summary = browser.evaluate("document.querySelector('#summary').innerText")
+        assert f"{len(flagged)}\nflagged" in summary and "2\nerrors" in summary
+        concepts = browser.evaluate("document.querySelector('#concepts').innerText")
+        assert all(name in concepts for r in flagged for name in r["fired_concepts"] if name.startswith("concept_"))
+        whole = browser.screenshot(full_page=True)
+        Image.fromarray(whole).save(tmp_path / "page.png")
+        svg = browser.box("#histogram")
+        histogram = browser.screenshot()[
+            int(svg["y"]) : int(svg["y"] + svg["height"]), int(svg["x"]) : int(svg["x"] + svg["width"])
+        ]
+        red = (histogram[..., 0] > 150) & (histogram[..., 1] < 90) & (histogram[..., 2] < 90)
+        grey = (abs(histogram[..., 0].astype(int) - 0x78) < 12) & (abs(histogram[..., 2].astype(int) - 0x9C) < 12)
+        assert red.sum() > 50 and grey.sum() > 50  # bars on both sides of the threshold
+
+        button = browser.box(f"#thumb-{chosen} button")
+        browser.settle()
+        before = browser.screenshot()
+        browser.click(button["x"] + button["width"] / 2, button["y"] + button["height"] / 2)
+        browser.settle()
+        after = browser.screenshot()
+        assert browser.evaluate(f"document.querySelector('#thumb-{chosen}').classList.contains('revealed')")
+        image = browser.box(f"#thumb-{chosen} img", scroll=False)  # revealed: drawn at its own size
+        browser.click(button["x"] + button["width"] / 2, button["y"] + button["height"] / 2)
+        browser.settle()
+        again = browser.screenshot()
+
+    top, left = round(image["y"]), round(image["x"])
+    height, width = decoded[chosen].shape[:2]
+    crop = lambda shot: shot[top : top + height, left : left + width]
+    Image.fromarray(np.concatenate([crop(before), crop(after)], axis=1)).save(tmp_path / "thumbnail.png")
+    original = decoded[chosen]
+    # Revealed: the thumbnail itself, as decoded by Pillow (JPEG decoders differ by a level or two).
+    assert np.abs(crop(after).astype(int) - original).mean() < 6
+    # Blurred: most of its detail gone (above the "click to reveal" caption), and a second click blurs it again.
+    upper = lambda pixels: pixels[: int(0.7 * len(pixels))]
+    assert _detail(upper(crop(before))) < 0.35 * _detail(upper(original))
+    assert np.abs(crop(before).astype(int) - crop(after)).mean() > 4
+    assert np.abs(crop(again).astype(int) - crop(before)).mean() < 1
+
+
+def many_images(folder: Path, count: int) -> List[str]:
+    return [str(p) for p in write_synthetic(folder, count, seed=11, size=64)]
+
+
+def test_interrupt_then_resume_checks_every_image_exactly_once(server, tmp_path):
+    paths = many_images(tmp_path / "many", 400)
+    report = tmp_path / "report.jsonl"
+    before = inference_count(server.http_url)
+    command = [COMMAND, "scan", str(tmp_path / "many"), "--url", server.grpc_url, "--report", str(report)]
+    process = subprocess.Popen(
+        [*command, "--concurrency", "2", "--batch-size", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for_lines(report, 30, process)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "interrupted" in err and "(interrupted)" in out
+    first = read_report(str(report))
+    assert 30 <= len(first) < 400 and all("flagged" in r for r in first)
+
+    resumed = subprocess.run([*command, "--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"{len(first)} already checked in {report}" in resumed.stdout
+    records = read_report(str(report))
+    assert sorted(r["path"] for r in records) == sorted(paths)  # one line each, across both runs
+    assert all("flagged" in r for r in records)
+    assert inference_count(server.http_url) - before == 400  # and the server checked each once
+
+
+def test_a_server_killed_mid_scan_loses_no_image(server, repository, tmp_path):
+    from safety_checker_admin.server import TritonServer, free_port
+
+    paths = many_images(tmp_path / "many", 400)
+    report = tmp_path / "report.jsonl"
+    second = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    second.start()
+    try:
+        process = subprocess.Popen(
+            [COMMAND, "scan", str(tmp_path / "many"), "--url", second.grpc_url, "--url", server.grpc_url]
+            + ["--report", str(report), "--concurrency", "4", "--batch-size", "2"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for_lines(report, 40, process)
+        assert inference_count(second.http_url) > 0  # it was taking its share
+        second._process.kill()  # SIGKILL: requests in flight on it fail
+        out, err = process.communicate(timeout=300)
+    finally:
+        second.stop()
+    records = read_report(str(report))
+    assert sorted(r["path"] for r in records) == sorted(paths)
+    for record in records:
+        assert isinstance(record.get("flagged"), bool) or record["error"]
+    # The other server was up all along, so every image got its answer there.
+    assert process.returncode == 0, err
+    assert all("flagged" in r for r in records)

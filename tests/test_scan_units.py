@@ -1,0 +1,338 @@
+"""`safety-checker scan` without a server: the walk, the report formats, resume, and the scheduling against fake
+clients (round-robin, a failing server, a refused batch, an interrupted scan, failing closed)."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from safety_checker_client import scan
+from safety_checker_client.client import CheckError, CheckResult
+from safety_checker_client.html_report import histogram
+from safety_checker_client.progress import Progress
+
+COMMAND = str(Path(sys.executable).parent / "safety-checker")
+
+
+def save(path: Path, seed: int, size=(40, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+@pytest.fixture
+def tree(tmp_path):
+    root = tmp_path / "tree"
+    files = [save(root / "a.png", 1), save(root / "sub" / "b.jpg", 2), save(root / "sub" / "deeper" / "c.png", 3)]
+    (root / "notes.txt").write_text("not an image\n")
+    return root, files
+
+
+class FakeInferenceError(Exception):
+    def __init__(self, status: str) -> None:
+        super().__init__(status)
+        self._status = status
+
+    def status(self) -> str:
+        return self._status
+
+
+def refusal(message: str) -> CheckError:
+    error = CheckError(message)
+    error.__cause__ = FakeInferenceError("StatusCode.INVALID_ARGUMENT")
+    return error
+
+
+class FakeServer:
+    """Answers like the ensemble: flags an image whose first pixel value is even; records what it saw."""
+
+    def __init__(self, url: str, fail: bool = False, refuse_value: int = -1, delay_s: float = 0.0) -> None:
+        self.url = url
+        self.fail = fail
+        self.refuse_value = refuse_value
+        self.delay_s = delay_s
+        self.seen: List[int] = []
+        self.requests = 0
+        self.lock = threading.Lock()
+
+    def client(self, url: str):
+        return FakeClient(self)
+
+
+class FakeClient:
+    def __init__(self, server: FakeServer) -> None:
+        self.server = server
+
+    def check_batch(self, batch: np.ndarray, strictness=None) -> List[CheckResult]:
+        server = self.server
+        time.sleep(server.delay_s)
+        with server.lock:
+            server.requests += 1
+        if server.fail:
+            raise CheckError(f"{server.url}: connection refused")
+        firsts = [int(image.reshape(-1)[0]) for image in batch]
+        if server.refuse_value in firsts:
+            raise refusal(f"{server.url}: image {firsts.index(server.refuse_value)} is invalid")
+        with server.lock:
+            server.seen.extend(firsts)
+        return [
+            CheckResult(
+                flagged=first % 2 == 0,
+                concept_scores=[0.01 if first % 2 == 0 else -0.01] * 17,
+                special_scores=[-0.1] * 3,
+                image_embeds=np.zeros(4),
+                fired_concepts=["concept_00"] if first % 2 == 0 else [],
+            )
+            for first in firsts
+        ]
+
+    def check_files(self, paths: List[str], strictness=None) -> List[CheckResult]:
+        """The encoded form: the file's bytes go to the server, which reads the number from the name here."""
+        return self.check_batch(np.array([[int(Path(p).stem.split("-")[1]) % 256] for p in paths]), strictness)
+
+    def close(self) -> None:
+        pass
+
+
+def fake_items(count: int, start: int = 0) -> List[scan.Item]:
+    """Items already prepared: the first pixel of each is its number, which the fake server reads."""
+    items = []
+    for number in range(start, start + count):
+        data = np.full((224, 224, 3), number % 256, dtype=np.uint8)
+        items.append(scan.Item(f"image-{number}.png", size=number, sha256=f"{number:064x}", data=data))
+    return items
+
+
+def run_fake(items, servers: Dict[str, FakeServer], stop=None, mode="uint8", **options):
+    out = io.StringIO()
+    writer = scan.ReportWriter(out, ".jsonl", header=False, owned=False)
+    settings = scan.ScanOptions(urls=list(servers), mode=mode, workers=2, **options)
+    warnings: List[str] = []
+    scanner = scan.Scanner(
+        settings, writer, make_client=lambda url: servers[url].client(url), stop=stop, warn=warnings.append
+    )
+    # The items are prepared already: make `prepare` hand them on.
+    original = scan.prepare
+    scan.prepare = lambda item, mode: item
+    try:
+        result = scanner.run(items)
+    finally:
+        scan.prepare = original
+    records = [json.loads(line) for line in out.getvalue().splitlines()]
+    return result, records, warnings
+
+
+def test_every_item_gets_exactly_one_line_round_robin_over_servers():
+    servers = {url: FakeServer(url) for url in ("a:1", "b:1", "c:1")}
+    result, records, _ = run_fake(fake_items(100), servers, concurrency=4, batch_size=3)
+    assert sorted(r["path"] for r in records) == sorted(f"image-{n}.png" for n in range(100))
+    assert all(r["flagged"] == (int(r["path"][6:-4]) % 2 == 0) for r in records)
+    assert result.tally.checked == 100 and result.tally.flagged == 50 and result.tally.errors == 0
+    assert result.tally.per_concept == {"concept_00": 50}
+    assert all(server.requests >= 8 for server in servers.values())  # 34 requests shared round-robin
+    assert sorted(n for s in servers.values() for n in s.seen) == list(range(100))
+
+
+def test_a_failing_server_loses_nothing_its_images_go_to_another():
+    servers = {"up:1": FakeServer("up:1"), "down:1": FakeServer("down:1", fail=True)}
+    result, records, _ = run_fake(fake_items(60), servers, concurrency=4, batch_size=4)
+    assert len(records) == 60 and all("flagged" in r for r in records)
+    assert sorted(servers["up:1"].seen) == list(range(60))
+    # Resting after a failure: far fewer tries than the 15 requests.
+    assert 1 <= servers["down:1"].requests < 8
+
+
+def test_no_server_answers_means_error_lines_never_flagged():
+    servers = {url: FakeServer(url, fail=True) for url in ("a:1", "b:1")}
+    result, records, _ = run_fake(fake_items(10), servers, concurrency=2, batch_size=4)
+    assert len(records) == 10
+    for record in records:
+        assert "flagged" not in record
+        assert record["error"].startswith("no server answered") and "a:1" in record["error"]
+        assert record["size"] is not None and record["sha256"]
+    assert result.tally.errors == 10 and result.tally.checked == 0
+
+
+def test_a_refused_batch_is_split_so_one_bad_image_takes_no_other_down():
+    servers = {"a:1": FakeServer("a:1", refuse_value=7)}
+    result, records, _ = run_fake(fake_items(16), servers, concurrency=2, batch_size=8)
+    by_path = {r["path"]: r for r in records}
+    assert len(by_path) == 16
+    assert "flagged" not in by_path["image-7.png"] and "invalid" in by_path["image-7.png"]["error"]
+    assert all("flagged" in r for p, r in by_path.items() if p != "image-7.png")
+
+
+def test_encoded_sends_the_files_and_splits_a_refused_batch():
+    servers = {"a:1": FakeServer("a:1", refuse_value=3), "b:1": FakeServer("b:1", refuse_value=3)}
+    result, records, _ = run_fake(fake_items(20), servers, mode="encoded", concurrency=2, batch_size=5)
+    by_path = {r["path"]: r for r in records}
+    assert len(by_path) == 20 and "flagged" not in by_path["image-3.png"]
+    assert sum("flagged" in r for r in records) == 19
+    assert sorted(n for s in servers.values() for n in s.seen) == [n for n in range(20) if n != 3]
+
+
+def test_stop_writes_the_answers_in_flight_and_sends_nothing_more():
+    servers = {"a:1": FakeServer("a:1", delay_s=0.05)}
+    stop = threading.Event()
+    items = fake_items(400)
+    timer = threading.Timer(0.3, stop.set)
+    timer.start()
+    result, records, warnings = run_fake(items, servers, stop=stop, concurrency=3, batch_size=2)
+    timer.cancel()
+    assert result.interrupted and "interrupted" in warnings[0]
+    assert 0 < len(records) < 400
+    # Every image the server saw has its line; no line without the server having seen it.
+    assert sorted(int(r["path"][6:-4]) for r in records) == sorted(servers["a:1"].seen)
+    assert all("flagged" in r for r in records)
+
+
+def test_expand_walks_folders_globs_and_stdin_each_file_once(tree, tmp_path, monkeypatch):
+    root, files = tree
+    monkeypatch.chdir(tmp_path)
+    listed = [item.path for item in scan.expand(["tree"])]
+    assert listed == ["tree/a.png", "tree/notes.txt", "tree/sub/b.jpg", "tree/sub/deeper/c.png"]
+    globbed = [item.path for item in scan.expand(["tree/**/*.png", "tree/a.png"])]
+    assert globbed == ["tree/a.png", "tree/sub/deeper/c.png"]
+    stdin = io.StringIO("tree/sub/b.jpg\n\ntree/sub\n")
+    assert [i.path for i in scan.expand(["-"], stdin)] == ["tree/sub/b.jpg", "tree/sub/deeper/c.png"]
+    missing = list(scan.expand(["nothing-*.png", "no-such-file.png"]))
+    assert missing[0].error == "no file matches 'nothing-*.png'" and missing[1].error is None
+    skipped = [i.path for i in scan.expand(["tree"], skip={scan.path_key("tree/sub")})]
+    assert skipped == ["tree/a.png", "tree/notes.txt"]
+
+
+def test_prepare_reads_hashes_and_fails_closed(tree, tmp_path):
+    import hashlib
+
+    root, files = tree
+    item = scan.prepare(scan.Item(str(files[0])), "float")
+    assert item.error is None and item.data.shape == (3, 224, 224) and item.data.dtype == np.float32
+    assert item.sha256 == hashlib.sha256(files[0].read_bytes()).hexdigest() and item.size == files[0].stat().st_size
+    assert scan.prepare(scan.Item(str(files[0])), "uint8").data.shape == (224, 224, 3)
+    encoded = scan.prepare(scan.Item(str(files[0])), "encoded")
+    assert encoded.data is None and encoded.error is None and encoded.sha256 == item.sha256
+    text = scan.prepare(scan.Item(str(root / "notes.txt")), "float")
+    assert "not an image file" in text.error and "BytesIO" not in text.error and text.size == 13
+    assert "no such file" in scan.prepare(scan.Item(str(tmp_path / "gone.png")), "float").error
+    assert "not a regular file" in scan.prepare(scan.Item(str(root / "sub")), "float").error
+
+
+@pytest.mark.parametrize("extension", [".jsonl", ".csv"])
+def test_report_round_trip_and_a_partial_last_line(tmp_path, extension):
+    path = tmp_path / f"report{extension}"
+    writer = scan.ReportWriter.open(str(path), resume=False)
+    answer = CheckResult(
+        flagged=True,
+        concept_scores=[0.004] + [-0.2] * 16,
+        special_scores=[-0.1, 0.002, -0.3],
+        image_embeds=np.zeros(4),
+        custom_scores={"stripes": -0.5},
+        fired_concepts=["concept_00", "special_care_1"],
+        concept_set_version=3,
+        strictness_adjustment=0.01,
+    )
+    good = scan.report_record("a.png", 10, "ab" * 32, answer)
+    bad = scan.report_record("b.png", None, None, error="cannot read 'b.png'")
+    writer.write(good)
+    writer.write(bad)
+    writer.close()
+    assert list(good) == list(scan.REPORT_FIELDS) and "flagged" not in bad
+    records = scan.read_report(str(path))
+    assert records[0] == good
+    assert records[1]["error"] == bad["error"] and "flagged" not in records[1]
+    assert [scan.answered(r) for r in records] == [True, False]
+    with path.open("a") as handle:
+        handle.write('{"path": "c.png", "flag' if extension == ".jsonl" else "c.png,12,")
+    assert len(scan.read_report(str(path))) == 2
+    writer = scan.ReportWriter.open(str(path), resume=True)  # cuts the partial line, appends, no second header
+    writer.write(good)
+    writer.close()
+    assert [r["path"] for r in scan.read_report(str(path))] == ["a.png", "b.png", "a.png"]
+
+
+def test_histogram_puts_zero_on_an_edge_and_zero_scores_left_of_it():
+    edges, counts = histogram([-0.3, -0.1, 0.0, 0.0005, 0.02, 0.001])
+    zero = min(range(len(edges)), key=lambda i: abs(edges[i]))
+    assert abs(edges[zero]) < 1e-12
+    assert sum(counts[:zero]) == 3 and sum(counts[zero:]) == 3 and sum(counts) == 6
+
+
+def test_progress_bar_on_a_terminal_plain_lines_otherwise():
+    out = io.StringIO()
+    plain = Progress(out, total=10, tty=False, every_s=0)
+    plain.update(done=4, flagged=1, errors=1)
+    plain.show()
+    line = out.getvalue()
+    assert line.startswith("scan: 4/10 images (40%)") and "flagged 1, errors 1, ETA" in line and line.endswith("\n")
+    out = io.StringIO()
+    bar = Progress(out, total=10, tty=True)
+    bar.update(done=10)
+    bar.close()
+    assert (
+        out.getvalue().startswith("\rscan 100% [########################] 10/10 images")
+        and "ETA 0:00" in out.getvalue()
+    )
+
+
+def scan_command(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([COMMAND, "scan", *args], capture_output=True, text=True, timeout=120, input=stdin)
+
+
+def test_help_states_the_exit_statuses():
+    result = scan_command("--help")
+    assert result.returncode == 0
+    text = " ".join(result.stdout.split())
+    for expected in (
+        "0 every image was checked",
+        "1 any error",
+        "3 with --fail-on-flagged",
+        "--uint8 | --encoded",
+        "--copy-flagged DIR | --move-flagged DIR",
+    ):
+        assert expected in text, expected
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--uint8", "--encoded"], "not allowed with argument"),
+        (["--copy-flagged", "a", "--move-flagged", "b"], "not allowed with argument"),
+        (["--resume"], "--resume needs --report"),
+        (["--report", "r.txt"], "must end in .jsonl or .csv"),
+        (["--strictness", "0.5"], "must be in [-0.1, 0.1]"),
+        (["--strictness", "paranoid"], "unknown preset"),
+        (["--concurrency", "0"], "must be at least 1"),
+    ],
+)
+def test_wrong_arguments_exit_2(args, message, tmp_path):
+    result = scan_command(str(tmp_path), *args)
+    assert result.returncode == 2 and message in result.stderr
+
+
+def test_unreachable_server_fails_closed(tree, tmp_path):
+    from safety_checker_admin.server import free_port
+
+    root, files = tree
+    report = tmp_path / "report.jsonl"
+    result = scan_command(str(root), "--url", f"127.0.0.1:{free_port()}", "--report", str(report), "--timeout", "5")
+    assert result.returncode == 1
+    records = scan.read_report(str(report))
+    assert len(records) == 4 and all("flagged" not in r and r["error"] for r in records)
+    assert "0 images checked" in result.stdout and "4 errors" in result.stdout
+
+
+def test_usage_error_helper_accepts_good_arguments():
+    args = argparse.Namespace(resume=True, report="r.csv", strictness="strong", timeout=10.0)
+    assert scan._usage_error(args) is None
