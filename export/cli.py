@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import tempfile
 from pathlib import Path
@@ -60,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         "next to a threshold: the export measures and reports how often)",
     )
     parser.add_argument(
+        "--cascade",
+        action="store_true",
+        help="serve the int8 embedder first and the fp32 one for every image whose decision int8's measured error "
+        "bound could change: the fp32 checker's decisions at close to int8's speed",
+    )
+    parser.add_argument(
         "--int8-check-images",
         type=int,
         default=DEFAULT_CHECK_IMAGES,
@@ -96,23 +103,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"verified: max |cosine(ONNX) - cosine(PyTorch)| = {diff:.3g} (tolerance {args.tolerance:g})")
             metadata = concept_metadata(checkpoint.model, checkpoint.source)
             report = None
-            if args.int8:
+            onnx_files = {spec.EMBEDDER_MODEL: onnx_file}
+            settings = Settings(
+                strictness=args.strictness,
+                concepts_dir=args.concepts_dir,
+                cascade=args.cascade,
+                decoder_instances=decoder_instances,
+            )
+            if args.int8 or args.cascade:
                 int8_file = Path(scratch) / "model_int8.onnx"
                 print("quantising to int8 (dynamic) and comparing with fp32", flush=True)
                 quantize_int8(onnx_file, int8_file)
                 report = compare_int8(onnx_file, int8_file, metadata, images=args.int8_check_images)
                 print(summary(report))
-                onnx_file = int8_file
-            settings = Settings(
-                strictness=args.strictness, concepts_dir=args.concepts_dir, decoder_instances=decoder_instances
-            )
-            write_repository(args.repository, onnx_file, dims, metadata, settings, quantization=report)
+                onnx_files[spec.INT8_EMBEDDER_MODEL if args.cascade else spec.EMBEDDER_MODEL] = int8_file
+                settings = dataclasses.replace(settings, cosine_bound=report["cosine_bound"])
+            write_repository(args.repository, onnx_files, dims, metadata, settings, quantization=report)
     except (CheckpointError, VerificationError, RepositoryError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(
         f"wrote model repository {args.repository} ({dims.num_concepts} concepts, "
         f"{dims.num_special} special-care concepts, projection_dim {dims.projection_dim}, "
-        f"{'int8' if args.int8 else 'fp32'} embedder, {decoder_instances} image decoders on CPU)"
+        f"{'int8/fp32 cascade' if args.cascade else 'int8' if args.int8 else 'fp32'} embedder, "
+        f"{decoder_instances} image decoders on CPU)"
     )
     return 0

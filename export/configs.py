@@ -21,6 +21,7 @@ from export.models import (
     Settings,
     Step,
     Variant,
+    committed_models,
     served_models,
 )
 from safety_checker_client import spec
@@ -44,8 +45,10 @@ def _tensors(kind: str, tensors: Iterable[TensorSpec], dims: ModelDims) -> str:
     entries = []
     for tensor in tensors:
         shape = ", ".join(str(d) for d in tensor.resolve(dims))
+        optional = "\n    optional: true" if tensor.optional else ""
         entries.append(
-            f'  {{\n    name: "{tensor.name}"\n    data_type: {tensor.config_type}\n    dims: [ {shape} ]\n  }}'
+            f'  {{\n    name: "{tensor.name}"\n    data_type: {tensor.config_type}\n'
+            f"    dims: [ {shape} ]{optional}\n  }}"
         )
     return f"{kind} [\n" + ",\n".join(entries) + "\n]\n"
 
@@ -161,12 +164,25 @@ def render_all(dims: ModelDims, settings: Settings = REFERENCE_SETTINGS) -> Dict
     }
 
 
+def render_committed() -> Dict[Path, str]:
+    """What model_repository/ holds: a plain export's configs and the cascade's, for the published sizes."""
+    return {
+        Path(model.name, variant.path): render(model, variant, spec.REFERENCE_DIMS)
+        for model in committed_models()
+        for variant in model.variants
+    }
+
+
 def write_all(repository: Path, dims: ModelDims, settings: Settings = REFERENCE_SETTINGS) -> None:
-    for relative, text in render_all(dims, settings).items():
+    _write(repository, render_all(dims, settings))
+
+
+def _write(repository: Path, rendered: Dict[Path, str]) -> None:
+    for relative, text in rendered.items():
         target = repository / relative
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
 
 
 if __name__ == "__main__":
-    write_all(SOURCE_REPOSITORY, spec.REFERENCE_DIMS)
+    _write(SOURCE_REPOSITORY, render_committed())

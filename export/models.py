@@ -136,6 +136,11 @@ class ServedModel:
     max_batch_size: int = spec.MAX_BATCH_SIZE
 
 
+def _required(tensors: Tuple[TensorSpec, ...]) -> Tuple[TensorSpec, ...]:
+    """The tensors an ensemble step must map: an optional input stays unmapped."""
+    return tuple(t for t in tensors if not t.optional)
+
+
 _EMBED = Step(
     spec.EMBEDDER_MODEL,
     spec.EMBEDDER_INPUTS,
@@ -144,8 +149,8 @@ _EMBED = Step(
 )
 _POSTPROCESS = Step(
     spec.POSTPROCESS_MODEL,
-    spec.POSTPROCESS_INPUTS,
-    spec.POSTPROCESS_OUTPUTS,
+    _required(spec.POSTPROCESS_INPUTS),
+    tuple(t for t in spec.POSTPROCESS_OUTPUTS if t in spec.ENSEMBLE_OUTPUTS),
     "Python: thresholds, rounding and the special-care rule, as diffusers.",
 )
 _NORMALIZE = Step(
@@ -154,36 +159,49 @@ _NORMALIZE = Step(
     spec.NORMALIZE_OUTPUTS,
     "ONNX lookup table: rescale and normalise, exactly as CLIPImageProcessor.",
 )
-
-ENSEMBLE = ServedModel(
-    spec.ENSEMBLE_MODEL,
+_CASCADE = Step(
+    spec.CASCADE_MODEL,
     spec.ENSEMBLE_INPUTS,
     spec.ENSEMBLE_OUTPUTS,
-    steps=(_EMBED, _POSTPROCESS),
-    variants=(
-        Variant(
-            "ensemble",
-            """The guardrail's public contract: CLIP pixel_values in, per image the
-decision diffusers' StableDiffusionSafetyChecker.forward() takes, the rounded
-per-concept scores behind it and the projected image embedding.""",
-        ),
-    ),
+    "Python (BLS): int8 embedder, fp32 where int8 could decide otherwise, postprocessor.",
 )
 
-UINT8_ENSEMBLE = ServedModel(
-    spec.UINT8_ENSEMBLE_MODEL,
-    spec.UINT8_ENSEMBLE_INPUTS,
-    spec.UINT8_ENSEMBLE_OUTPUTS,
-    steps=(_NORMALIZE, _EMBED, _POSTPROCESS),
-    variants=(
-        Variant(
-            "ensemble",
-            f"""The same checker for clients that send resized and cropped uint8
+
+def ensemble(cascade: bool = False) -> ServedModel:
+    """The public contract; in a cascade repository its one step is the cascade."""
+    how = "\nHere the int8/fp32 cascade answers (python -m export --cascade)." if cascade else ""
+    return ServedModel(
+        spec.ENSEMBLE_MODEL,
+        spec.ENSEMBLE_INPUTS,
+        spec.ENSEMBLE_OUTPUTS,
+        steps=(_CASCADE,) if cascade else (_EMBED, _POSTPROCESS),
+        variants=(
+            Variant(
+                "ensemble",
+                f"""The guardrail's public contract: CLIP pixel_values in, per image the
+decision diffusers' StableDiffusionSafetyChecker.forward() takes, the rounded
+per-concept scores behind it and the projected image embedding.{how}""",
+            ),
+        ),
+    )
+
+
+def uint8_ensemble(cascade: bool = False) -> ServedModel:
+    return ServedModel(
+        spec.UINT8_ENSEMBLE_MODEL,
+        spec.UINT8_ENSEMBLE_INPUTS,
+        spec.UINT8_ENSEMBLE_OUTPUTS,
+        steps=(_NORMALIZE, _CASCADE) if cascade else (_NORMALIZE, _EMBED, _POSTPROCESS),
+        variants=(
+            Variant(
+                "ensemble",
+                f"""The same checker for clients that send resized and cropped uint8
 RGB images (150 KB per image instead of 602 KB of float32 pixel_values);
 the server normalises them. Same outputs and decisions as "{spec.ENSEMBLE_MODEL}".""",
+            ),
         ),
-    ),
-)
+    )
+
 
 _ONNX_FILE = Parameter(
     "onnx_filename", spec.ONNX_FILENAME, "The ONNX file in the version folder, shared with the onnxruntime backend."
@@ -221,8 +239,9 @@ def _profile_shape(batch: int) -> str:
     return f"{pixels.name}:" + "x".join(str(d) for d in (batch, *pixels.dims))
 
 
-def embedder(engine_cache_key: str = REFERENCE_ENGINE_KEY) -> ServedModel:
-    """The embedder; `engine_cache_key` (model.onnx's digest) keeps TensorRT engines of different exports apart."""
+def embedder(engine_cache_key: str = REFERENCE_ENGINE_KEY, name: str = spec.EMBEDDER_MODEL) -> ServedModel:
+    """The embedder; `engine_cache_key` (model.onnx's digest) keeps TensorRT engines of different exports apart.
+    `name`: the cascade's int8 embedder is the same description under its own name, with the runner copied in."""
     batching = DynamicBatching(
         GPU_QUEUE_DELAY_US,
         comment=f"""A GPU computes a batch faster per image than single images: wait up to
@@ -232,9 +251,10 @@ sizes, since none was measured to be faster).""",
     instances = f"""{GPU_INSTANCES} instances on the GPU: while one runs a batch, the other's batch is
 formed and copied."""
     return ServedModel(
-        spec.EMBEDDER_MODEL,
+        name,
         spec.EMBEDDER_INPUTS,
         spec.EMBEDDER_OUTPUTS,
+        copied_files=() if name == spec.EMBEDDER_MODEL else ONNX_RUNNER,
         variants=(
             Variant(
                 "onnxruntime",
@@ -340,9 +360,13 @@ _STRICTNESS_PARAMETERS = (
 )
 
 
-def postprocess(strictness: str = spec.DEFAULT_STRICTNESS, concepts_dir: str = "") -> ServedModel:
-    """The postprocessor with the server's default strictness preset (the export's --strictness) and the folder
-    of its custom concept set ("": its version folder; the export's --concepts-dir)."""
+def postprocess(
+    strictness: str = spec.DEFAULT_STRICTNESS, concepts_dir: str = "", cosine_bound: float = 0.0
+) -> ServedModel:
+    """The postprocessor with the server's default strictness preset (the export's --strictness), the folder of
+    its custom concept set ("": its version folder; the export's --concepts-dir) and the error bound of the
+    embedder in front of it (0: fp32; an --int8 export's measured bound)."""
+
     if strictness not in spec.STRICTNESS_PRESETS:
         raise ValueError(f"unknown strictness preset {strictness!r} (one of {', '.join(spec.STRICTNESS_PRESETS)})")
     return ServedModel(
@@ -376,6 +400,13 @@ checker exactly.""",
                         "Files in the version folder: the built-in thresholds, the operator's concepts.",
                     ),
                     Parameter("custom_concepts_file", spec.CUSTOM_CONCEPTS_FILENAME),
+                    Parameter(
+                        "cosine_bound",
+                        repr(float(cosine_bound)),
+                        f"""The largest |cosine| error of the embedder in front (0: fp32, exact), unless a
+request sends the input "{spec.COSINE_BOUND.name}". An image whose every margin lies farther than
+it from its rounding boundary keeps its decision: exact_scores says which.""",
+                    ),
                     Parameter(
                         "custom_concepts_dir",
                         concepts_dir,
@@ -464,6 +495,10 @@ class Settings:
     strictness: str = spec.DEFAULT_STRICTNESS  # the server's default preset (--strictness)
     engine_cache_key: str = REFERENCE_ENGINE_KEY  # model.onnx's digest: the TensorRT engine cache prefix
     concepts_dir: str = ""  # where the custom concept set is read (--concepts-dir); "": the version folder
+    # The int8 embedder's error bound: of the served embedder (--int8), or of the cascade's int8 one (--cascade).
+    cosine_bound: float = 0.0
+    cascade: bool = False
+    int8_engine_cache_key: str = REFERENCE_ENGINE_KEY
     decoder_instances: int = REFERENCE_DECODER_INSTANCES  # the images model's decoders (--decoder-instances)
 
 
@@ -471,13 +506,66 @@ class Settings:
 REFERENCE_SETTINGS = Settings()
 
 
+def cascade(cosine_bound: float = 0.0) -> ServedModel:
+    """The int8/fp32 cascade (BLS), answering for the ensembles of a --cascade repository."""
+    names = ",".join(t.name for t in spec.EMBEDDER_OUTPUTS)
+    return ServedModel(
+        spec.CASCADE_MODEL,
+        spec.ENSEMBLE_INPUTS,
+        spec.ENSEMBLE_OUTPUTS,
+        variants=(
+            Variant(
+                "python",
+                """The int8/fp32 cascade (python -m export --cascade): every image goes
+through the int8 embedder; the postprocessor scores it and says, with the
+int8 error bound below, whether int8 could have changed its decision
+(built-in, special-care and custom concepts, rounding and the special-care
+rule included). Those images go through the fp32 embedder and are scored
+again, exactly. Decisions are the fp32 checker's; exact_scores says which
+answers are fp32's own.""",
+                instance_kind="KIND_CPU",
+                batching=DynamicBatching(0),
+                parameters=(
+                    Parameter(
+                        "cosine_bound",
+                        repr(float(cosine_bound)),
+                        "The int8 embedder's error bound, as measured by the export (cascade.json).",
+                    ),
+                    Parameter("int8_embedder", spec.INT8_EMBEDDER_MODEL),
+                    Parameter("fp32_embedder", spec.EMBEDDER_MODEL),
+                    Parameter("postprocessor", spec.POSTPROCESS_MODEL),
+                    Parameter(
+                        "embedder_outputs",
+                        names,
+                        "Tensors the embedders give and the postprocessor takes, by name.",
+                    ),
+                    Parameter("cosine_bound_input", spec.COSINE_BOUND.name),
+                    Parameter("decision_certain_output", spec.DECISION_CERTAIN.name),
+                ),
+            ),
+        ),
+    )
+
+
 def served_models(settings: Settings = REFERENCE_SETTINGS) -> Tuple[ServedModel, ...]:
     """Every model of the repository the export writes."""
-    return (
-        ENSEMBLE,
-        UINT8_ENSEMBLE,
+    common = (
+        ensemble(settings.cascade),
+        uint8_ensemble(settings.cascade),
         NORMALIZE,
         embedder(settings.engine_cache_key),
-        postprocess(settings.strictness, settings.concepts_dir),
         images(settings.decoder_instances),
     )
+    if not settings.cascade:
+        return (*common, postprocess(settings.strictness, settings.concepts_dir, settings.cosine_bound))
+    return (
+        *common,
+        postprocess(settings.strictness, settings.concepts_dir),
+        embedder(settings.int8_engine_cache_key, spec.INT8_EMBEDDER_MODEL),
+        cascade(settings.cosine_bound),
+    )
+
+
+def committed_models() -> Tuple[ServedModel, ...]:
+    """What model_repository/ holds configs for: every model of a plain export, and the cascade (its code's home)."""
+    return (*served_models(REFERENCE_SETTINGS), cascade())

@@ -25,6 +25,8 @@ from safety_checker_client import spec
 
 REPORT_FILENAME = "quantization.json"
 DEFAULT_CHECK_IMAGES = 16
+# The measured int8 error is a maximum over the checked inputs, not a proof for every image: it is doubled.
+CASCADE_SAFETY_FACTOR = 2.0
 
 
 def quantize_int8(fp32_file: Path, int8_file: Path) -> None:
@@ -39,17 +41,16 @@ def quantize_int8(fp32_file: Path, int8_file: Path) -> None:
         quantize_dynamic(str(fp32_file), str(int8_file), weight_type=QuantType.QInt8)
 
 
-def _cosines(path: Path, pixels: np.ndarray):
+def _outputs(path: Path, pixels: np.ndarray):
+    """(concept cosines, special cosines, normalised image embeddings), 4 images a run."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    names = [spec.CONCEPT_COSINES.name, spec.SPECIAL_COSINES.name]
-    concept, special = [], []
-    for start in range(0, len(pixels), 4):
-        c, s = session.run(names, {spec.PIXEL_VALUES.name: pixels[start : start + 4]})
-        concept.append(c)
-        special.append(s)
-    return np.concatenate(concept), np.concatenate(special)
+    names = [spec.CONCEPT_COSINES.name, spec.SPECIAL_COSINES.name, spec.IMAGE_EMBEDS.name]
+    runs = [session.run(names, {spec.PIXEL_VALUES.name: pixels[s : s + 4]}) for s in range(0, len(pixels), 4)]
+    concept, special, embeds = (np.concatenate(column) for column in zip(*runs))
+    embeds = embeds.astype(np.float64)
+    return concept, special, embeds / np.linalg.norm(embeds, axis=1, keepdims=True)
 
 
 def compare_int8(
@@ -64,15 +65,22 @@ def compare_int8(
     concept_thr = np.array([c["threshold"] for c in metadata["concepts"]], dtype=np.float64)
     special_thr = np.array([c["threshold"] for c in metadata["special_care"]], dtype=np.float64)
     adjustment = float(metadata["special_care_adjustment"])
-    fp32 = _cosines(fp32_file, pixels)
-    int8 = _cosines(int8_file, pixels)
+    *fp32, fp32_unit = _outputs(fp32_file, pixels)
+    *int8, int8_unit = _outputs(int8_file, pixels)
     flag_a, concept_a, special_a = score(*fp32, concept_thr, special_thr, adjustment)
     flag_b, concept_b, special_b = score(*int8, concept_thr, special_thr, adjustment)
+    distance = float(np.max(np.linalg.norm(int8_unit - fp32_unit, axis=1)))
     cosine_deviation = max(float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(fp32, int8))
     score_deviation = max(float(np.max(np.abs(concept_a - concept_b))), float(np.max(np.abs(special_a - special_b))))
     return {
         "weights": "int8 (onnxruntime quantize_dynamic, QInt8 weights, dynamic uint8 activations)",
         "max_cosine_deviation": cosine_deviation,
+        # The bound the served postprocessor and the cascade use: the largest distance between int8's and fp32's
+        # normalised embeddings, times the safety factor. It bounds the change of the cosine to any unit concept
+        # vector (Cauchy-Schwarz), built-in, special-care or custom.
+        "max_embedding_distance": distance,
+        "safety_factor": CASCADE_SAFETY_FACTOR,
+        "cosine_bound": CASCADE_SAFETY_FACTOR * distance,
         "random_inputs": {
             "images": images,
             "flagged_fp32": int(flag_a.sum()),
@@ -86,7 +94,8 @@ def compare_int8(
 def summary(report: Dict[str, Any]) -> str:
     random, stress = report["random_inputs"], report["stress_margins"]
     return (
-        f"int8 vs fp32: max |cosine difference| {report['max_cosine_deviation']:.3g}; "
+        f"int8 vs fp32: max |cosine difference| {report['max_cosine_deviation']:.3g}, error bound "
+        f"{report['cosine_bound']:.3g} ({report['safety_factor']:g} x the largest embedding distance); "
         f"random inputs ({random['images']}): decisions agree {random['decision_agreement']:.1%}, "
         f"max score deviation {random['max_score_deviation']:.3f}; "
         f"near-threshold stress ({stress['cases']} cases): decisions agree {stress['decision_agreement']:.1%}, "

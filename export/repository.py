@@ -26,6 +26,8 @@ from safety_checker_client import spec
 from safety_checker_client.spec import ModelDims
 
 MODEL_FOLDERS = tuple(model.name for model in served_models())
+# Every model folder an export writes, cascade or not: a re-export removes the ones it no longer serves.
+OWNED_FOLDERS = frozenset(MODEL_FOLDERS) | {m.name for m in served_models(Settings(cascade=True))}
 # Generated files that may sit in a developer's model_repository/ and are never copied from it.
 _NOT_COPIED = shutil.ignore_patterns(
     "__pycache__",
@@ -100,7 +102,7 @@ def _digest(path: Path) -> str:
 
 def write_repository(
     destination: Path,
-    onnx_file: Path,
+    onnx_files: Dict[str, Path],
     dims: ModelDims,
     metadata: Dict[str, Any],
     settings: Settings = REFERENCE_SETTINGS,
@@ -108,26 +110,33 @@ def write_repository(
 ) -> None:
     """Write the model folders; an existing custom concept set is kept, otherwise an empty one is made.
 
-    `settings`: the export's choices; its engine cache key is replaced by the digest of `onnx_file`.
-
-    `quantization`: the int8 report, stored beside a quantised model.onnx so it is never unlabelled.
+    `onnx_files`: model name -> the model.onnx it serves (the embedder; the cascade's int8 embedder too).
+    `settings`: the export's choices; engine cache keys are the digests of those files.
+    `quantization`: the int8 report, stored beside the quantised model.onnx so it is never unlabelled.
     """
     custom = existing_custom_concepts(destination, dims)
     destination.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".export-", dir=destination))
     try:
-        settings = dataclasses.replace(settings, engine_cache_key=_digest(onnx_file))
+        keys = {model: _digest(path) for model, path in onnx_files.items()}
+        settings = dataclasses.replace(
+            settings,
+            engine_cache_key=keys[spec.EMBEDDER_MODEL],
+            int8_engine_cache_key=keys.get(spec.INT8_EMBEDDER_MODEL, settings.int8_engine_cache_key),
+        )
         for model in served_models(settings):
-            shutil.copytree(SOURCE_REPOSITORY / model.name, staging / model.name, ignore=_NOT_COPIED)
+            if (SOURCE_REPOSITORY / model.name).is_dir():  # the cascade's int8 embedder has no folder of its own
+                shutil.copytree(SOURCE_REPOSITORY / model.name, staging / model.name, ignore=_NOT_COPIED)
             # Version 1 of every model; the ensembles' are empty, which git does not keep.
-            (staging / model.name / "1").mkdir(exist_ok=True)
+            (staging / model.name / "1").mkdir(parents=True, exist_ok=True)
             for source in model.copied_files:
                 shutil.copyfile(source, staging / model.name / "1" / source.name)
         configs.write_all(staging, dims, settings)
-        shutil.copyfile(onnx_file, staging / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME)
+        for model, path in onnx_files.items():
+            shutil.copyfile(path, staging / model / "1" / spec.ONNX_FILENAME)
         if quantization is not None:
-            report = staging / spec.EMBEDDER_MODEL / "1" / REPORT_FILENAME
-            report.write_text(json.dumps(quantization, indent=2) + "\n")
+            quantised = spec.INT8_EMBEDDER_MODEL if settings.cascade else spec.EMBEDDER_MODEL
+            (staging / quantised / "1" / REPORT_FILENAME).write_text(json.dumps(quantization, indent=2) + "\n")
         write_normalizer(staging / spec.NORMALIZE_MODEL / "1" / spec.ONNX_FILENAME)
         (staging / spec.POSTPROCESS_MODEL / "1" / spec.CONCEPTS_FILENAME).write_text(
             json.dumps(metadata, indent=2) + "\n"
@@ -137,7 +146,10 @@ def write_repository(
             custom_file.write_bytes(custom)
         else:
             concept_set.write(custom_file, concept_set.empty(dims.projection_dim))
-        for folder in MODEL_FOLDERS:
+        written = [model.name for model in served_models(settings)]
+        for stale in sorted(OWNED_FOLDERS - set(written)):
+            shutil.rmtree(destination / stale, ignore_errors=True)
+        for folder in written:
             target = destination / folder
             if target.exists():
                 shutil.rmtree(target)

@@ -44,6 +44,8 @@ class CheckResult:
     concept_set_version: int = 0  # the custom concept set that answered
     strictness_adjustment: float = 0.0  # what every threshold was shifted by
     custom_cosines: Dict[str, float] = field(default_factory=dict, repr=False)
+    # False: answered from an int8 embedder whose error bound cannot change this decision (scores within it).
+    exact_scores: bool = True
 
     def as_dict(self) -> Dict[str, object]:
         """The JSON-ready view (without the embedding and the raw cosines)."""
@@ -55,6 +57,7 @@ class CheckResult:
             "fired_concepts": self.fired_concepts,
             "concept_set_version": self.concept_set_version,
             "strictness_adjustment": self.strictness_adjustment,
+            "exact_scores": self.exact_scores,
         }
 
 
@@ -303,6 +306,7 @@ def result_from(answer: Dict[str, np.ndarray], i: int) -> CheckResult:
         concept_set_version=int(answer[spec.CONCEPT_SET_VERSION.name][i].reshape(-1)[0]),
         strictness_adjustment=float(answer[spec.STRICTNESS_ADJUSTMENT.name][i].reshape(-1)[0]),
         custom_cosines=_json_text(answer[spec.CUSTOM_COSINES.name][i]),
+        exact_scores=bool(answer[spec.EXACT_SCORES.name][i].reshape(-1)[0]),
     )
 
 

@@ -19,6 +19,9 @@ UINT8_ENSEMBLE_MODEL = "safety_checker_uint8"
 IMAGES_MODEL = "safety_checker_images"
 NORMALIZE_MODEL = "safety_checker_normalize"
 EMBEDDER_MODEL = "safety_checker_embedder"
+# The cascade (`python -m export --cascade`): an int8 embedder answers first, the fp32 one where int8 is not sure.
+INT8_EMBEDDER_MODEL = "safety_checker_embedder_int8"
+CASCADE_MODEL = "safety_checker_cascade"
 POSTPROCESS_MODEL = "safety_checker_postprocess"
 
 # Largest batch one request (and one dynamic batch) may hold.
@@ -72,6 +75,7 @@ class TensorSpec:
     name: str
     datatype: str  # KServe v2 datatype; config.pbtxt's type is `config_type`
     dims: Tuple[Dim, ...]
+    optional: bool = False  # an input a request may leave out
 
     @property
     def config_type(self) -> str:
@@ -115,6 +119,9 @@ CUSTOM_COSINES = TensorSpec("custom_cosines", "BYTES", (1,))
 CONCEPT_SET_VERSION = TensorSpec("concept_set_version", "INT64", (1,))
 # The strictness adjustment the scores were computed with (preset or request override).
 STRICTNESS_ADJUSTMENT = TensorSpec("strictness_adjustment", "FP64", (1,))
+# True where the answer is the fp32 checker's exactly; false where it came from an int8 embedder whose error bound
+# cannot change this image's decision (scores then lie within that bound of fp32's).
+EXACT_SCORES = TensorSpec("exact_scores", "BOOL", (1,))
 
 ENSEMBLE_INPUTS = (PIXEL_VALUES,)
 ENSEMBLE_OUTPUTS = (
@@ -127,6 +134,7 @@ ENSEMBLE_OUTPUTS = (
     CUSTOM_COSINES,
     CONCEPT_SET_VERSION,
     STRICTNESS_ADJUSTMENT,
+    EXACT_SCORES,
 )
 
 # -- uint8 ensemble: resized and cropped RGB images, normalised on the server --
@@ -164,7 +172,12 @@ EMBEDDER_INPUTS = (PIXEL_VALUES,)
 EMBEDDER_OUTPUTS = (IMAGE_EMBEDS, CONCEPT_COSINES, SPECIAL_COSINES, NONFINITE_VALUES)
 
 # -- Postprocessor ----------------------------------------------------------
-POSTPROCESS_INPUTS = (CONCEPT_COSINES, SPECIAL_COSINES, NONFINITE_VALUES, IMAGE_EMBEDS)
+# Whether no cosine within that bound could change any decision of the image; the cascade sends the rest to fp32.
+DECISION_CERTAIN = TensorSpec("decision_certain", "BOOL", (1,))
+# The largest |cosine| error of the embedder that produced the cosines (0: fp32, exact). Optional: without it the
+# postprocessor uses its config's bound; the cascade sends it per request.
+COSINE_BOUND = TensorSpec("cosine_bound", "FP64", (1,), optional=True)
+POSTPROCESS_INPUTS = (CONCEPT_COSINES, SPECIAL_COSINES, NONFINITE_VALUES, IMAGE_EMBEDS, COSINE_BOUND)
 POSTPROCESS_OUTPUTS = (
     HAS_NSFW_CONCEPTS,
     CONCEPT_SCORES,
@@ -174,4 +187,6 @@ POSTPROCESS_OUTPUTS = (
     CUSTOM_COSINES,
     CONCEPT_SET_VERSION,
     STRICTNESS_ADJUSTMENT,
+    EXACT_SCORES,
+    DECISION_CERTAIN,
 )

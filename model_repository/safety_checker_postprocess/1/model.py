@@ -27,7 +27,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import concept_set
-from scoring import cosines, score_all
+from scoring import certain, cosines, score_all
 from strictness import Strictness
 
 # A file rejected while it was being written in place is looked at again for this long.
@@ -41,9 +41,8 @@ class TritonPythonModel:
         parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
         version_dir = os.path.join(args["model_repository"], args["model_version"])
         # Tensor names come from the config, by position: the order export/models.py declares.
-        (self.concept_cosines, self.special_cosines, self.nonfinite_values, self.image_embeds) = self.inputs = [
-            i["name"] for i in config["input"]
-        ]
+        *self.inputs, self.cosine_bound = [i["name"] for i in config["input"]]
+        self.concept_cosines, self.special_cosines, self.nonfinite_values, self.image_embeds = self.inputs
         (
             self.flag,
             self.concept_scores,
@@ -53,7 +52,11 @@ class TritonPythonModel:
             self.custom_cosines,
             self.set_version,
             self.strictness_adjustment,
+            self.exact_scores,
+            self.decision_certain,
         ) = [o["name"] for o in config["output"]]
+        # The error bound of the cosines when a request does not send its own (the optional last input).
+        self.default_bound = float(parameters["cosine_bound"])
 
         with open(os.path.join(version_dir, parameters["concepts_file"])) as handle:
             metadata = json.load(handle)
@@ -103,6 +106,7 @@ class TritonPythonModel:
             strictness.append(value)
             errors.append(error)
         per_image = np.repeat(np.array(strictness, dtype=np.float64), sizes)
+        bounds = np.concatenate([self._bound(r, n) for r, n in zip(requests, sizes)])
         custom_cos = cosines(embeds, custom.unit_embeddings)
         scores = score_all(
             concept_cos,
@@ -113,6 +117,17 @@ class TritonPythonModel:
             per_image,
             custom_cos,
             custom.thresholds,
+        )
+        sure = certain(
+            concept_cos,
+            special_cos,
+            self.concept_thresholds,
+            self.special_thresholds,
+            self.adjustment,
+            per_image,
+            custom_cos,
+            custom.thresholds,
+            bounds,
         )
 
         responses = []
@@ -126,11 +141,19 @@ class TritonPythonModel:
             if error is not None:
                 responses.append(pb_utils.InferenceResponse(error=error))
             else:
-                responses.append(self._response(scores, custom, custom_cos, per_image, start, end))
+                responses.append(self._response(scores, custom, custom_cos, per_image, bounds, sure, start, end))
             start = end
         return responses
 
-    def _response(self, scores, custom, custom_cos, per_image, start, end):
+    def _bound(self, request, size):
+        """float64 [size]: the request's cosine error bound per image, or the config's."""
+        tensor = pb_utils.get_input_tensor_by_name(request, self.cosine_bound)
+        if tensor is None:
+            return np.full(size, self.default_bound)
+        bound = tensor.as_numpy().astype(np.float64).reshape(-1)
+        return np.where(np.isfinite(bound) & (bound >= 0), bound, np.inf)  # a nonsense bound is never sure
+
+    def _response(self, scores, custom, custom_cos, per_image, bounds, sure, start, end):
         fired, custom_scores, custom_cosines = [], [], []
         for i in range(start, end):
             names = [n for n, s in zip(self.concept_names, scores.concept_scores[i]) if s > 0]
@@ -152,6 +175,9 @@ class TritonPythonModel:
                 pb_utils.Tensor(self.custom_cosines, np.array(custom_cosines, dtype=object).reshape(-1, 1)),
                 pb_utils.Tensor(self.set_version, np.full((count, 1), custom.version, dtype=np.int64)),
                 pb_utils.Tensor(self.strictness_adjustment, per_image[start:end].reshape(-1, 1).copy()),
+                # Exact: fp32 cosines (bound 0). Certain: no cosine within the bound changes a decision.
+                pb_utils.Tensor(self.exact_scores, (bounds[start:end] == 0).reshape(-1, 1)),
+                pb_utils.Tensor(self.decision_certain, sure[start:end].reshape(-1, 1).copy()),
             ]
         )
 

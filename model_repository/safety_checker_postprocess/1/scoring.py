@@ -95,3 +95,44 @@ def cosines(image_embeds: np.ndarray, unit_concepts: np.ndarray) -> np.ndarray:
     norms = np.sqrt(np.sum(embeds * embeds, axis=1, keepdims=True, dtype=np.float32))
     normalized = embeds / np.maximum(norms, np.float32(1e-12))
     return np.matmul(normalized, unit_concepts.T).astype(np.float32)
+
+
+# A score fires when its unrounded margin is above this: round(x, 3) is 0.001 or more exactly then (round half
+# to even sends 0.0005 itself to 0.000).
+FIRING_EDGE = 0.0005
+
+
+def certain(
+    concept_cosines: np.ndarray,
+    special_cosines: np.ndarray,
+    concept_thresholds: np.ndarray,
+    special_thresholds: np.ndarray,
+    special_care_adjustment: float,
+    strictness: np.ndarray,
+    custom_cosines: np.ndarray,
+    custom_thresholds: np.ndarray,
+    bound: np.ndarray,
+) -> np.ndarray:
+    """bool [N]: whether every decision of each image would stand for any cosines within `bound` [N] of these.
+
+    Each margin (cosine - threshold + adjustment) must lie farther than the bound from FIRING_EDGE. The
+    special-care concepts are checked first and in order: only when each one's firing is certain is the
+    adjustment it sets for the later ones, and for every concept, certain too. A cosine to a unit concept vector
+    moves by at most the distance between the two normalised embeddings, so one bound serves the built-in,
+    special-care and custom concepts alike. With a bound of 0 (fp32 cosines) every image is certain.
+    """
+    bound = np.asarray(bound, dtype=np.float64).reshape(-1)
+    special = special_cosines.astype(np.float64)
+    base = np.broadcast_to(np.asarray(strictness, dtype=np.float64), (special.shape[0],))
+    adjustment = base.copy()
+    sure = np.ones(special.shape[0], dtype=bool)
+    for j in range(special.shape[1]):
+        margin = special[:, j] - special_thresholds[j] + adjustment
+        sure &= np.abs(margin - FIRING_EDGE) > bound
+        adjustment = np.where(np.round(margin, 3) > 0, base + special_care_adjustment, adjustment)
+    for cosines, thresholds in ((concept_cosines, concept_thresholds), (custom_cosines, custom_thresholds)):
+        if cosines.shape[1]:
+            margins = cosines.astype(np.float64) - np.asarray(thresholds, dtype=np.float64)[np.newaxis, :]
+            margins += adjustment[:, np.newaxis]
+            sure &= np.all(np.abs(margins - FIRING_EDGE) > bound[:, np.newaxis], axis=1)
+    return sure | (bound == 0)

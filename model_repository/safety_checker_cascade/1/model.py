@@ -1,0 +1,131 @@
+"""The int8/fp32 cascade: the fp32 checker's decisions at close to int8's speed.
+
+Every image of a batch goes through the int8 embedder in one call. The
+postprocessor scores each request with the int8 error bound (the export
+measured it, with a safety factor; config parameter `cosine_bound`) and says
+per image whether any cosine within that bound could change a decision
+(its `decision_certain` output, which the ensembles do not show). Only those images go through the fp32 embedder, in one
+call for the whole batch, and are scored again with a bound of 0: their answer
+is the fp32 checker's, exactly (`exact_scores` true). Every other image keeps int8's answer, whose
+decision fp32 cannot differ from and whose scores lie within the bound of
+fp32's. Request parameters (strictness) reach both postprocessor calls, and
+an error of any step (non-finite pixels, a bad parameter) answers the request.
+
+Counted in Prometheus: safety_checker_cascade_images_total{embedder="int8"|"fp32"}.
+"""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class StepError(Exception):
+    """A model the cascade calls answered with an error; it becomes the request's answer."""
+
+    def __init__(self, error):
+        super().__init__(error.message())
+        self.error = error
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        (self.pixels,) = [i["name"] for i in config["input"]]
+        self.outputs = [o["name"] for o in config["output"]]
+        self.exact = self.outputs[-1]  # by position: the last output says which answers are fp32's
+        self.bound = float(parameters["cosine_bound"])
+        self.int8 = parameters["int8_embedder"]
+        self.fp32 = parameters["fp32_embedder"]
+        self.postprocessor = parameters["postprocessor"]
+        self.embedded = parameters["embedder_outputs"].split(",")
+        self.certain = parameters["decision_certain_output"]
+        # What the postprocessor answers (and whether it is sure); the rest (image_embeds) comes from the embedder.
+        self.scored = [name for name in self.outputs if name not in self.embedded] + [self.certain]
+        self.bound_input = parameters["cosine_bound_input"]
+        # Kept on self: a MetricFamily must outlive its Metrics.
+        self.family = family = pb_utils.MetricFamily(
+            name="safety_checker_cascade_images_total",
+            description="Images the cascade answered, by the embedder whose cosines answered them",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.answered = {kind: family.Metric(labels={"embedder": kind}) for kind in ("int8", "fp32")}
+
+    def execute(self, requests):
+        pixels = [pb_utils.get_input_tensor_by_name(r, self.pixels).as_numpy() for r in requests]
+        parameters = [_forwardable(json.loads(r.parameters() or "{}")) for r in requests]
+        answers = [None] * len(requests)
+        try:
+            embedded = self._embed(self.int8, np.concatenate(pixels))
+        except StepError as failure:
+            return [pb_utils.InferenceResponse(error=failure.error) for _ in requests]
+        start, redo = 0, []  # redo: (request index, its rows that need fp32)
+        for index, (batch, params) in enumerate(zip(pixels, parameters)):
+            rows = slice(start, start + len(batch))
+            start += len(batch)
+            try:
+                answers[index] = self._score({k: v[rows] for k, v in embedded.items()}, self.bound, params)
+            except StepError as failure:
+                answers[index] = failure
+                continue
+            uncertain = np.flatnonzero(~answers[index].pop(self.certain).reshape(-1))
+            if len(uncertain):
+                redo.append((index, uncertain))
+        if redo:
+            try:
+                exact = self._embed(self.fp32, np.concatenate([pixels[i][rows] for i, rows in redo]))
+            except StepError as failure:
+                for index, _ in redo:
+                    answers[index] = failure
+                redo = []
+            start = 0
+            for index, rows in redo:
+                part = slice(start, start + len(rows))
+                start += len(rows)
+                try:
+                    again = self._score({k: v[part] for k, v in exact.items()}, 0.0, parameters[index])
+                    del again[self.certain]
+                except StepError as failure:
+                    answers[index] = failure
+                    continue
+                for name in self.outputs:
+                    answers[index][name][rows] = again[name]
+        return [self._response(answer) for answer in answers]
+
+    def _response(self, answer):
+        if isinstance(answer, StepError):
+            return pb_utils.InferenceResponse(error=answer.error)
+        exact = int(np.count_nonzero(answer[self.exact]))
+        self.answered["fp32"].increment(exact)
+        self.answered["int8"].increment(len(answer[self.exact]) - exact)
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, answer[n]) for n in self.outputs])
+
+    def _call(self, model, tensors, names, parameters=None):
+        request = pb_utils.InferenceRequest(
+            model_name=model,
+            inputs=[pb_utils.Tensor(name, np.ascontiguousarray(value)) for name, value in tensors.items()],
+            requested_output_names=names,
+            parameters=parameters or {},
+        )
+        response = request.exec()
+        if response.has_error():
+            raise StepError(response.error())
+        return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy().copy() for name in names}
+
+    def _embed(self, model, pixels):
+        return self._call(model, {self.pixels: pixels}, self.embedded)
+
+    def _score(self, embedded, bound, parameters):
+        """Every output for these images: the postprocessor's, with the embedder's own (image_embeds)."""
+        tensors = dict(embedded)
+        tensors[self.bound_input] = np.full((len(embedded[self.embedded[0]]), 1), bound, dtype=np.float64)
+        answer = self._call(self.postprocessor, tensors, self.scored, parameters)
+        answer.update({name: embedded[name] for name in self.outputs if name in embedded})
+        return answer
+
+
+def _forwardable(parameters):
+    """A request's parameters as a BLS request takes them: bool, int or str (a float goes as its repr, which the
+    postprocessor reads back to the same float)."""
+    return {key: repr(value) if isinstance(value, float) else value for key, value in parameters.items()}
