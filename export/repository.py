@@ -21,11 +21,15 @@ from export import configs
 from export.models import REFERENCE_SETTINGS, SOURCE_REPOSITORY, Settings, served_models
 from export.normalize import write_normalizer
 from export.quantize import REPORT_FILENAME
-from safety_checker_admin import concept_set
+from safety_checker_admin import concept_set, health_probe
 from safety_checker_client import spec
 from safety_checker_client.spec import ModelDims
 
 MODEL_FOLDERS = tuple(model.name for model in served_models())
+# The health probe every deployment runs (docker-compose, KServe): a file at the repository root, which Triton
+# does not look at (it loads folders), so the container finds it where the repository is mounted.
+HEALTH_PROBE = Path(health_probe.__file__).resolve()
+HEALTH_PROBE_FILENAME = "health_probe.py"
 # Generated files that may sit in a developer's model_repository/ and are never copied from it.
 _NOT_COPIED = shutil.ignore_patterns(
     "__pycache__",
@@ -137,10 +141,12 @@ def write_repository(
             custom_file.write_bytes(custom)
         else:
             concept_set.write(custom_file, concept_set.empty(dims.projection_dim))
+        shutil.copyfile(HEALTH_PROBE, staging / HEALTH_PROBE_FILENAME)
         for folder in MODEL_FOLDERS:
             target = destination / folder
             if target.exists():
                 shutil.rmtree(target)
             (staging / folder).rename(target)
+        (staging / HEALTH_PROBE_FILENAME).replace(destination / HEALTH_PROBE_FILENAME)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

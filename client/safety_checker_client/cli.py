@@ -43,6 +43,14 @@ def _parser() -> argparse.ArgumentParser:
         "(default: the server's configured preset)",
     )
     check.add_argument(
+        "--deadline",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long to keep sending a request the server failed (unreachable, restarting, overloaded) before "
+        "its images are reported as not checked (default 120)",
+    )
+    check.add_argument(
         "--uint8",
         action="store_true",
         help="send resized uint8 images to safety_checker_uint8 (4x fewer bytes; same decisions)",
@@ -119,7 +127,7 @@ def check_files(paths: Sequence[str], client: SafetyCheckerClient, out: TextIO, 
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        client = SafetyCheckerClient(args.url, protocol=args.protocol, uint8=args.uint8)
+        client = SafetyCheckerClient(args.url, protocol=args.protocol, uint8=args.uint8, deadline_s=args.deadline)
         with client:
             failures = check_files(args.files, client, sys.stdout, args.strictness)
     except CheckError as err:  # the server could not even be asked for its config

@@ -14,7 +14,12 @@ batch is answered wholly under the old or wholly under the new set.
 
 Strictness: the config's `strictness` preset, or a request's `strictness`
 (preset name) or `strictness_adjustment` (number) parameter, shifts every
-threshold; see scoring.py.
+threshold; see scoring.py. Any other request parameter is refused with
+INVALID_ARG (request_limits.py), so a mistyped name never falls back to the
+default strictness.
+
+The concept file is bounded as concept_set.py says (number of concepts, file
+size; a larger file is not even read), and so is every log line about it.
 """
 
 import json
@@ -28,6 +33,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import concept_set
+from request_limits import RequestLimits, quote
 from scoring import cosines, score_all
 
 # A file rejected while it was being written in place is looked at again for this long.
@@ -56,6 +62,10 @@ class TritonPythonModel:
         ) = [o["name"] for o in config["output"]]
         self.strictness_parameter = parameters["strictness_parameter"]
         self.strictness_adjustment_parameter = parameters["strictness_adjustment_parameter"]
+        self.limits = RequestLimits(parameters)
+        for name in (self.strictness_parameter, self.strictness_adjustment_parameter):
+            if name not in self.limits.accepted:
+                raise pb_utils.TritonModelException(f"config parameter request_parameters does not list {name!r}")
 
         with open(os.path.join(version_dir, parameters["concepts_file"])) as handle:
             metadata = json.load(handle)
@@ -92,7 +102,7 @@ class TritonPythonModel:
         pb_utils.Logger.log_info(
             f"strictness preset {preset!r} (adjustment {self.default_strictness:+g}); "
             f"custom concept set version {self.custom.snapshot.version} "
-            f"({len(self.custom.snapshot.names)} concepts)"
+            f"({len(self.custom.snapshot.names)} concepts: {concept_set.listing(self.custom.snapshot.names)})"
         )
 
     def execute(self, requests):
@@ -160,10 +170,12 @@ class TritonPythonModel:
 
     def _strictness(self, request):
         """(adjustment, None) for this request, or (default, TritonError) naming the bad parameter."""
-        try:
-            parameters = json.loads(request.parameters() or "{}")
-        except ValueError:
-            parameters = {}
+        parameters, error = self.limits.parameters(request.parameters())
+        if error is None:
+            count = len(pb_utils.get_input_tensor_by_name(request, self.inputs[0]).as_numpy())
+            error = self.limits.images(count)
+        if error is not None:
+            return self.default_strictness, _invalid(error)
         preset = parameters.get(self.strictness_parameter)
         value = parameters.get(self.strictness_adjustment_parameter)
         if preset is not None and value is not None:
@@ -174,7 +186,7 @@ class TritonPythonModel:
         if preset is not None:
             if not isinstance(preset, str) or preset.lower() not in self.presets:
                 return self.default_strictness, _invalid(
-                    f"request parameter {self.strictness_parameter!r}: unknown preset {preset!r} "
+                    f"request parameter {self.strictness_parameter!r}: unknown preset {quote(preset)} "
                     f"(one of {', '.join(self.presets)})"
                 )
             return self.presets[preset.lower()], None
@@ -190,7 +202,7 @@ class TritonPythonModel:
             limit = self.max_adjustment
             if number is None or not math.isfinite(number) or abs(number) > limit:
                 return self.default_strictness, _invalid(
-                    f"request parameter {self.strictness_adjustment_parameter!r} = {value!r} must be a number "
+                    f"request parameter {self.strictness_adjustment_parameter!r} = {quote(value)} must be a number "
                     f"in [{-limit:g}, {limit:g}]"
                 )
             return number, None
@@ -226,7 +238,7 @@ class CustomConceptFile:
         try:
             with open(path, "rb") as handle:
                 self.seen = _signature(os.fstat(handle.fileno()))
-                text = handle.read()
+                text = concept_set.read_limited(handle, path)
             loaded = concept_set.parse(text, embedding_dim=embedding_dim, origin=path)
         except (OSError, concept_set.ConceptSetError) as error:
             # Fail closed: without a last valid set there is nothing safe to serve.
@@ -252,7 +264,7 @@ class CustomConceptFile:
         try:
             with open(self.path, "rb") as handle:
                 signature = _signature(os.fstat(handle.fileno()))
-                text = handle.read()
+                text = concept_set.read_limited(handle, self.path)
             loaded = concept_set.parse(text, embedding_dim=self.embedding_dim, origin=self.path)
             served = self.snapshot.concepts
             if loaded.version <= served.version and not (
@@ -264,7 +276,9 @@ class CustomConceptFile:
                 )
         except (OSError, concept_set.ConceptSetError) as error:
             self.seen = signature
-            message = f"custom concept set rejected, still serving version {self.snapshot.version}: {error}"
+            message = concept_set.bounded(
+                f"custom concept set rejected, still serving version {self.snapshot.version}: {error}"
+            )
             if message != self.rejected:
                 pb_utils.Logger.log_error(message)
             self.rejected = message
@@ -278,7 +292,7 @@ class CustomConceptFile:
             self.snapshot = Snapshot(loaded)  # one assignment: the next execute() sees all of it
             pb_utils.Logger.log_info(
                 f"custom concept set version {loaded.version} loaded: {len(loaded.concepts)} concepts "
-                f"({', '.join(loaded.names) or 'none'})"
+                f"({concept_set.listing(loaded.names)})"
             )
         return self.snapshot
 
