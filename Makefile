@@ -17,8 +17,8 @@ METRICS_PORT ?= 8002
 # The export records which MODEL it wrote here; a different MODEL re-exports.
 STAMP := $(REPOSITORY)/.exported-from
 
-# What Triton's Python backend runs: the NGC 24.10 container's Python is 3.10.
-SERVED_PYTHON := model_repository admin/safety_checker_admin/concept_set.py
+# What Triton's Python backend runs, and the health probe the NGC 24.10 container runs: its Python is 3.10.
+SERVED_PYTHON := model_repository admin/safety_checker_admin/concept_set.py admin/safety_checker_admin/health_probe.py
 
 .PHONY: setup repository serve test test-fast deploy-check lint style bench clean
 

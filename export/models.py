@@ -233,6 +233,11 @@ every step); any other name is refused with INVALID_ARG, naming it and these."""
 )
 
 
+def _queue_comment(max_queue_size: int, timeout_us: int) -> str:
+    return f"""At most {max_queue_size} requests wait (each up to {spec.MAX_BATCH_SIZE} images); one that waited
+{timeout_us // 1_000_000} s is refused with UNAVAILABLE. Priority 1 (the health probe) goes first."""
+
+
 def _queue(max_queue_delay_us: int, max_queue_size: int, timeout_us: int, comment: str = "") -> DynamicBatching:
     return DynamicBatching(max_queue_delay_us, max_queue_size, timeout_us, comment=comment)
 
@@ -368,8 +373,7 @@ a request that finds the model idle starts at once.""",
                     CPU_QUEUE_DELAY_US,
                     CPU_MAX_QUEUE,
                     CPU_QUEUE_TIMEOUT_US,
-                    comment=f"""At most {CPU_MAX_QUEUE} requests wait (each up to {spec.MAX_BATCH_SIZE} images); one that waited
-{CPU_QUEUE_TIMEOUT_US // 1_000_000} s is refused with UNAVAILABLE. Priority 1 (the health probe) goes first.""",
+                    comment=_queue_comment(CPU_MAX_QUEUE, CPU_QUEUE_TIMEOUT_US),
                 ),
                 parameters=(
                     _ONNX_FILE,
@@ -410,8 +414,7 @@ Inputs and outputs are read by position, in the order declared here.""",
                     POSTPROCESS_QUEUE_DELAY_US,
                     POSTPROCESS_MAX_QUEUE,
                     POSTPROCESS_QUEUE_TIMEOUT_US,
-                    comment=f"""At most {POSTPROCESS_MAX_QUEUE} requests wait; one that waited {POSTPROCESS_QUEUE_TIMEOUT_US // 1_000_000} s is refused with
-UNAVAILABLE. Priority 1 (the health probe) goes first.""",
+                    comment=_queue_comment(POSTPROCESS_MAX_QUEUE, POSTPROCESS_QUEUE_TIMEOUT_US),
                 ),
                 parameters=(
                     Parameter(

@@ -358,7 +358,8 @@ def _concept(item: Any, index: int, dim: int) -> CustomConcept:
         raise ConceptSetError(f"{where}: missing key(s) {', '.join(missing)}")
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise ConceptSetError(
-            f"{where}: name {_quote(name)} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            f"{where}: name {_quote(name)} must be 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
         )
     if RESERVED_NAME.match(name):
         raise ConceptSetError(f"{where}: name {name!r} is reserved for the built-in concepts")
