@@ -331,10 +331,11 @@ def test_a_parameter_given_twice_is_refused(server, baseline):
 
     pixels = _pixels(1)
     for values in (("max", "weak"), ("max", "max")):
+        first, second = values
         header = (
-            '{"parameters": {"strictness": "%s", "strictness": "%s"}, "inputs": [{"name": "pixel_values", '
-            '"datatype": "FP32", "shape": [1, 3, 224, 224], "parameters": {"binary_data_size": %d}}]}'
-            % (*values, pixels.nbytes)
+            f'{{"parameters": {{"strictness": "{first}", "strictness": "{second}"}}, "inputs": [{{"name": '
+            f'"pixel_values", "datatype": "FP32", "shape": [1, 3, 224, 224], "parameters": {{"binary_data_size": '
+            f"{pixels.nbytes}}}}}]}}"
         ).encode()
         status, message = send_http_body(
             server.http_url,
