@@ -295,4 +295,3 @@ def test_the_client_reports_images_unchecked_after_its_deadline(served, parity_s
         client.infer(parity_set.pixels[:1])
     assert client.attempts > 2
     assert time.monotonic() - started < 30
-

@@ -93,10 +93,15 @@ def _quote(value: Any) -> str:
     return bounded(repr(value), QUOTE_CHARS)
 
 
-def listing(names: Sequence[str], limit: int = LISTED_NAMES) -> str:
-    """'a, b, c' or, for a long list, its first `limit` names and how many more."""
-    shown = ", ".join(names[:limit]) or "none"
-    return shown if len(names) <= limit else f"{shown} and {len(names) - limit} more"
+def listing(names: Sequence[str], limit: int = LISTED_NAMES, chars: int = MAX_MESSAGE_CHARS // 2) -> str:
+    """'a, b, c' or, for a long list, as many of the first `limit` names as fit in `chars`, and how many more."""
+    shown: List[str] = []
+    for name in names[:limit]:
+        if shown and len(", ".join(shown + [name])) > chars:
+            break
+        shown.append(name)
+    text = ", ".join(shown) or "none"
+    return text if len(shown) == len(names) else f"{text} and {len(names) - len(shown)} more"
 
 
 @dataclass(frozen=True)

@@ -100,9 +100,11 @@ class TritonPythonModel:
         path = os.path.join(concepts_dir, parameters["custom_concepts_file"])
         self.custom = CustomConceptFile(path, embedding_dim)
         pb_utils.Logger.log_info(
-            f"strictness preset {preset!r} (adjustment {self.default_strictness:+g}); "
-            f"custom concept set version {self.custom.snapshot.version} "
-            f"({len(self.custom.snapshot.names)} concepts: {concept_set.listing(self.custom.snapshot.names)})"
+            concept_set.bounded(
+                f"strictness preset {preset!r} (adjustment {self.default_strictness:+g}); "
+                f"custom concept set version {self.custom.snapshot.version} "
+                f"({len(self.custom.snapshot.names)} concepts: {concept_set.listing(self.custom.snapshot.names)})"
+            )
         )
 
     def execute(self, requests):
@@ -291,8 +293,10 @@ class CustomConceptFile:
         if loaded.version != self.snapshot.version:
             self.snapshot = Snapshot(loaded)  # one assignment: the next execute() sees all of it
             pb_utils.Logger.log_info(
-                f"custom concept set version {loaded.version} loaded: {len(loaded.concepts)} concepts "
-                f"({concept_set.listing(loaded.names)})"
+                concept_set.bounded(
+                    f"custom concept set version {loaded.version} loaded: {len(loaded.concepts)} concepts "
+                    f"({concept_set.listing(loaded.names)})"
+                )
             )
         return self.snapshot
 
