@@ -275,6 +275,7 @@ def test_runtime_command_line(name):
         "grpc-port",
         "metrics-port",
         "allow-metrics",
+        "grpc-infer-allocation-pool-size",
         "http-restricted-api",
         "grpc-restricted-protocol",
         "log-verbose",
