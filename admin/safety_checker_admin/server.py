@@ -242,7 +242,8 @@ class TritonServer:
         admin_key: Optional[str] = None,
     ) -> None:
         """`arguments`: run tritonserver with exactly these arguments (a deployment's own command line, e.g. a
-        KServe ServingRuntime's) instead of the launcher's; only --backend-directory is added, and the ports
+        KServe ServingRuntime's) instead of the launcher's; only --backend-directory and the Python backend's
+        shared-memory prefix are added, and the ports
         given here must be the ones in them (they are polled). `wrapper`: a command the server runs under
         (e.g. a mount namespace that puts the repository where those arguments expect it).
 
@@ -263,6 +264,7 @@ class TritonServer:
         self._restriction = admin_restriction(self.admin_key)
         # The Python backend's shared-memory regions in /dev/shm start with this: a killed server's are removed.
         self.shm_prefix = f"safety_checker_{os.getpid()}_{secrets.token_hex(4)}_"
+        self._shm_option = f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}"
         self._process: Optional[subprocess.Popen] = None
         self._backend_dir: Optional[Path] = None
         self._log_path: Optional[Path] = None
@@ -331,7 +333,9 @@ class TritonServer:
 
     def _command(self, binary: Path, backends: Path) -> List[str]:
         if self.arguments is not None:
-            return [*self.wrapper, str(binary), f"--backend-directory={backends}", *self.arguments]
+            # What a host adds to a deployment's own command line: where the backends are, and a prefix for the
+            # Python backend's shared memory, so that a killed server's is removed.
+            return [*self.wrapper, str(binary), f"--backend-directory={backends}", self._shm_option, *self.arguments]
         cmd = [
             *self.wrapper,
             str(binary),
@@ -352,7 +356,7 @@ class TritonServer:
             f"--grpc-infer-allocation-pool-size={GRPC_ALLOCATION_POOL}",
             f"--http-restricted-api={self._restriction}",
             f"--grpc-restricted-protocol={self._restriction}",
-            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            self._shm_option,
         ]
         if self.model_config_name is not None:
             cmd.append(f"--model-config-name={self.model_config_name}")
