@@ -79,6 +79,10 @@ def test_copies_in_an_exported_repository_equal_their_sources(repository):
             assert not copy.is_symlink() and copy.read_bytes() == source.read_bytes(), copy
             checked += 1
     assert checked >= 6  # embedder runner (2), its copies for the normaliser (2), postprocessor (2) + concept set
+    from safety_checker_admin import health_probe
+
+    probe = repository / "health_probe.py"  # the deployments' health check, at the repository root
+    assert not probe.is_symlink() and probe.read_bytes() == Path(health_probe.__file__).read_bytes()
 
 
 def test_served_python_reads_tensor_names_from_its_config():
