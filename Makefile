@@ -5,6 +5,8 @@
 # make lint:      ruff (lint and format check) and vermin (served code runs on Python 3.10).
 # make style:     let ruff fix and format what it can.
 # make bench:     diffusers vs onnxruntime vs the served checker, full size (~12 min on 2 cores).
+# make overload:  64 clients sending 32-image requests in three bursts: memory, refusals, latency (~6 min).
+# make soak:      ten minutes at saturation, concept reloads, one stub kill (not part of make test).
 
 PYTHON ?= python3
 VENV := .venv
@@ -19,12 +21,14 @@ STAMP := $(REPOSITORY)/.exported-from
 # perf_analyzer's own prefix (bench/perf.py finds it there).
 PERF_ANALYZER := .perf-analyzer
 
-# What Triton's Python backend runs (the client's preprocessing too: the images model decodes with a copy):
-# the NGC 24.10 container's Python is 3.10.
-SERVED_PYTHON := model_repository admin/safety_checker_admin/concept_set.py \
+# What Triton's Python backend runs (the client's preprocessing too: the images model decodes with a copy), and
+# the health probe the NGC 24.10 container runs: its Python is 3.10.
+SERVED_PYTHON := model_repository admin/safety_checker_admin/concept_set.py admin/safety_checker_admin/health_probe.py \
 	client/safety_checker_client/preprocess.py client/safety_checker_client/spec.py
 
-.PHONY: setup repository serve test test-fast deploy-check lint style bench clean
+SOAK_MINUTES ?= 10
+
+.PHONY: setup repository serve test test-fast deploy-check lint style bench overload soak clean
 
 setup: $(VENV)/.installed
 
@@ -68,6 +72,12 @@ style: setup
 
 bench: setup
 	$(PY) -m bench --output bench-results
+
+overload: setup
+	$(PY) -m bench.overload --output bench-results
+
+soak: setup
+	$(PY) -m bench.soak --minutes $(SOAK_MINUTES) --output bench-results
 
 clean:
 	rm -rf build

@@ -87,6 +87,14 @@ def _batching(variant: Variant) -> str:
     return f"""
 {_comment(batching.comment)}dynamic_batching {{
 {preferred_line}  max_queue_delay_microseconds: {batching.max_queue_delay_us}
+  priority_levels: {batching.priority_levels}
+  default_priority_level: {batching.default_priority_level}
+  default_queue_policy {{
+    timeout_action: REJECT
+    default_timeout_microseconds: {batching.queue_timeout_us}
+    allow_timeout_override: true
+    max_queue_size: {batching.max_queue_size}
+  }}
 }}
 """
 

@@ -26,7 +26,10 @@ from safety_checker_client.spec import TensorSpec
 ONNX_RUNNER = (
     SOURCE_REPOSITORY / spec.EMBEDDER_MODEL / "1" / "model.py",
     SOURCE_REPOSITORY / spec.EMBEDDER_MODEL / "1" / "session.py",
+    SOURCE_REPOSITORY / spec.EMBEDDER_MODEL / "1" / "request_limits.py",
 )
+# What every Python model refuses (unknown request parameters, ...); its home is the embedder's version folder.
+REQUEST_LIMITS_MODULE = ONNX_RUNNER[2]
 CONCEPT_SET_MODULE = Path(safety_checker_admin.concept_set.__file__).resolve()
 # The client's preprocessing and the contract it imports, which the images model decodes files with; and the
 # postprocessor's reading of the strictness request parameters, which it checks requests with.
@@ -68,6 +71,39 @@ GPU_QUEUE_DELAY_US = 2000
 CPU_QUEUE_DELAY_US = 0
 POSTPROCESS_QUEUE_DELAY_US = 500
 
+# Overload: every model's queue is bounded, in requests (Triton counts requests, not images), and a request
+# that waited longer than its model's timeout is refused with UNAVAILABLE instead of piling up. A refused
+# request costs the server nothing more; the client retries it with backoff (client.py). Each queued
+# request holds its tensors: up to max_batch_size images (19 MB of float32 pixel_values).
+GPU_MAX_QUEUE = 64  # two full batches of single-image requests per instance
+GPU_QUEUE_TIMEOUT_US = 5_000_000
+CPU_MAX_QUEUE = 4  # four 32-image requests: seconds of work for the tiny test checker, minutes for the full one
+CPU_QUEUE_TIMEOUT_US = 30_000_000  # the full ViT-L/14 on two cores: about a second per image
+POSTPROCESS_MAX_QUEUE = 128  # a few KB per image: room for four embedder batches of single-image requests
+POSTPROCESS_QUEUE_TIMEOUT_US = 10_000_000
+# Two priority levels: 1 for the health probe (admin/safety_checker_admin/health_probe.py), which so waits for
+# at most the batch that is running, never behind the queue; 2, the default, for every other request.
+PRIORITY_LEVELS = 2
+DEFAULT_PRIORITY_LEVEL = 2
+
+# Request parameters. The checker's own (spec) are the only ones a request may carry, besides Triton's reserved
+# keys: Triton 2.51's HTTP and gRPC front ends consume these themselves (src/http_server.cc
+# ParseJsonTritonParams, src/grpc/infer_handler.cc SetInferenceRequestMetadata), except binary_data_output,
+# which gRPC passes on to the model. Every other name is refused with INVALID_ARG by each Python model, and the
+# ensembles forward every parameter of a request to each of their steps.
+REQUEST_PARAMETERS = (spec.STRICTNESS_PARAMETER, spec.STRICTNESS_ADJUSTMENT_PARAMETER)
+TRITON_REQUEST_PARAMETERS = (
+    "sequence_id",
+    "sequence_start",
+    "sequence_end",
+    "priority",
+    "timeout",
+    "binary_data_output",
+    "triton_enable_empty_final_response",
+)
+# The JSON text of one request's parameters, at most (the longest valid one is a few dozen bytes).
+MAX_PARAMETER_BYTES = 1024
+
 
 @dataclass(frozen=True)
 class Parameter:
@@ -80,8 +116,15 @@ class Parameter:
 
 @dataclass(frozen=True)
 class DynamicBatching:
+    """Dynamic batching and its queue policy: at most `max_queue_size` waiting requests, each refused with
+    UNAVAILABLE once it waited `queue_timeout_us` (a request's own "timeout" parameter may only shorten it)."""
+
     max_queue_delay_us: int
+    max_queue_size: int
+    queue_timeout_us: int
     preferred_batch_sizes: Tuple[int, ...] = ()
+    priority_levels: int = PRIORITY_LEVELS
+    default_priority_level: int = DEFAULT_PRIORITY_LEVEL
     comment: str = ""
 
 
@@ -207,6 +250,55 @@ _ONNX_FILE = Parameter(
     "onnx_filename", spec.ONNX_FILENAME, "The ONNX file in the version folder, shared with the onnxruntime backend."
 )
 
+# onnxruntime's CPU memory arena keeps the memory of the largest batch it ran for as long as the server runs
+# (measured: 175 MB of the tiny test checker after 32-image batches); off, activations go back after each run.
+_NO_ARENA = Parameter(
+    "cpu_mem_arena",
+    "0",
+    "0: onnxruntime allocates each run's activations and hands them back (no arena that only grows).",
+)
+
+# What every Python model refuses, read from its config (model_repository/*/1/model.py).
+REQUEST_LIMITS = (
+    Parameter(
+        "request_parameters",
+        ",".join(REQUEST_PARAMETERS),
+        """The request parameters a request may carry (the ensembles forward a request's parameters to
+every step); any other name is refused with INVALID_ARG, naming it and these.""",
+    ),
+    Parameter(
+        "triton_request_parameters",
+        ",".join(TRITON_REQUEST_PARAMETERS),
+        """Triton's reserved request parameters, accepted too: its HTTP and gRPC front ends consume them
+(binary_data_output reaches a model over gRPC).""",
+    ),
+    Parameter(
+        "max_request_images",
+        str(spec.MAX_BATCH_SIZE),
+        "Largest batch one request may hold, and the longest JSON text of its parameters, in bytes.",
+    ),
+    Parameter("max_parameter_bytes", str(MAX_PARAMETER_BYTES)),
+)
+
+
+def _queue_comment(max_queue_size: int, timeout_us: int) -> str:
+    return f"""At most {max_queue_size} requests wait (each up to {spec.MAX_BATCH_SIZE} images); one that waited
+{timeout_us // 1_000_000} s is refused with UNAVAILABLE. Priority 1 (the health probe) goes first."""
+
+
+def _queue(max_queue_delay_us: int, max_queue_size: int, timeout_us: int, comment: str = "") -> DynamicBatching:
+    return DynamicBatching(max_queue_delay_us, max_queue_size, timeout_us, comment=comment)
+
+
+_NO_DELAY_GPU = _queue(
+    0,
+    GPU_MAX_QUEUE,
+    GPU_QUEUE_TIMEOUT_US,
+    """No queue delay: each request goes straight on to the embedder, which batches.
+Dynamic batching is here for its bounded queue (see the embedder).""",
+)
+_CPU_QUEUE = _queue(CPU_QUEUE_DELAY_US, CPU_MAX_QUEUE, CPU_QUEUE_TIMEOUT_US)
+
 NORMALIZE = ServedModel(
     spec.NORMALIZE_MODEL,
     spec.NORMALIZE_INPUTS,
@@ -215,11 +307,11 @@ NORMALIZE = ServedModel(
     variants=(
         Variant(
             "onnxruntime",
-            f"""uint8 images -> pixel_values on the GPU with the onnxruntime backend. No
-dynamic batching here: each request goes straight on to the embedder, which
-batches. configs/{CPU_CONFIG_NAME}.pbtxt runs the same model.onnx on CPU.""",
+            f"""uint8 images -> pixel_values on the GPU with the onnxruntime backend.
+configs/{CPU_CONFIG_NAME}.pbtxt runs the same model.onnx on CPU.""",
             instance_kind="KIND_GPU",
             default_model_filename=spec.ONNX_FILENAME,
+            batching=_NO_DELAY_GPU,
         ),
         Variant(
             "python",
@@ -228,7 +320,8 @@ runner (1/model.py, copied by the export) on this folder's model.onnx, a
 table lookup that takes about a millisecond per image on one thread.""",
             config_name=CPU_CONFIG_NAME,
             instance_kind="KIND_CPU",
-            parameters=(_ONNX_FILE, Parameter("intra_op_num_threads", "1")),
+            batching=_CPU_QUEUE,
+            parameters=(_ONNX_FILE, Parameter("intra_op_num_threads", "1"), _NO_ARENA, *REQUEST_LIMITS),
         ),
     ),
 )
@@ -242,11 +335,14 @@ def _profile_shape(batch: int) -> str:
 def embedder(engine_cache_key: str = REFERENCE_ENGINE_KEY, name: str = spec.EMBEDDER_MODEL) -> ServedModel:
     """The embedder; `engine_cache_key` (model.onnx's digest) keeps TensorRT engines of different exports apart.
     `name`: the cascade's int8 embedder is the same description under its own name, with the runner copied in."""
-    batching = DynamicBatching(
+    batching = _queue(
         GPU_QUEUE_DELAY_US,
+        GPU_MAX_QUEUE,
+        GPU_QUEUE_TIMEOUT_US,
         comment=f"""A GPU computes a batch faster per image than single images: wait up to
 {GPU_QUEUE_DELAY_US} us for requests to form one (up to max_batch_size; no preferred
-sizes, since none was measured to be faster).""",
+sizes, since none was measured to be faster). At most {GPU_MAX_QUEUE} requests wait; one that
+waited {GPU_QUEUE_TIMEOUT_US // 1_000_000} s is refused with UNAVAILABLE. Priority 1 (the health probe) goes first.""",
     )
     instances = f"""{GPU_INSTANCES} instances on the GPU: while one runs a batch, the other's batch is
 formed and copied."""
@@ -323,7 +419,12 @@ two single-thread instances were no faster; and no queue delay, because on a
 CPU a bigger batch does not make an image cheaper. Requests that arrive while
 a batch runs (about a second per image) still go together into the next one;
 a request that finds the model idle starts at once.""",
-                batching=DynamicBatching(CPU_QUEUE_DELAY_US),
+                batching=_queue(
+                    CPU_QUEUE_DELAY_US,
+                    CPU_MAX_QUEUE,
+                    CPU_QUEUE_TIMEOUT_US,
+                    comment=_queue_comment(CPU_MAX_QUEUE, CPU_QUEUE_TIMEOUT_US),
+                ),
                 parameters=(
                     _ONNX_FILE,
                     Parameter(
@@ -332,6 +433,8 @@ a request that finds the model idle starts at once.""",
                         """onnxruntime intra-op threads; 0 lets it use all physical cores. Any
 onnxruntime session config entry ("session.*") may be added the same way.""",
                     ),
+                    _NO_ARENA,
+                    *REQUEST_LIMITS,
                 ),
                 warmup_batch=1,
             ),
@@ -373,7 +476,7 @@ def postprocess(
         spec.POSTPROCESS_MODEL,
         spec.POSTPROCESS_INPUTS,
         spec.POSTPROCESS_OUTPUTS,
-        copied_files=(CONCEPT_SET_MODULE,),
+        copied_files=(CONCEPT_SET_MODULE, REQUEST_LIMITS_MODULE),
         variants=(
             Variant(
                 "python",
@@ -383,7 +486,12 @@ batch. Thresholds are read from 1/{spec.CONCEPTS_FILENAME}, written by the expor
 custom concepts from 1/{spec.CUSTOM_CONCEPTS_FILENAME}, re-read whenever it changes.
 Inputs and outputs are read by position, in the order declared here.""",
                 instance_kind="KIND_CPU",
-                batching=DynamicBatching(POSTPROCESS_QUEUE_DELAY_US),
+                batching=_queue(
+                    POSTPROCESS_QUEUE_DELAY_US,
+                    POSTPROCESS_MAX_QUEUE,
+                    POSTPROCESS_QUEUE_TIMEOUT_US,
+                    comment=_queue_comment(POSTPROCESS_MAX_QUEUE, POSTPROCESS_QUEUE_TIMEOUT_US),
+                ),
                 parameters=(
                     Parameter(
                         spec.STRICTNESS_CONFIG_KEY,
@@ -394,6 +502,7 @@ sends the request parameter "{spec.STRICTNESS_PARAMETER}" (a preset) or
 checker exactly.""",
                     ),
                     *_STRICTNESS_PARAMETERS,
+                    *REQUEST_LIMITS,
                     Parameter(
                         "concepts_file",
                         spec.CONCEPTS_FILENAME,
@@ -448,6 +557,7 @@ pixel is decoded: a decompression bomb is refused without decoding it.""",
         ),
         Parameter("checker_input", spec.PIXEL_VALUES.name),
         *_STRICTNESS_PARAMETERS,
+        *REQUEST_LIMITS,
     )
     about = f"""The checker fed image files: each element is one PNG, JPEG, WebP, GIF, BMP
 or TIFF file, its raw bytes or their base64 text (told apart by content),
@@ -460,7 +570,7 @@ checked refuses the whole request with INVALID_ARG naming its index."""
         spec.IMAGES_MODEL,
         spec.IMAGES_INPUTS,
         spec.IMAGES_OUTPUTS,
-        copied_files=(*CLIENT_PREPROCESSING, STRICTNESS_MODULE),
+        copied_files=(*CLIENT_PREPROCESSING, STRICTNESS_MODULE, REQUEST_LIMITS_MODULE),
         variants=(
             Variant(
                 "python",
@@ -513,6 +623,7 @@ def cascade(cosine_bound: float = 0.0) -> ServedModel:
         spec.CASCADE_MODEL,
         spec.ENSEMBLE_INPUTS,
         spec.ENSEMBLE_OUTPUTS,
+        copied_files=(REQUEST_LIMITS_MODULE,),
         variants=(
             Variant(
                 "python",
@@ -524,8 +635,14 @@ rule included). Those images go through the fp32 embedder and are scored
 again, exactly. Decisions are the fp32 checker's; exact_scores says which
 answers are fp32's own.""",
                 instance_kind="KIND_CPU",
-                batching=DynamicBatching(0),
+                batching=_queue(
+                    0,
+                    POSTPROCESS_MAX_QUEUE,
+                    CPU_QUEUE_TIMEOUT_US,
+                    comment=_queue_comment(POSTPROCESS_MAX_QUEUE, CPU_QUEUE_TIMEOUT_US),
+                ),
                 parameters=(
+                    *REQUEST_LIMITS,
                     Parameter(
                         "cosine_bound",
                         repr(float(cosine_bound)),

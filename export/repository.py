@@ -21,13 +21,17 @@ from export import configs
 from export.models import REFERENCE_SETTINGS, SOURCE_REPOSITORY, Settings, served_models
 from export.normalize import write_normalizer
 from export.quantize import REPORT_FILENAME
-from safety_checker_admin import concept_set
+from safety_checker_admin import concept_set, health_probe
 from safety_checker_client import spec
 from safety_checker_client.spec import ModelDims
 
 MODEL_FOLDERS = tuple(model.name for model in served_models())
 # Every model folder an export writes, cascade or not: a re-export removes the ones it no longer serves.
 OWNED_FOLDERS = frozenset(MODEL_FOLDERS) | {m.name for m in served_models(Settings(cascade=True))}
+# The health probe every deployment runs (docker-compose, KServe): a file at the repository root, which Triton
+# does not look at (it loads folders), so the container finds it where the repository is mounted.
+HEALTH_PROBE = Path(health_probe.__file__).resolve()
+HEALTH_PROBE_FILENAME = "health_probe.py"
 # Generated files that may sit in a developer's model_repository/ and are never copied from it.
 _NOT_COPIED = shutil.ignore_patterns(
     "__pycache__",
@@ -146,6 +150,7 @@ def write_repository(
             custom_file.write_bytes(custom)
         else:
             concept_set.write(custom_file, concept_set.empty(dims.projection_dim))
+        shutil.copyfile(HEALTH_PROBE, staging / HEALTH_PROBE_FILENAME)
         written = [model.name for model in served_models(settings)]
         for stale in sorted(OWNED_FOLDERS - set(written)):
             shutil.rmtree(destination / stale, ignore_errors=True)
@@ -154,5 +159,6 @@ def write_repository(
             if target.exists():
                 shutil.rmtree(target)
             (staging / folder).rename(target)
+        (staging / HEALTH_PROBE_FILENAME).replace(destination / HEALTH_PROBE_FILENAME)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

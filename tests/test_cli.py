@@ -188,10 +188,14 @@ def test_plain_json_request_as_in_the_readme(served, image_files):
 
 
 def test_no_server_means_errors_never_safe(image_files):
-    result = check("--url", f"127.0.0.1:{free_port()}", "--protocol", "http", str(image_files["astronaut"]))
+    started = time.monotonic()
+    result = check(
+        "--url", f"127.0.0.1:{free_port()}", "--protocol", "http", "--deadline", "3", str(image_files["astronaut"])
+    )
     assert result.returncode != 0
     (record,) = lines(result)
     assert "flagged" not in record and record["error"]
+    assert "not checked" in record["error"] and time.monotonic() - started < 60  # retried, then gave up
 
 
 def test_check_reports_custom_concepts_and_takes_a_strictness(served, image_files):

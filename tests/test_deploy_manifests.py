@@ -275,6 +275,7 @@ def test_runtime_command_line(name):
         "grpc-port",
         "metrics-port",
         "allow-metrics",
+        "grpc-infer-allocation-pool-size",
         "http-restricted-api",
         "grpc-restricted-protocol",
         "log-verbose",
@@ -296,13 +297,23 @@ def test_runtime_ports_and_probes(name):
     assert metrics in ports
     assert {p.get("protocol", "TCP") for p in container["ports"]} == {"TCP"}
 
-    for probe, path in (
-        ("readinessProbe", "/v2/health/ready"),
-        ("livenessProbe", "/v2/health/live"),
-        ("startupProbe", "/v2/health/ready"),
-    ):
-        get = container[probe]["httpGet"]
-        assert (get["path"], get["port"]) == (path, http), f"{probe} -> {get}"
+    get = container["startupProbe"]["httpGet"]
+    assert (get["path"], get["port"]) == ("/v2/health/ready", http), f"startupProbe -> {get}"
+    # Readiness and liveness run a real inference (health_probe.py at the repository root): Triton's own
+    # /v2/health/ready stays green when a Python stub has died.
+    repository = one(parsed, "model-repository")
+    for name in ("readinessProbe", "livenessProbe"):
+        probe = container[name]
+        assert "httpGet" not in probe, f"{name} must run an inference, not only ask /v2/health"
+        command = probe["exec"]["command"]
+        assert command[:2] == ["python3", f"{repository}/health_probe.py"], command
+        options = dict(zip(command[2::2], command[3::2]))
+        assert options["--port"] == str(http), command
+        assert float(options["--timeout"]) < probe["timeoutSeconds"], "the probe gives up before the kubelet does"
+    readiness, liveness = container["readinessProbe"], container["livenessProbe"]
+    # A dead stub fails the probe at once: not ready within one period (5 s), restarted after two failures.
+    assert readiness["periodSeconds"] <= 5 and readiness["failureThreshold"] == 1, readiness
+    assert liveness["periodSeconds"] * liveness["failureThreshold"] <= 30, liveness
     startup = container["startupProbe"]
     allowance = startup["periodSeconds"] * startup["failureThreshold"]
     # GPU: a TensorRT engine build for batch 1..32 on every new pod (the 30 minutes the runtime states).

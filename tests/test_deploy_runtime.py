@@ -4,7 +4,8 @@ The CPU ServingRuntime's container arguments are read from the YAML and run by
 the bundled tritonserver (2.51, the NGC 24.10 release's). What is substituted,
 and nothing else: the three ports (free ones, so tests never collide), the
 backend directory (the launcher adds `--backend-directory`: the wheel keeps
-its backends elsewhere than the NGC image), and `$(ADMIN_API_KEY)`, which the
+its backends elsewhere than the NGC image, and a prefix for the Python
+backend's shared memory, so that a killed server's is removed), and `$(ADMIN_API_KEY)`, which the
 kubelet expands from the Secret and is expanded here from the same Secret
 manifest. The paths stay as written: each server runs in a private mount
 namespace (`unshare`) whose /mnt holds the exported repository at
@@ -20,7 +21,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -306,3 +309,70 @@ def test_export_refuses_a_relative_concepts_dir(tmp_path):
 
     assert main(["--repository", str(tmp_path / "repository"), "--concepts-dir", "concepts"]) == 2
     assert not (tmp_path / "repository").exists()
+
+
+def probe_command(runtime: str, probe: str, port: int) -> List[str]:
+    """A runtime's exec probe as the kubelet runs it in the container, with only the port substituted (and this
+    interpreter for the image's python3: the probe needs the standard library only)."""
+    (container,) = manifest(runtime)["spec"]["containers"]
+    command = list(container[probe]["exec"]["command"])
+    assert command[0] == "python3"
+    command[0] = sys.executable
+    command[command.index("--port") + 1] = str(port)
+    return command
+
+
+def test_the_exec_probes_fail_on_a_dead_stub_and_a_restart_restores_the_replica(deployed, parity_set, tmp_path):
+    """Finding 2 on KServe: /v2/health/ready stays green when a stub dies, the runtime's readiness and liveness
+    probes (a real inference) fail within 10 s; the kubelet then restarts the container (emulated here, with the
+    liveness probe's failure threshold), and the replica answers again within 60 s."""
+    concepts = tmp_path / "concepts"
+    configmap_volume(concepts, {spec.CUSTOM_CONCEPTS_FILENAME: concept_file(1, [], 16)}, "2026_11_30_12_00_00.1")
+    server = replica(deployed, concepts)
+    server.start()
+    try:
+        (container,) = manifest("servingruntime-cpu.yaml")["spec"]["containers"]
+        port = server.ports["HTTP"]
+
+        def run(probe: str) -> subprocess.CompletedProcess:
+            command = namespace(deployed, concepts) + probe_command("servingruntime-cpu.yaml", probe, port)
+            timeout = container[probe]["timeoutSeconds"]
+            return subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+
+        for probe in ("readinessProbe", "livenessProbe"):
+            result = run(probe)
+            assert result.returncode == 0 and result.stdout.startswith("ok:"), result.stdout + result.stderr
+        stubs = [c for c in _children(server.pid) if f"/{spec.EMBEDDER_MODEL}/1/model.py" in _cmdline(c)]
+        assert len(stubs) == 1, stubs
+        killed = time.monotonic()
+        os.kill(stubs[0], signal.SIGKILL)
+        with _HTTP.open(f"http://{server.http_url}/v2/health/ready", timeout=10) as response:
+            assert response.status == 200  # what an httpGet probe would still see
+        readiness = run("readinessProbe")
+        assert readiness.returncode == 1 and "not healthy" in readiness.stdout, readiness.stdout
+        assert time.monotonic() - killed < 10
+        liveness = container["livenessProbe"]
+        failures = [run("livenessProbe").returncode for _ in range(liveness["failureThreshold"])]
+        assert failures == [1] * liveness["failureThreshold"]
+        server.kill()  # the kubelet restarts the container
+        server.start()
+        assert run("readinessProbe").returncode == 0
+        assert time.monotonic() - killed < 60
+        with SafetyCheckerClient(server.grpc_url) as client:
+            assert len(client.check_batch(parity_set.pixels[:2])) == 2
+    finally:
+        server.stop()
+
+
+def _children(pid: int) -> List[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    return found
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""

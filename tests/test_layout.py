@@ -86,6 +86,10 @@ def test_copies_in_an_exported_repository_equal_their_sources(repository):
     # embedder runner (2), its copies for the normaliser (2), postprocessor (3) + concept set (1), images model (2) +
     # the client's preprocess.py and spec.py and the postprocessor's strictness.py (3)
     assert checked >= 13
+    from safety_checker_admin import health_probe
+
+    probe = repository / "health_probe.py"  # the deployments' health check, at the repository root
+    assert not probe.is_symlink() and probe.read_bytes() == Path(health_probe.__file__).read_bytes()
 
 
 def test_served_python_reads_tensor_names_from_its_config():

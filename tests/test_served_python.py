@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT
 
 from export.models import CLIENT_PREPROCESSING
-from safety_checker_admin import concept_set
+from safety_checker_admin import concept_set, health_probe
 
 
 @pytest.mark.parametrize("text", ["2026-11-28", "2026-11-28T07:23:38+00:00", "2026-11-28T07:23:38.123456"])
@@ -32,7 +32,12 @@ def test_forms_only_python_3_11_reads_are_refused(text):
 
 
 def test_vermin_finds_nothing_newer_than_3_10():
-    served = [str(ROOT / "model_repository"), concept_set.__file__, *map(str, CLIENT_PREPROCESSING)]
+    served = [
+        str(ROOT / "model_repository"),
+        concept_set.__file__,
+        health_probe.__file__,
+        *map(str, CLIENT_PREPROCESSING),
+    ]
     result = subprocess.run(
         [
             str(Path(sys.executable).with_name("vermin")),

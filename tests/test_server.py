@@ -289,17 +289,18 @@ SERVE = (
     "import sys; from pathlib import Path; "
     "from safety_checker_admin.server import serve_forever; "
     "sys.exit(serve_forever(Path(sys.argv[1]), http_port=int(sys.argv[2]), grpc_port=int(sys.argv[3]), "
-    "metrics_port=int(sys.argv[4]), host='127.0.0.1', model_config_name='cpu'))"
+    "metrics_port=int(sys.argv[4]), host='127.0.0.1', model_config_name='cpu', supervise=sys.argv[5] == 'yes'))"
 )
 
 
 class Serving:
     """`serve_forever` in a child Python, its stdout collected line by line."""
 
-    def __init__(self, repository: Path, ports: Dict[str, int]) -> None:
+    def __init__(self, repository: Path, ports: Dict[str, int], supervise: bool = True) -> None:
         path = os.pathsep.join(filter(None, [str(CLIENT_DIR), os.environ.get("PYTHONPATH")]))
         env = dict(os.environ, PYTHONPATH=path)
         args = [str(repository), str(ports["http_port"]), str(ports["grpc_port"]), str(ports["metrics_port"])]
+        args.append("yes" if supervise else "no")
         self.process = subprocess.Popen(
             [sys.executable, "-c", SERVE, *args], env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
@@ -352,7 +353,7 @@ def test_serve_forever_prints_urls_and_stops_on_signal(repo: Path, ports: Dict[s
 
 
 def test_serve_forever_reports_server_death(repo: Path, ports: Dict[str, int]) -> None:
-    serving = Serving(repo, ports)
+    serving = Serving(repo, ports, supervise=False)  # --no-restart: the server's death ends the command
     serving.read_until("Press Ctrl-C")
     os.kill(serving.server_pid(), signal.SIGKILL)
     assert serving.process.wait(timeout=30) != 0

@@ -22,6 +22,27 @@ def add_serve(commands) -> None:
     serve.add_argument(
         "--model-config-name", default="cpu", help="use configs/NAME.pbtxt where a model has one (default: cpu)"
     )
+    serve.add_argument(
+        "--admin-key-file",
+        type=Path,
+        help="a file holding the key that opens the admin APIs (model repository, logging, trace, shared memory; "
+        "header admin-key); default: $SAFETY_CHECKER_ADMIN_KEY, else they are refused to everyone",
+    )
+    serve.add_argument(
+        "--no-restart",
+        dest="supervise",
+        action="store_false",
+        help="do not watch the server and restore it after a fault (a dead Python stub, a failing inference)",
+    )
+    serve.add_argument(
+        "--probe-interval", type=float, default=2.0, help="seconds between health probes (a real inference)"
+    )
+    serve.add_argument(
+        "--probe-timeout",
+        type=float,
+        default=5.0,
+        help="seconds a health probe may wait while the server uses no CPU before it counts as hung",
+    )
     serve.set_defaults(run=_serve)
 
 
@@ -35,6 +56,10 @@ def _serve(args: argparse.Namespace) -> int:
         metrics_port=args.metrics_port,
         host=args.host,
         model_config_name=args.model_config_name,
+        admin_key_file=args.admin_key_file,
+        supervise=args.supervise,
+        probe_interval_s=args.probe_interval,
+        probe_timeout_s=args.probe_timeout,
     )
 
 

@@ -60,9 +60,48 @@ SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _TOP_KEYS = {"format_version", "version", "embedding_dim", "updated", "concepts"}
 _CONCEPT_KEYS = {"name", "category", "source", "embedding", "threshold", "created"}
 
+# Limits, checked by parse() and read(), so by the CLI and by the server alike: a set beyond them is never
+# written and never served (the server keeps the last valid set). 1,000 concepts of the published checker
+# (768 floats each) take about 10 MB; every answer carries each concept's score and cosine (about 75 bytes
+# per concept and image).
+MAX_CONCEPTS = 1000
+MAX_FILE_BYTES = 16 * 1024 * 1024
+MAX_SOURCE_IMAGES = 1000  # sha256 hashes of one concept's example images
+MAX_TEXT_CHARS = 1000  # a text source's phrase
+# Messages (and so every log line about a concept set) are cut at this length, lists of names at this many.
+MAX_MESSAGE_CHARS = 600
+LISTED_NAMES = 20
+QUOTE_CHARS = 64
+
 
 class ConceptSetError(ValueError):
-    """A concept set (file or change) that must not be served; the message says what is wrong and where."""
+    """A concept set (file or change) that must not be served; the message says what is wrong and where.
+
+    The message is at most MAX_MESSAGE_CHARS long, whatever the file held.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(bounded(message))
+
+
+def bounded(text: str, limit: int = MAX_MESSAGE_CHARS) -> str:
+    """`text` cut to `limit` characters (a log line or a message never grows with a file's content)."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _quote(value: Any) -> str:
+    return bounded(repr(value), QUOTE_CHARS)
+
+
+def listing(names: Sequence[str], limit: int = LISTED_NAMES, chars: int = MAX_MESSAGE_CHARS // 2) -> str:
+    """'a, b, c' or, for a long list, as many of the first `limit` names as fit in `chars`, and how many more."""
+    shown: List[str] = []
+    for name in names[:limit]:
+        if shown and len(", ".join(shown + [name])) > chars:
+            break
+        shown.append(name)
+    text = ", ".join(shown) or "none"
+    return text if len(shown) == len(names) else f"{text} and {len(names) - len(shown)} more"
 
 
 @dataclass(frozen=True)
@@ -128,15 +167,14 @@ class ConceptSet:
     def without(self, name: str) -> ConceptSet:
         if self.get(name) is None:
             raise ConceptSetError(
-                f"no concept named {name!r} in the set (version {self.version}); "
-                f"it holds: {', '.join(self.names) or 'none'}"
+                f"no concept named {_quote(name)} in the set (version {self.version}); it holds: {listing(self.names)}"
             )
         return self._next(tuple(c for c in self.concepts if c.name != name))
 
     def with_threshold(self, name: str, threshold: float) -> ConceptSet:
         concept = self.get(name)
         if concept is None:
-            raise ConceptSetError(f"no concept named {name!r} in the set (version {self.version})")
+            raise ConceptSetError(f"no concept named {_quote(name)} in the set (version {self.version})")
         check_threshold(threshold)
         return self._next(tuple(replace(c, threshold=float(threshold)) if c.name == name else c for c in self.concepts))
 
@@ -212,16 +250,19 @@ def make_concept(
 
 def check_threshold(threshold: Any, where: str = "threshold") -> float:
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-        raise ConceptSetError(f"{where} must be a number, got {threshold!r}")
+        raise ConceptSetError(f"{where} must be a number, got {_quote(threshold)}")
     low, high = THRESHOLD_RANGE
     if not math.isfinite(threshold) or not low <= threshold <= high:
-        raise ConceptSetError(f"{where} {threshold!r} is outside [{low:g}, {high:g}]")
+        raise ConceptSetError(f"{where} {_quote(threshold)} is outside [{low:g}, {high:g}]")
     return float(threshold)
 
 
 # -- reading -----------------------------------------------------------------
 def parse(text: Union[str, bytes], embedding_dim: Optional[int] = None, origin: str = FILENAME) -> ConceptSet:
     """Validate a whole file; ConceptSetError names the first problem (and, for bad JSON, its line and column)."""
+    size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8"))
+    if size > MAX_FILE_BYTES:
+        raise ConceptSetError(f"{origin} takes {size} bytes, more than the {MAX_FILE_BYTES} a concept set may")
     if isinstance(text, bytes):
         try:
             text = text.decode("utf-8")
@@ -244,10 +285,22 @@ def parse(text: Union[str, bytes], embedding_dim: Optional[int] = None, origin: 
 def read(path: Union[str, os.PathLike], embedding_dim: Optional[int] = None) -> ConceptSet:
     path = Path(path)
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as handle:
+            data = read_limited(handle, str(path))
     except OSError as error:
         raise ConceptSetError(f"cannot read {path}: {error.strerror or error}") from None
     return parse(data, embedding_dim, origin=str(path))
+
+
+def read_limited(handle: Any, origin: str) -> bytes:
+    """An open file's bytes; ConceptSetError, without reading it, if it is larger than MAX_FILE_BYTES."""
+    size = os.fstat(handle.fileno()).st_size
+    if size > MAX_FILE_BYTES:
+        raise ConceptSetError(f"{origin} takes {size} bytes, more than the {MAX_FILE_BYTES} a concept set may")
+    data = handle.read(MAX_FILE_BYTES + 1)  # it may have grown since
+    if len(data) > MAX_FILE_BYTES:
+        raise ConceptSetError(f"{origin} takes more than the {MAX_FILE_BYTES} bytes a concept set may")
+    return data
 
 
 def _reject_constant(name: str) -> None:
@@ -259,26 +312,30 @@ def _concept_set(data: Any, embedding_dim: Optional[int]) -> ConceptSet:
         raise ConceptSetError(f"the top level must be a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
-        raise ConceptSetError(f"unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(_TOP_KEYS))})")
+        raise ConceptSetError(
+            f"unknown key(s) {listing([_quote(k) for k in unknown], 5)} (allowed: {', '.join(sorted(_TOP_KEYS))})"
+        )
     for key in ("format_version", "version", "embedding_dim", "concepts"):
         if key not in data:
             raise ConceptSetError(f"missing key {key!r}")
     if data["format_version"] != FORMAT_VERSION or isinstance(data["format_version"], bool):
-        raise ConceptSetError(f"format_version {data['format_version']!r} is not {FORMAT_VERSION}")
+        raise ConceptSetError(f"format_version {_quote(data['format_version'])} is not {FORMAT_VERSION}")
     version = data["version"]
     if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-        raise ConceptSetError(f"version must be a whole number >= 0, got {version!r}")
+        raise ConceptSetError(f"version must be a whole number >= 0, got {_quote(version)}")
     dim = data["embedding_dim"]
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
-        raise ConceptSetError(f"embedding_dim must be a whole number >= 1, got {dim!r}")
+        raise ConceptSetError(f"embedding_dim must be a whole number >= 1, got {_quote(dim)}")
     if embedding_dim is not None and dim != embedding_dim:
         raise ConceptSetError(f"embedding_dim {dim} does not match the served image_embeds width {embedding_dim}")
     updated = data.get("updated")
     if updated is not None and not isinstance(updated, str):
-        raise ConceptSetError(f"updated must be a string, got {updated!r}")
+        raise ConceptSetError(f"updated must be a string, got {_quote(updated)}")
     items = data["concepts"]
     if not isinstance(items, list):
         raise ConceptSetError(f"concepts must be a list, got {type(items).__name__}")
+    if len(items) > MAX_CONCEPTS:
+        raise ConceptSetError(f"{len(items)} concepts, more than the {MAX_CONCEPTS} a set may hold")
     concepts = tuple(_concept(item, index, dim) for index, item in enumerate(items))
     seen = set()
     for concept in concepts:
@@ -294,24 +351,28 @@ def _concept(item: Any, index: int, dim: int) -> CustomConcept:
         raise ConceptSetError(f"{where} must be a JSON object, got {type(item).__name__}")
     name = item.get("name")
     if isinstance(name, str):
-        where = f"concept {index} ({name!r})"
+        where = f"concept {index} ({_quote(name)})"
     unknown = sorted(set(item) - _CONCEPT_KEYS)
     if unknown:
         raise ConceptSetError(
-            f"{where}: unknown key(s) {', '.join(unknown)} (allowed: {', '.join(sorted(_CONCEPT_KEYS))})"
+            f"{where}: unknown key(s) {listing([_quote(k) for k in unknown], 5)} "
+            f"(allowed: {', '.join(sorted(_CONCEPT_KEYS))})"
         )
     missing = sorted(_CONCEPT_KEYS - set(item))
     if missing:
         raise ConceptSetError(f"{where}: missing key(s) {', '.join(missing)}")
     if not isinstance(name, str) or not NAME_PATTERN.match(name):
         raise ConceptSetError(
-            f"{where}: name {name!r} must be 1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+            f"{where}: name {_quote(name)} must be 1-64 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
         )
     if RESERVED_NAME.match(name):
         raise ConceptSetError(f"{where}: name {name!r} is reserved for the built-in concepts")
     category = item["category"]
     if not isinstance(category, str) or not CATEGORY_PATTERN.match(category):
-        raise ConceptSetError(f"{where}: category {category!r} must be 1-64 letters, digits, spaces, '_', '.' or '-'")
+        raise ConceptSetError(
+            f"{where}: category {_quote(category)} must be 1-64 letters, digits, spaces, '_', '.' or '-'"
+        )
     source = _source(item["source"], where)
     threshold = check_threshold(item["threshold"], f"{where}: threshold")
     embedding = item["embedding"]
@@ -326,7 +387,7 @@ def _concept(item: Any, index: int, dim: int) -> CustomConcept:
         raise ConceptSetError(f"{where}: embedding is not L2-normalised (norm {norm:.6g})")
     created = item["created"]
     if not isinstance(created, str) or not _iso_date(created):
-        raise ConceptSetError(f"{where}: created {created!r} is not an ISO date (YYYY-MM-DD)")
+        raise ConceptSetError(f"{where}: created {_quote(created)} is not an ISO date (YYYY-MM-DD)")
     return CustomConcept(
         name=name,
         category=category,
@@ -341,11 +402,15 @@ def _source(source: Any, where: str) -> Dict[str, Any]:
     if not isinstance(source, dict) or source.get("kind") not in ("text", "images"):
         raise ConceptSetError(
             f'{where}: source must be {{"kind": "text", "text": ...}} or '
-            f'{{"kind": "images", "sha256": [...]}}, got {source!r}'
+            f'{{"kind": "images", "sha256": [...]}}, got {_quote(source)}'
         )
     if source["kind"] == "text":
         if set(source) != {"kind", "text"} or not isinstance(source["text"], str) or not source["text"].strip():
             raise ConceptSetError(f'{where}: a text source is {{"kind": "text", "text": "<non-empty phrase>"}}')
+        if len(source["text"]) > MAX_TEXT_CHARS:
+            raise ConceptSetError(
+                f"{where}: the text source has {len(source['text'])} characters, more than {MAX_TEXT_CHARS}"
+            )
         return {"kind": "text", "text": source["text"]}
     hashes = source.get("sha256")
     if (
@@ -358,6 +423,8 @@ def _source(source: Any, where: str) -> Dict[str, Any]:
             f'{where}: an image source is {{"kind": "images", "sha256": [<64 lowercase hex '
             "digits>, ...]}} with at least one hash"
         )
+    if len(hashes) > MAX_SOURCE_IMAGES:
+        raise ConceptSetError(f"{where}: {len(hashes)} image hashes, more than {MAX_SOURCE_IMAGES}")
     return {"kind": "images", "sha256": list(hashes)}
 
 

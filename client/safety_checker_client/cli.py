@@ -51,6 +51,14 @@ def _parser() -> argparse.ArgumentParser:
         f"[-{spec.MAX_STRICTNESS_ADJUSTMENT:g}, {spec.MAX_STRICTNESS_ADJUSTMENT:g}] "
         "(default: the server's configured preset)",
     )
+    check.add_argument(
+        "--deadline",
+        type=float,
+        default=120.0,
+        metavar="SECONDS",
+        help="how long to keep sending a request the server failed (unreachable, restarting, overloaded) before "
+        "its images are reported as not checked (default 120)",
+    )
     form = check.add_mutually_exclusive_group()
     form.add_argument(
         "--uint8",
@@ -159,7 +167,9 @@ def _answers(
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        client = SafetyCheckerClient(args.url, protocol=args.protocol, uint8=args.uint8, encoded=args.encoded)
+        client = SafetyCheckerClient(
+            args.url, protocol=args.protocol, uint8=args.uint8, encoded=args.encoded, deadline_s=args.deadline
+        )
         with client:
             failures = check_files(args.files, client, sys.stdout, args.strictness)
     except CheckError as err:  # the server could not even be asked for its config

@@ -3,6 +3,13 @@
 It only ever returns a result for an image the server actually answered: any
 transport or server error raises, so a caller cannot mistake a failure for a
 "not flagged".
+
+A request whose server failed (it could not be reached, it dropped the
+connection, it was overloaded or restarting: UNAVAILABLE, INTERNAL, a
+timeout) is sent again, after 0.25 s, 0.5 s, 1 s ... (at most 5 s, with
+jitter), until the deadline; then the images count as not checked
+(CheckError). A request the server refused for what it holds (INVALID_ARG,
+an unknown model) is never sent again.
 """
 
 from __future__ import annotations
@@ -10,7 +17,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -25,6 +34,35 @@ PROTOCOLS = tuple(DEFAULT_URLS)
 
 class CheckError(RuntimeError):
     """The server did not answer; no image of the failed request was checked."""
+
+
+# Retries: the first wait, its growth and its cap (each wait is drawn between half and all of it).
+RETRY_FIRST_WAIT_S = 0.25
+RETRY_GROWTH = 2.0
+RETRY_MAX_WAIT_S = 5.0
+# Statuses of a server that failed (tritonclient's: gRPC status names, HTTP codes); any other is final.
+RETRYABLE_STATUSES = {
+    "StatusCode.UNAVAILABLE",
+    "StatusCode.INTERNAL",
+    "StatusCode.DEADLINE_EXCEEDED",
+    "StatusCode.UNKNOWN",
+    "StatusCode.RESOURCE_EXHAUSTED",
+    "StatusCode.ABORTED",
+    "500",
+    "502",
+    "503",
+    "504",
+}
+
+
+def retryable(error: BaseException) -> bool:
+    """Whether `error` says the server failed (send again) rather than that the request was wrong."""
+    from tritonclient.utils import InferenceServerException
+
+    if isinstance(error, InferenceServerException):
+        # No status: tritonclient refused the request itself, before sending it.
+        return str(error.status()) in RETRYABLE_STATUSES
+    return True  # connection refused, reset, timeouts: tritonclient raises several types
 
 
 Strictness = Union[str, float, None]
@@ -108,7 +146,10 @@ class SafetyCheckerClient:
         timeout_s: Optional[float] = 120.0,
         uint8: bool = False,
         encoded: bool = False,
+        deadline_s: Optional[float] = None,
     ) -> None:
+        """`timeout_s`: how long one attempt may take. `deadline_s`: how long a request may take, retries
+        included, before its images count as not checked (default: `timeout_s`; 0 sends each request once)."""
         if uint8 and encoded:
             raise ValueError("choose one input form: uint8=True or encoded=True")
         self.protocol = protocol
@@ -124,9 +165,15 @@ class SafetyCheckerClient:
             self.input, default_model = spec.PIXEL_VALUES, spec.ENSEMBLE_MODEL
         self.model_name = model_name or default_model
         self.timeout_s = timeout_s
-        kwargs = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
-        self._client = self._triton.InferenceServerClient(self.url, **kwargs)
+        self.deadline_s = timeout_s if deadline_s is None else deadline_s
+        self.attempts = 0  # requests sent so far, retries included
+        self._client = self._connect()
         self._max_batch_size: Optional[int] = None
+
+    def _connect(self):
+        timeout = self.timeout_s
+        kwargs = {"network_timeout": timeout, "connection_timeout": timeout} if self.protocol == "http" else {}
+        return self._triton.InferenceServerClient(self.url, **kwargs)
 
     def close(self) -> None:
         self._client.close()
@@ -141,7 +188,7 @@ class SafetyCheckerClient:
     def max_batch_size(self) -> int:
         """Read once from the served config, so the client follows the deployment."""
         if self._max_batch_size is None:
-            config = self._call(self._client.get_model_config, self.model_name)
+            config = self._call("get_model_config", self.model_name)
             if self.protocol == "grpc":
                 config = {"max_batch_size": config.config.max_batch_size}
             self._max_batch_size = int(config["max_batch_size"])
@@ -149,15 +196,35 @@ class SafetyCheckerClient:
                 raise CheckError(f"model {self.model_name} does not batch (max_batch_size {self._max_batch_size})")
         return self._max_batch_size
 
-    def _call(self, function, *args, **kwargs):
+    def _call(self, method: str, *args, **kwargs):
+        """The tritonclient method `method`, sent again while the server fails, until the deadline."""
         from tritonclient.utils import InferenceServerException
 
-        try:
-            return function(*args, **kwargs)
-        except InferenceServerException as err:
-            raise CheckError(f"{self.model_name} at {self.url} ({self.protocol}): {err.message()}") from err
-        except Exception as err:  # connection refused, timeouts: tritonclient raises several types
-            raise CheckError(f"{self.model_name} at {self.url} ({self.protocol}): {err}") from err
+        started = time.monotonic()
+        wait = RETRY_FIRST_WAIT_S
+        tries = 0
+        while True:
+            tries += 1
+            self.attempts += 1
+            try:
+                return getattr(self._client, method)(*args, **kwargs)
+            except Exception as err:  # connection refused, timeouts: tritonclient raises several types
+                text = err.message() if isinstance(err, InferenceServerException) else str(err) or type(err).__name__
+                where = f"{self.model_name} at {self.url} ({self.protocol})"
+                if not retryable(err):
+                    raise CheckError(f"{where}: {text}") from err
+                pause = wait * random.uniform(0.5, 1.0)
+                elapsed = time.monotonic() - started
+                if elapsed + pause >= (self.deadline_s or 0.0):
+                    detail = f" (not checked: {tries} attempts in {elapsed:.1f} s)" if tries > 1 else ""
+                    raise CheckError(f"{where}: {text}{detail}") from err
+            time.sleep(pause)
+            wait = min(wait * RETRY_GROWTH, RETRY_MAX_WAIT_S)
+            try:  # a fresh connection: the old one may lead to a server that is gone
+                self._client.close()
+            except Exception:
+                pass
+            self._client = self._connect()
 
     def preprocess(self, images: Sequence[ImageLike], value_range: Tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
         """The batch this client sends for `images`: uint8 images or float32 pixel_values."""
@@ -207,7 +274,7 @@ class SafetyCheckerClient:
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         if parameters:
             kwargs["parameters"] = parameters
-        result = self._call(self._client.infer, self.model_name, [tensor], outputs=outputs, **kwargs)
+        result = self._call("infer", self.model_name, [tensor], outputs=outputs, **kwargs)
         answer = {t.name: result.as_numpy(t.name) for t in spec.ENSEMBLE_OUTPUTS}
         for name, value in answer.items():
             if value is None or len(value) != len(batch):

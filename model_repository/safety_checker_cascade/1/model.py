@@ -15,9 +15,14 @@ Counted in Prometheus: safety_checker_cascade_images_total{embedder="int8"|"fp32
 """
 
 import json
+import os
+import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from request_limits import RequestLimits
 
 
 class StepError(Exception):
@@ -36,6 +41,7 @@ class TritonPythonModel:
         self.outputs = [o["name"] for o in config["output"]]
         self.exact = self.outputs[-1]  # by position: the last output says which answers are fp32's
         self.bound = float(parameters["cosine_bound"])
+        self.limits = RequestLimits(parameters)
         self.int8 = parameters["int8_embedder"]
         self.fp32 = parameters["fp32_embedder"]
         self.postprocessor = parameters["postprocessor"]
@@ -53,6 +59,11 @@ class TritonPythonModel:
         self.answered = {kind: family.Metric(labels={"embedder": kind}) for kind in ("int8", "fp32")}
 
     def execute(self, requests):
+        refused = [self._refusal(r) for r in requests]
+        if any(refused):
+            checked = self.execute([r for r, no in zip(requests, refused) if no is None]) if not all(refused) else []
+            answers = iter(checked)
+            return [pb_utils.InferenceResponse(error=no) if no is not None else next(answers) for no in refused]
         pixels = [pb_utils.get_input_tensor_by_name(r, self.pixels).as_numpy() for r in requests]
         parameters = [_forwardable(json.loads(r.parameters() or "{}")) for r in requests]
         answers = [None] * len(requests)
@@ -92,6 +103,14 @@ class TritonPythonModel:
                 for name in self.outputs:
                     answers[index][name][rows] = again[name]
         return [self._response(answer) for answer in answers]
+
+    def _refusal(self, request):
+        """INVALID_ARG for an unknown request parameter or too many images, before any model runs (an error
+        coming back through BLS would lose its status)."""
+        _, problem = self.limits.parameters(request.parameters())
+        if problem is None:
+            problem = self.limits.images(len(pb_utils.get_input_tensor_by_name(request, self.pixels).as_numpy()))
+        return None if problem is None else pb_utils.TritonError(problem, pb_utils.TritonError.INVALID_ARG)
 
     def _response(self, answer):
         if isinstance(answer, StepError):

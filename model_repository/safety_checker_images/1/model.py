@@ -34,6 +34,7 @@ _client = types.ModuleType("safety_checker_client")
 _client.__path__ = [_FOLDER]
 sys.modules["safety_checker_client"] = _client
 
+from request_limits import RequestLimits  # noqa: E402
 from strictness import Strictness  # noqa: E402
 
 
@@ -47,6 +48,7 @@ class TritonPythonModel:
         self.checker_model = parameters["checker_model"]
         self.checker_input = parameters["checker_input"]
         self.strictness = Strictness(parameters)
+        self.request_limits = RequestLimits(parameters)
         try:
             import decoding  # Pillow: in the NGC container it must be installed (docs/gpu.md)
         except ImportError as error:
@@ -72,7 +74,9 @@ class TritonPythonModel:
     def _answer(self, request):
         if self.unavailable is not None:
             return pb_utils.InferenceResponse(error=pb_utils.TritonError(self.unavailable))
-        adjustment, problem = self.strictness.of(request.parameters())
+        _, problem = self.request_limits.parameters(request.parameters())
+        if problem is None:
+            adjustment, problem = self.strictness.of(request.parameters())
         if problem is not None:
             return _refused(problem)
         elements = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy().reshape(-1)

@@ -14,7 +14,12 @@ batch is answered wholly under the old or wholly under the new set.
 
 Strictness: the config's `strictness` preset, or a request's `strictness`
 (preset name) or `strictness_adjustment` (number) parameter, shifts every
-threshold; see scoring.py.
+threshold; see scoring.py. Any other request parameter is refused with
+INVALID_ARG (request_limits.py), so a mistyped name never falls back to the
+default strictness.
+
+The concept file is bounded as concept_set.py says (number of concepts, file
+size; a larger file is not even read), and so is every log line about it.
 """
 
 import json
@@ -27,6 +32,7 @@ import triton_python_backend_utils as pb_utils
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import concept_set
+from request_limits import RequestLimits
 from scoring import certain, cosines, score_all
 from strictness import Strictness
 
@@ -57,6 +63,10 @@ class TritonPythonModel:
         ) = [o["name"] for o in config["output"]]
         # The error bound of the cosines when a request does not send its own (the optional last input).
         self.default_bound = float(parameters["cosine_bound"])
+        self.limits = RequestLimits(parameters)
+        for name in (parameters["strictness_parameter"], parameters["strictness_adjustment_parameter"]):
+            if name not in self.limits.accepted:
+                raise pb_utils.TritonModelException(f"config parameter request_parameters does not list {name!r}")
 
         with open(os.path.join(version_dir, parameters["concepts_file"])) as handle:
             metadata = json.load(handle)
@@ -90,9 +100,11 @@ class TritonPythonModel:
         path = os.path.join(concepts_dir, parameters["custom_concepts_file"])
         self.custom = CustomConceptFile(path, embedding_dim)
         pb_utils.Logger.log_info(
-            f"strictness preset {preset!r} (adjustment {self.default_strictness:+g}); "
-            f"custom concept set version {self.custom.snapshot.version} "
-            f"({len(self.custom.snapshot.names)} concepts)"
+            concept_set.bounded(
+                f"strictness preset {preset!r} (adjustment {self.default_strictness:+g}); "
+                f"custom concept set version {self.custom.snapshot.version} "
+                f"({len(self.custom.snapshot.names)} concepts: {concept_set.listing(self.custom.snapshot.names)})"
+            )
         )
 
     def execute(self, requests):
@@ -183,6 +195,12 @@ class TritonPythonModel:
 
     def _strictness(self, request):
         """(adjustment, None) for this request, or (default, TritonError) naming the bad parameter."""
+        _, error = self.limits.parameters(request.parameters())
+        if error is None:
+            count = len(pb_utils.get_input_tensor_by_name(request, self.inputs[0]).as_numpy())
+            error = self.limits.images(count)
+        if error is not None:
+            return self.default_strictness, _invalid(error)
         value, problem = self.strictness.of(request.parameters())
         if problem is not None:
             return self.default_strictness, _invalid(problem)
@@ -218,7 +236,7 @@ class CustomConceptFile:
         try:
             with open(path, "rb") as handle:
                 self.seen = _signature(os.fstat(handle.fileno()))
-                text = handle.read()
+                text = concept_set.read_limited(handle, path)
             loaded = concept_set.parse(text, embedding_dim=embedding_dim, origin=path)
         except (OSError, concept_set.ConceptSetError) as error:
             # Fail closed: without a last valid set there is nothing safe to serve.
@@ -244,7 +262,7 @@ class CustomConceptFile:
         try:
             with open(self.path, "rb") as handle:
                 signature = _signature(os.fstat(handle.fileno()))
-                text = handle.read()
+                text = concept_set.read_limited(handle, self.path)
             loaded = concept_set.parse(text, embedding_dim=self.embedding_dim, origin=self.path)
             served = self.snapshot.concepts
             if loaded.version <= served.version and not (
@@ -256,7 +274,9 @@ class CustomConceptFile:
                 )
         except (OSError, concept_set.ConceptSetError) as error:
             self.seen = signature
-            message = f"custom concept set rejected, still serving version {self.snapshot.version}: {error}"
+            message = concept_set.bounded(
+                f"custom concept set rejected, still serving version {self.snapshot.version}: {error}"
+            )
             if message != self.rejected:
                 pb_utils.Logger.log_error(message)
             self.rejected = message
@@ -269,8 +289,10 @@ class CustomConceptFile:
         if loaded.version != self.snapshot.version:
             self.snapshot = Snapshot(loaded)  # one assignment: the next execute() sees all of it
             pb_utils.Logger.log_info(
-                f"custom concept set version {loaded.version} loaded: {len(loaded.concepts)} concepts "
-                f"({', '.join(loaded.names) or 'none'})"
+                concept_set.bounded(
+                    f"custom concept set version {loaded.version} loaded: {len(loaded.concepts)} concepts "
+                    f"({concept_set.listing(loaded.names)})"
+                )
             )
         return self.snapshot
 

@@ -1,0 +1,145 @@
+"""docker-compose's Triton entrypoint, run for real with the bundled tritonserver (no Docker needed).
+
+The entrypoint script is taken from docker-compose.yml as Compose would hand it
+to the container (`$$` is a literal `$`) and runs the service's command with
+the substitutions a test host needs, and nothing else: the repository path
+(/models), free ports instead of 8000-8002, and the CPU configuration (the
+bundled server has no onnxruntime backend). What it must do:
+
+* restrict the admin APIs with $TRITON_ADMIN_KEY, or with a random key nobody
+  is shown when it is unset (finding 4);
+* once the checker has answered, turn two failed health probes (a real
+  inference: a dead stub leaves Triton "ready") into the container's exit, so
+  that `restart: unless-stopped` restarts it (finding 2).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import List
+
+import pytest
+import yaml
+from conftest import ROOT
+
+from safety_checker_admin.server import TritonServer, free_port
+from safety_checker_client import spec
+
+pytestmark = [pytest.mark.server, pytest.mark.slow]
+_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def triton_service() -> dict:
+    return yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["triton"]
+
+
+def interpolate(text: str) -> str:
+    """Compose's interpolation for what the triton service uses: ${VAR:-default} with VAR unset, and $$."""
+    text = re.sub(r"(?<!\$)\$\{[A-Z_]+:-([^}]*)\}", r"\1", text)
+    return text.replace("$$", "$")
+
+
+def container(repository: Path, ports: dict) -> TritonServer:
+    service = triton_service()
+    shell, flag, script, name = (interpolate(part) for part in service["entrypoint"])
+    script = script.replace("/models/health_probe.py", f"{repository}/health_probe.py")
+    script = script.replace("--port 8000", f"--port {ports['http']}")
+    assert f"{repository}/health_probe.py --port {ports['http']}" in script
+    command: List[str] = [interpolate(part) for part in service["command"]]
+    assert command[0] == "tritonserver"
+    arguments = []
+    for arg in command[1:]:
+        arg = arg.replace("--model-repository=/models", f"--model-repository={repository}")
+        arg = arg.replace("--model-config-name=exact", "--model-config-name=cpu")
+        arguments.append(arg)
+    arguments += [f"--http-port={ports['http']}", f"--grpc-port={ports['grpc']}", f"--metrics-port={ports['metrics']}"]
+    return TritonServer(
+        repository,
+        http_port=ports["http"],
+        grpc_port=ports["grpc"],
+        metrics_port=ports["metrics"],
+        host="0.0.0.0",
+        arguments=arguments,
+        wrapper=[shell, flag, script, name],
+    )
+
+
+def status(port: int, path: str, headers=None) -> int:
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=headers or {})
+    try:
+        with _HTTP.open(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as error:
+        return error.code
+    except (urllib.error.URLError, OSError):
+        return 0
+
+
+def descendants(pid: int) -> List[int]:
+    found, queue = [], [pid]
+    while queue:
+        current = queue.pop()
+        for task in os.listdir(f"/proc/{current}/task"):
+            children = [int(c) for c in Path(f"/proc/{current}/task/{task}/children").read_text().split()]
+            found += children
+            queue += children
+    return found
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@pytest.fixture
+def ports():
+    return {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+
+
+def test_admin_apis_take_the_operators_key_or_nobodys(repository, ports, monkeypatch):
+    key = "the-operators-admin-key-0123456789"
+    monkeypatch.setenv("TRITON_ADMIN_KEY", key)
+    with container(repository, ports):
+        assert status(ports["http"], "/v2/logging") == 403
+        assert status(ports["http"], "/v2/logging", {"admin-key": key}) == 200
+        assert status(ports["http"], "/v2/health/ready") == 200
+    monkeypatch.delenv("TRITON_ADMIN_KEY")
+    ports = {name: free_port() for name in ports}
+    with container(repository, ports) as server:
+        assert status(ports["http"], "/v2/logging") == 403
+        assert status(ports["http"], "/v2/logging", {"admin-key": key}) == 403
+        (triton,) = [p for p in descendants(server.pid) if "tritonserver" in cmdline(p).split(" ")[0]]
+        keys = re.findall(r"--http-restricted-api=\S+:admin-key=(\S+)", cmdline(triton))
+        assert len(keys) == 1 and re.fullmatch(r"[0-9a-f]{64}", keys[0]), keys  # random, and never printed
+        assert keys[0] not in server.log_path.read_text()
+
+
+def test_a_dead_stub_makes_the_container_exit_and_a_restart_restores_it(repository, ports):
+    server = container(repository, ports)
+    server.start()
+    try:
+        time.sleep(6)  # the watchdog's first probe has succeeded: failures count from now on
+        (stub,) = [p for p in descendants(server.pid) if f"/{spec.POSTPROCESS_MODEL}/1/model.py" in cmdline(p)]
+        killed = time.monotonic()
+        os.kill(stub, signal.SIGKILL)
+        assert status(ports["http"], "/v2/health/ready") == 200  # what Triton's own health check still says
+        code = server._process.wait(timeout=60)
+        exited = time.monotonic() - killed
+        assert code == 1 and exited < 30, (code, exited)
+        log = server.log_path.read_text()
+        assert "watchdog: failed:" in log and "killing tritonserver so that the container restarts" in log
+        # `restart: unless-stopped`: Docker starts the container again.
+        server.stop()
+        server.start()
+        assert time.monotonic() - killed < 60
+        assert status(ports["http"], "/v2/health/ready") == 200
+    finally:
+        server.stop()
