@@ -566,6 +566,11 @@ export), checked by "{spec.ENSEMBLE_MODEL}" through BLS, and answered with its
 outputs in this config's order, has_nsfw_concepts first (an ensemble would
 answer JSON requests in a hash map's order). One element that cannot be
 checked refuses the whole request with INVALID_ARG naming its index."""
+    # No batching delay (each request is decoded and checked on its own); the queue is what is bounded: few
+    # requests, since each may carry 32 files of up to 20 MiB.
+    images_queue = _queue(
+        0, CPU_MAX_QUEUE, CPU_QUEUE_TIMEOUT_US, comment=_queue_comment(CPU_MAX_QUEUE, CPU_QUEUE_TIMEOUT_US)
+    )
     return ServedModel(
         spec.IMAGES_MODEL,
         spec.IMAGES_INPUTS,
@@ -581,6 +586,7 @@ checked refuses the whole request with INVALID_ARG naming its index."""
 {GPU_DECODERS_PER_CORE} per core ({decoder_instances} cores, rendered by the export: --decoder-instances,
 default the cores of the host it runs on), because each waits for the GPU's
 answer after decoding its request.""",
+                batching=images_queue,
                 parameters=parameters,
             ),
             Variant(
@@ -592,6 +598,7 @@ answer after decoding its request.""",
                 comment_instances=f"""One instance per core ({decoder_instances}, rendered by the export:
 --decoder-instances, default one per core of the host it runs on). Each holds
 its request until the embedder answered, and the embedder needs the cores.""",
+                batching=images_queue,
                 parameters=parameters,
             ),
         ),

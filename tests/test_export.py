@@ -49,7 +49,8 @@ def test_writes_a_complete_repository(repository, reference_checker):
     for folder in (spec.EMBEDDER_MODEL, spec.NORMALIZE_MODEL, spec.POSTPROCESS_MODEL):
         model_py = repository / folder / "1" / "model.py"
         assert model_py.is_file() and not model_py.is_symlink()
-    assert sorted(p.name for p in repository.iterdir()) == sorted(MODEL_FOLDERS)
+    assert sorted(p.name for p in repository.iterdir() if p.is_dir()) == sorted(MODEL_FOLDERS)
+    assert (repository / "health_probe.py").is_file()  # the deployments' health check, beside the models
     custom = concept_set.read(repository / spec.POSTPROCESS_MODEL / "1" / spec.CUSTOM_CONCEPTS_FILENAME)
     assert (custom.version, custom.embedding_dim, custom.concepts) == (0, dims.projection_dim, ())
     # The postprocessor reads custom_concepts.json with the very module the CLI writes it with.
@@ -224,7 +225,7 @@ def test_export_is_repeatable_into_the_same_place(tmp_path):
             concept_set.write(custom_file, concept_set.read(custom_file).with_concept(concept))
             kept = custom_file.read_bytes()
     assert custom_file.read_bytes() == kept  # re-exporting never loses the operator's concepts
-    assert sorted(p.name for p in target.iterdir()) == sorted([*MODEL_FOLDERS, "other_model"])
+    assert sorted(p.name for p in target.iterdir() if p.is_dir()) == sorted([*MODEL_FOLDERS, "other_model"])
 
     # A set the re-exported checker could not serve stops the export before anything changes.
     onnx_file = target / spec.EMBEDDER_MODEL / "1" / spec.ONNX_FILENAME

@@ -398,6 +398,10 @@ def refused(error: CheckError) -> bool:
     return False
 
 
+# How long one server gets to answer a request, retries included, before the scan tries another.
+FAILOVER_S = 30.0
+
+
 class Servers:
     """Round-robin over URLs with one client per thread and URL; servers that fail are skipped for a while."""
 
@@ -597,10 +601,15 @@ class Scanner:
 
     def _client(self, url: str):
         options = self.options
-        if options.mode == "encoded":
-            return SafetyCheckerClient(url, protocol=options.protocol, encoded=True, timeout_s=options.timeout_s)
+        # The client retries a refused (UNAVAILABLE: a full queue) or failed request with backoff for up to
+        # FAILOVER_S; after that the scan retries its images on another server.
         return SafetyCheckerClient(
-            url, protocol=options.protocol, uint8=options.mode == "uint8", timeout_s=options.timeout_s
+            url,
+            protocol=options.protocol,
+            uint8=options.mode == "uint8",
+            encoded=options.mode == "encoded",
+            timeout_s=options.timeout_s,
+            deadline_s=min(options.timeout_s, FAILOVER_S),
         )
 
     def run(self, items: Sequence[Item]) -> ScanResult:
