@@ -33,6 +33,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from safety_checker_admin.server import child_processes
 from safety_checker_client import spec
 from safety_checker_client.client import triton_module
 
@@ -41,23 +42,13 @@ GOAL_AFTER_MB = 200
 
 
 # -- memory ---------------------------------------------------------------------------------------
-def _children(pid: int) -> List[int]:
-    found: List[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-    except (OSError, ValueError):
-        pass
-    return found
-
-
 def tree(pid: int) -> List[int]:
     """`pid` and all its descendants."""
     pids, queue = [], [pid]
     while queue:
         current = queue.pop()
         pids.append(current)
-        queue += _children(current)
+        queue += child_processes(current)
     return pids
 
 

@@ -42,22 +42,12 @@ import numpy as np
 from bench.overload import Sampler, loadavg, tiny_repository
 from export.served import served_module
 from safety_checker_admin import concept_set
-from safety_checker_admin.server import free_port
+from safety_checker_admin.server import child_processes, free_port
 from safety_checker_client import spec
 from safety_checker_client.client import CheckError, SafetyCheckerClient
 
 scoring = served_module(spec.POSTPROCESS_MODEL, "scoring")
 COMMAND = str(Path(sys.executable).parent / "safety-checker")
-
-
-def _children(pid: int) -> List[int]:
-    found: List[int] = []
-    try:
-        for task in os.listdir(f"/proc/{pid}/task"):
-            found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-    except (OSError, ValueError):
-        pass
-    return found
 
 
 def _cmdline(pid: int) -> str:
@@ -203,7 +193,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         threading.Thread(target=lambda: events.extend(serve.stderr), daemon=True).start()
 
         def tritonserver() -> Optional[int]:
-            found = [c for c in _children(serve.pid) if "tritonserver" in _cmdline(c)]
+            found = [c for c in child_processes(serve.pid) if "tritonserver" in _cmdline(c)]
             return found[0] if found else None
 
         sampler = Sampler(tritonserver, interval_s=1.0)
@@ -252,7 +242,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 next_reload = now + args.reload_every
             if killed is None and now >= kill_at:
                 server = tritonserver()
-                stubs = [c for c in _children(server) if f"/{args.kill}/1/model.py" in _cmdline(c)] if server else []
+                stubs = (
+                    [c for c in child_processes(server) if f"/{args.kill}/1/model.py" in _cmdline(c)] if server else []
+                )
                 if stubs:
                     os.kill(stubs[0], signal.SIGKILL)
                     killed = {"model": args.kill, "at_s": round(now - started, 1), "pid": stubs[0]}

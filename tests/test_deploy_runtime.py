@@ -39,7 +39,7 @@ from conftest import ROOT, run_export
 from tritonclient.utils import InferenceServerException
 
 from safety_checker_admin import concept_set
-from safety_checker_admin.server import TritonServer, free_port
+from safety_checker_admin.server import TritonServer, child_processes, free_port
 from safety_checker_client import spec
 from safety_checker_client.client import SafetyCheckerClient
 
@@ -342,7 +342,7 @@ def test_the_exec_probes_fail_on_a_dead_stub_and_a_restart_restores_the_replica(
         for probe in ("readinessProbe", "livenessProbe"):
             result = run(probe)
             assert result.returncode == 0 and result.stdout.startswith("ok:"), result.stdout + result.stderr
-        stubs = [c for c in _children(server.pid) if f"/{spec.EMBEDDER_MODEL}/1/model.py" in _cmdline(c)]
+        stubs = [c for c in child_processes(server.pid) if f"/{spec.EMBEDDER_MODEL}/1/model.py" in _cmdline(c)]
         assert len(stubs) == 1, stubs
         killed = time.monotonic()
         os.kill(stubs[0], signal.SIGKILL)
@@ -362,13 +362,6 @@ def test_the_exec_probes_fail_on_a_dead_stub_and_a_restart_restores_the_replica(
             assert len(client.check_batch(parity_set.pixels[:2])) == 2
     finally:
         server.stop()
-
-
-def _children(pid: int) -> List[int]:
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-    return found
 
 
 def _cmdline(pid: int) -> str:

@@ -156,7 +156,7 @@ def _die_with_parent() -> None:
         pass
 
 
-def _children(pid: int) -> List[int]:
+def child_processes(pid: int) -> List[int]:
     """The child processes of `pid` (of every one of its threads), from /proc."""
     found: List[int] = []
     try:
@@ -468,7 +468,7 @@ class TritonServer:
         if not self.running:
             return {}
         found = {}
-        for pid in _children(self._process.pid):
+        for pid in child_processes(self._process.pid):
             command = _cmdline(pid)
             if command and command[0].endswith(STUB_NAME) and len(command) > 1:
                 found[pid] = Path(command[1]).parent.parent.name  # .../<model>/<version>/model.py
