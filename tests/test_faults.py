@@ -240,12 +240,14 @@ def test_a_killed_tritonserver_is_restarted(served, parity_set):
     pixels = parity_set.pixels[:2]
     expected = infer(f"127.0.0.1:{served.grpc}", pixels)
     first = served.tritonserver()
+    stubs = children(first)
     killed = time.monotonic()
     os.kill(first, signal.SIGKILL)
     _, line = served.wait_for_line("fault:", DETECTION_S)
     assert "tritonserver exited" in line
     restored_within(served, pixels, expected, killed)
     assert served.tritonserver() != first
+    assert all(gone(stub) for stub in stubs), "the killed server's stubs were left behind"
 
 
 def test_a_stopped_stub_is_noticed_and_restored(served, parity_set):
@@ -253,10 +255,26 @@ def test_a_stopped_stub_is_noticed_and_restored(served, parity_set):
     pixels = parity_set.pixels[:2]
     expected = infer(f"127.0.0.1:{served.grpc}", pixels)
     stopped = time.monotonic()
-    os.kill(served.stub(spec.POSTPROCESS_MODEL), signal.SIGSTOP)
+    stub = served.stub(spec.POSTPROCESS_MODEL)
+    os.kill(stub, signal.SIGSTOP)
     noticed, line = served.wait_for_line("fault:", DETECTION_S)
     assert "is stopped" in line and noticed - stopped < DETECTION_S
     restored_within(served, pixels, expected, stopped)
+    assert gone(stub), "the stopped stub was left behind"
+
+
+def gone(pid: int, wait_s: float = 10.0) -> bool:
+    """Whether process `pid` has ended (a stub left over from a killed server would hold its memory)."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return True
+        if state == "Z":
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def test_a_form_encoded_upload_that_crashes_tritonserver_is_survived(served, parity_set):

@@ -428,7 +428,8 @@ class TritonServer:
     def _clean_up(self) -> None:
         for pid in self._stubs:  # a stub whose server died unexpectedly stops on its own; do not wait for it
             try:
-                if _process_state(pid) is not None and STUB_NAME in _cmdline(pid):
+                command = _cmdline(pid)
+                if _process_state(pid) is not None and command and command[0].endswith(STUB_NAME):
                     os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
