@@ -46,9 +46,13 @@ def test_measure_counts_requests_and_reads_server_stats(server, parity_set, prot
     assert out["images"] == out["requests"] * 1
     assert 1.0 < out["window_s"] < 3.0
     assert out["completed_images_per_s"] == pytest.approx(out["images"] / out["window_s"])
-    # Two ways to the same rate: per-client cycles and the completion count.
+    # Two ways to the same rate: per-client cycles and the completion count. Each client's first answer in
+    # the window opens its cycles, so there are at most `concurrency` fewer cycles than answers; and as no
+    # client's cycles outlast the window, the cycle rate is never below the cycles / window. (How far the
+    # two rates drift apart depends on stalls at the window edges, so no tolerance between them is asserted.)
+    assert out["requests"] - 2 <= out["cycles"] <= out["requests"] - 1
     assert out["cycles"] > 0
-    assert out["images_per_s"] == pytest.approx(out["completed_images_per_s"], rel=0.25)
+    assert out["images_per_s"] >= out["cycles"] / out["window_s"] * (1 - 1e-9)
     assert len(calls) >= out["requests"]  # warm-up and drain also report progress
     latency = out["latency_ms"]
     assert 0 < latency["p50"] <= latency["p95"] <= latency["p99"]

@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from safety_checker_admin.server import free_port
+from safety_checker_admin.server import child_processes, free_port
 from safety_checker_client import spec
 from safety_checker_client.client import CheckError, SafetyCheckerClient
 
@@ -36,13 +36,6 @@ COMMAND = str(Path(sys.executable).parent / "safety-checker")
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 DETECTION_S = 10
 RESTORATION_S = 60
-
-
-def children(pid: int) -> List[int]:
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-    return found
 
 
 def cmdline(pid: int) -> str:
@@ -105,11 +98,11 @@ class Served:
         raise AssertionError(f"no {fragment!r} on stderr within {timeout_s} s: {self.stderr}")
 
     def tritonserver(self) -> int:
-        (pid,) = [c for c in children(self.process.pid) if "tritonserver" in cmdline(c)]
+        (pid,) = [c for c in child_processes(self.process.pid) if "tritonserver" in cmdline(c)]
         return pid
 
     def stub(self, model: str) -> int:
-        (pid,) = [c for c in children(self.tritonserver()) if f"/{model}/1/model.py" in cmdline(c)]
+        (pid,) = [c for c in child_processes(self.tritonserver()) if f"/{model}/1/model.py" in cmdline(c)]
         return pid
 
     def stop(self) -> None:
@@ -240,7 +233,7 @@ def test_a_killed_tritonserver_is_restarted(served, parity_set):
     pixels = parity_set.pixels[:2]
     expected = infer(f"127.0.0.1:{served.grpc}", pixels)
     first = served.tritonserver()
-    stubs = children(first)
+    stubs = child_processes(first)
     killed = time.monotonic()
     os.kill(first, signal.SIGKILL)
     _, line = served.wait_for_line("fault:", DETECTION_S)
