@@ -144,7 +144,7 @@ def _output_names(client, model_name: str, protocol: str) -> List[str]:
     return [output["name"] for output in metadata.get("outputs", [])]
 
 
-def _stats_counters(client, model_name: str, protocol: str) -> Dict[str, int]:
+def stats_counters(client, model_name: str, protocol: str) -> Dict[str, int]:
     """Cumulative counters of one model, summed over its versions.
 
     Field names are those of Triton's statistics extension
@@ -174,7 +174,7 @@ def _stats_counters(client, model_name: str, protocol: str) -> Dict[str, int]:
     return counters
 
 
-def _stats_delta(start: Dict[str, int], end: Dict[str, int]) -> Dict[str, Optional[float]]:
+def stats_delta(start: Dict[str, int], end: Dict[str, int]) -> Dict[str, Optional[float]]:
     """What happened between two samples: counts, and per-request averages in ms (None if no requests)."""
     delta = {key: end.get(key, 0) - start.get(key, 0) for key in set(start) | set(end)}
     executions, inferences = delta.get("execution_count", 0), delta.get("inference_count", 0)
@@ -317,11 +317,11 @@ def measure(
             worker.start()
         try:
             time.sleep(warmup_s)
-            stats_start = {name: _stats_counters(control, name, protocol) for name in stats_models}
+            stats_start = {name: stats_counters(control, name, protocol) for name in stats_models}
             window_start = time.perf_counter()
             time.sleep(window_s)
             window_end = time.perf_counter()
-            stats_end = {name: _stats_counters(control, name, protocol) for name in stats_models}
+            stats_end = {name: stats_counters(control, name, protocol) for name in stats_models}
         finally:
             stop.set()
             for worker in workers:
@@ -349,7 +349,7 @@ def measure(
         latencies_ms=latencies,
         errors=recorder.errors,
         first_error=recorder.first_error[1] if recorder.first_error else None,
-        server={name: _stats_delta(stats_start[name], stats_end[name]) for name in stats_models},
+        server={name: stats_delta(stats_start[name], stats_end[name]) for name in stats_models},
         cycles=cycles,
         cycle_s=cycle_s,
     )

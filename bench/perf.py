@@ -53,13 +53,25 @@ def command(
     batch: int = 1,
     concurrency: Sequence[int] = (1,),
     measurement_ms: int = 5000,
+    request_count: Optional[int] = None,
     stability_percentage: int = 10,
     max_trials: int = 10,
+    data: Optional[Path] = None,
     extra: Sequence[str] = (),
 ) -> List[str]:
-    """perf_analyzer's concurrency mode with its own measurement windows and stability criterion."""
+    """perf_analyzer's concurrency mode with its own measurement windows and stability criterion.
+
+    Windows last `measurement_ms`, or, given `request_count`, until that many requests completed
+    (count_windows: with a second per request, a time window would hold a handful, and one more or
+    less would be a 20% swing). `data` replaces the model's committed input file.
+    """
     low, high = min(concurrency), max(concurrency)
     step = concurrency[1] - concurrency[0] if len(concurrency) > 1 else 1
+    windows = (
+        [f"--measurement-interval={measurement_ms}"]
+        if request_count is None
+        else ["--measurement-mode=count_windows", f"--measurement-request-count={request_count}"]
+    )
     return [
         str(binary()),
         "-m",
@@ -69,11 +81,11 @@ def command(
         "-u",
         url,
         "--input-data",
-        str(input_data(model)),
+        str(data or input_data(model)),
         "-b",
         str(batch),
         f"--concurrency-range={low}:{high}:{step}",
-        f"--measurement-interval={measurement_ms}",
+        *windows,
         f"--stability-percentage={stability_percentage}",
         f"--max-trials={max_trials}",
         "--percentile=95",
@@ -106,3 +118,11 @@ def images_per_s(row: Dict[str, str]) -> Optional[float]:
     """perf_analyzer counts inferences, i.e. images (a batch of 8 counts 8)."""
     value = row.get("Inferences/Second")
     return float(value) if value not in (None, "") else None
+
+
+def latency_ms(row: Dict[str, str]) -> Dict[str, Optional[float]]:
+    """The client-side percentiles of a CSV row (perf_analyzer writes microseconds)."""
+    return {
+        name: float(row[column]) / 1e3 if row.get(column) not in (None, "") else None
+        for name, column in (("p50", "p50 latency"), ("p95", "p95 latency"), ("p99", "p99 latency"))
+    }

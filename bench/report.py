@@ -68,6 +68,28 @@ def _reference_label(row: Row, rows: Sequence[Row]) -> str:
     return str(row["name"])
 
 
+# Line styles of the horizontal reference lines; the series are solid lines with markers.
+BASELINE_DASHES = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
+REFERENCE_DASHES = ("--", "-.", ":")
+
+
+def reference_styles(references: Sequence[Row]) -> List[Dict[str, object]]:
+    """A line style of its own for every reference row: the diffusers baselines black, told apart by their
+    dashes; the others a colour each, dashed. No two references share colour and dashes."""
+    styles: List[Dict[str, object]] = []
+    baselines = others = 0
+    for row in references:
+        if row.get("kind") == "baseline":
+            dashes = BASELINE_DASHES[baselines % len(BASELINE_DASHES)]
+            styles.append({"color": "black", "linestyle": dashes, "linewidth": 1.5})
+            baselines += 1
+        else:
+            dashes = REFERENCE_DASHES[(others // 10) % len(REFERENCE_DASHES)]
+            styles.append({"color": f"C{others % 10}", "linestyle": dashes, "linewidth": 1.2})
+            others += 1
+    return styles
+
+
 def plot(results: Mapping[str, object], path: PathLike) -> Path:
     """Two panels, throughput and p95 latency against concurrency; returns the PNG's path.
 
@@ -100,15 +122,8 @@ def plot(results: Mapping[str, object], path: PathLike) -> Path:
         throughput_ax.plot(x, [float(r["images_per_s"]) for r in group], **style)
         latency_ax.plot(x, [_p95(r) for r in group], **style)
         colour += 1
-    for row in references:
-        is_baseline = row.get("kind") == "baseline"
-        style = {
-            "color": "black" if is_baseline else f"C{colour % 10}",
-            "linestyle": "--",
-            "linewidth": 1.5 if is_baseline else 1.2,
-            "label": _reference_label(row, rows),
-        }
-        colour += 0 if is_baseline else 1
+    for row, style in zip(references, reference_styles(references)):
+        style = {**style, "label": _reference_label(row, rows)}
         throughput_ax.axhline(float(row["images_per_s"]), **style)
         p95 = _p95(row)
         if not math.isnan(p95):
@@ -165,6 +180,7 @@ def table(results: Mapping[str, object]) -> str:
         "conc",
         "batch",
         "images/s",
+        "spread %",
         "p50 ms",
         "p95 ms",
         "p99 ms",
@@ -183,6 +199,7 @@ def table(results: Mapping[str, object]) -> str:
                 str(row["concurrency"]) if _is_series(row) else "-",
                 str(row.get("batch", "-")),
                 _number(row.get("images_per_s"), 2),
+                _number(100 * row["spread"] if row.get("spread") is not None else None, 1),
                 *(_number(latency.get(p), 1) for p in ("p50", "p95", "p99")),
                 _number(batch_size, 2),
                 _number(queue_ms, 1),

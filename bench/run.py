@@ -2,8 +2,13 @@
 
 Candidates are interleaved window by window (round 1: every candidate once,
 round 2: again, ...), so a slow drift of the machine (thermal, another job)
-lands on all of them alike; each row pools its windows. The last line on
-stdout is one JSON object with the headline numbers.
+lands on all of them alike; each row pools its windows and reports their
+spread. The served pixel rows (fp32, int8, the cascade) are measured by
+NVIDIA's perf_analyzer, one run per window (served.py), and its CSV is kept
+beside results.json; the image-file rows use the in-house load generator
+(loadgen.py), because perf_analyzer sends one fixed-size tensor per input
+and these requests carry files of their own sizes. The last line on stdout
+is one JSON object with the headline numbers.
 """
 
 from __future__ import annotations
@@ -23,30 +28,55 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from bench import report
+from bench import cascade, perf, perf_data, report, served
 from bench import scan as scan_bench
 from bench.loadgen import LoadResult, measure
+from bench.served import PerfSettings
 from export.quantize import REPORT_FILENAME
 from fixtures.checkers import build_checker, save_checker
 from fixtures.photos import PHOTOS, photo, photo_file
 from safety_checker_admin.server import TritonServer, free_port
 from safety_checker_client import spec
+from safety_checker_client.preprocess import preprocess
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass(frozen=True)
 class Settings:
-    window_s: float
+    window_s: float  # in-process and load-generator windows
     rounds: int
     warmup_s: float
-    concurrency: Sequence[int]
-    int8_concurrency: Sequence[int]
+    concurrency: Sequence[int]  # the served fp32 and int8 pixel rows (perf_analyzer)
+    images_concurrency: Sequence[int]  # the image-file rows (load generator)
+    cascade_concurrency: Sequence[int]  # the cascade, as exported and at each forced fallback
     batches: Sequence[int]  # for the in-process candidates
+    perf: PerfSettings
 
 
-FULL = Settings(window_s=20.0, rounds=2, warmup_s=3.0, concurrency=(1, 2, 4, 8), int8_concurrency=(4,), batches=(1, 4))
-QUICK = Settings(window_s=1.0, rounds=1, warmup_s=0.3, concurrency=(1, 2), int8_concurrency=(2,), batches=(1,))
+FULL = Settings(
+    window_s=15.0,
+    rounds=2,
+    warmup_s=3.0,
+    concurrency=tuple(range(1, 9)),
+    images_concurrency=(1, 4, 8),
+    cascade_concurrency=(8,),
+    batches=(1, 4),
+    perf=PerfSettings(min_requests=16, requests_per_client=4, stability_percentage=10, max_trials=6),
+)
+QUICK = Settings(
+    window_s=1.0,
+    rounds=2,
+    warmup_s=0.3,
+    concurrency=(1, 2),
+    images_concurrency=(1, 2),
+    cascade_concurrency=(2,),
+    batches=(1,),
+    perf=PerfSettings(min_requests=20, requests_per_client=5, stability_percentage=10, max_trials=4),
+)
+# Fallback fractions the cascade is measured at, besides its own; of CASCADE_IMAGES images.
+FORCED_FALLBACKS = (0.05, 0.20)
+CASCADE_IMAGES = 20
 
 
 @dataclass
@@ -54,8 +84,8 @@ class Candidate:
     """One row of the table: something measured for one window at a time."""
 
     name: str
-    kind: str  # baseline | ort | ort-int8 | decoder | triton | triton-images | triton-int8
-    window: Callable[[float], Dict[str, Any]]
+    kind: str  # baseline | ort | ort-int8 | decoder | triton | triton-int8 | triton-images | cascade | cascade-forced
+    window: Callable[[float, int], Dict[str, Any]]  # (window_s, round) -> what the window measured
     extra: Dict[str, Any] = field(default_factory=dict)
     windows: List[Dict[str, Any]] = field(default_factory=list)
 
@@ -95,6 +125,9 @@ class Worker:
         self.process.wait(timeout=60)
 
 
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+
+
 def machine() -> Dict[str, Any]:
     import onnxruntime
     import torch
@@ -108,7 +141,8 @@ def machine() -> Dict[str, Any]:
                 model = line.split(":", 1)[1].strip()
             if line.startswith("flags"):
                 flags = line
-    simd = [name for name in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if f" {name}" in flags]
+    present = set(flags.split(":", 1)[-1].split())
+    simd = [name for name in ("avx2", "avx512f", "avx512_vnni", "amx_tile") if name in present]
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     description = f"{model}, {cores} cores ({', '.join(simd) or 'no AVX2'}), CPU only"
     return {
@@ -116,6 +150,8 @@ def machine() -> Dict[str, Any]:
         "cpu": model,
         "cores": cores,
         "simd": simd,
+        # What int8 and fp32 matrix products can use: VNNI (avx512_vnni, avx_vnni) and AMX do int8 dot products.
+        "cpu_flags": [name for name in CPU_FLAGS if name in present],
         "python": platform.python_version(),
         "torch": torch.__version__,
         "onnxruntime": onnxruntime.__version__,
@@ -125,8 +161,6 @@ def machine() -> Dict[str, Any]:
 
 def bench_pixels() -> np.ndarray:
     """Real photographs through the client's preprocessing: 8 images, the largest in-process batch."""
-    from safety_checker_client.preprocess import preprocess
-
     images = [photo(name) for name in PHOTOS]
     return preprocess(images + [images[0][:, ::-1]])
 
@@ -158,13 +192,22 @@ def export(checkpoint: Path, repository: Path, log: Path, *extra: str) -> None:
         raise RuntimeError(f"export failed; see {log}:\n{log.read_text()[-2000:]}")
 
 
+def cascade_images() -> List[np.ndarray]:
+    """CASCADE_IMAGES real photographs for the cascade rows: each photo, then mirrored, then upside down."""
+    images = [photo(name) for name in PHOTOS]
+    return (images + [i[:, ::-1] for i in images] + [i[::-1] for i in images])[:CASCADE_IMAGES]
+
+
 def _pooled_worker_row(candidate: Candidate) -> Dict[str, Any]:
     images = sum(w["images"] for w in candidate.windows)
     seconds = sum(w["seconds"] for w in candidate.windows)
     latencies = [x for w in candidate.windows for x in w["latencies_ms"]]
     p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
+    rates = [w["images"] / w["seconds"] for w in candidate.windows]
     return {
         "images_per_s": images / seconds,
+        "windows_images_per_s": rates,
+        "spread": (max(rates) - min(rates)) / (images / seconds),
         "images": images,
         "seconds": seconds,
         "calls": len(latencies),
@@ -172,7 +215,7 @@ def _pooled_worker_row(candidate: Candidate) -> Dict[str, Any]:
     }
 
 
-def _pooled_triton_row(candidate: Candidate) -> Dict[str, Any]:
+def _pooled_loadgen_row(candidate: Candidate) -> Dict[str, Any]:
     results: List[LoadResult] = [w["result"] for w in candidate.windows]
     pooled = LoadResult(
         concurrency=results[0].concurrency,
@@ -182,49 +225,81 @@ def _pooled_triton_row(candidate: Candidate) -> Dict[str, Any]:
         latencies_ms=[x for r in results for x in r.latencies_ms],
         errors=sum(r.errors for r in results),
         first_error=next((r.first_error for r in results if r.first_error), None),
-        server=_pooled_server_stats([r.server for r in results]),
+        server=served.pooled_server_stats([r.server for r in results]),
         cycles=sum(r.cycles for r in results),
         cycle_s=sum(r.cycle_s for r in results),
     )
-    return pooled.as_dict()
+    rates = [r.images_per_s for r in results]
+    return {
+        **pooled.as_dict(),
+        "windows_images_per_s": rates,
+        "spread": (max(rates) - min(rates)) / pooled.images_per_s,
+    }
 
 
-def _pooled_server_stats(windows: List[Dict[str, Dict[str, Optional[float]]]]) -> Dict[str, Dict[str, Any]]:
-    """Sum the counts of every window; averages weighted by the requests they cover."""
-    pooled: Dict[str, Dict[str, Any]] = {}
-    for model in windows[0]:
-        stats = [w[model] for w in windows]
-        executions = sum(s["executions"] for s in stats)
-        inferences = sum(s["inferences"] for s in stats)
-        requests = sum(s["requests"] for s in stats)
-        entry: Dict[str, Any] = {
-            "executions": executions,
-            "inferences": inferences,
-            "requests": requests,
-            "failures": sum(s["failures"] for s in stats),
-            "avg_batch_size": inferences / executions if executions else None,
-        }
-        for key in ("avg_queue_ms", "avg_compute_input_ms", "avg_compute_infer_ms", "avg_compute_output_ms"):
-            weighted = [(s[key], s["requests"]) for s in stats if s[key] is not None]
-            total = sum(n for _, n in weighted)
-            entry[key] = sum(v * n for v, n in weighted) / total if total else None
-        pooled[model] = entry
-    return pooled
+def _pooled_perf_row(candidate: Candidate) -> Dict[str, Any]:
+    row = served.pooled(candidate.windows)
+    cascade_model = candidate.extra.get("cascade_model")
+    if cascade_model:  # images the fp32 embedder recomputed / images the cascade answered
+        answered = row["server"][cascade_model]["inferences"]
+        row["fallback_fraction"] = row["server"][spec.EMBEDDER_MODEL]["inferences"] / answered if answered else None
+    return row
 
 
-def summarize(rows: List[Dict[str, Any]], scan: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def pooled_row(candidate: Candidate) -> Dict[str, Any]:
+    """One row of results.json from a candidate's windows."""
+    if candidate.kind == "triton-images":
+        pooled = _pooled_loadgen_row(candidate)
+    elif candidate.kind in PERF_KINDS:
+        pooled = _pooled_perf_row(candidate)
+    else:
+        pooled = _pooled_worker_row(candidate)
+    return {"name": candidate.name, "kind": candidate.kind, **candidate.extra, **pooled}
+
+
+def _ratios(served_rows: List[Dict[str, Any]], reference: Dict[str, Any]) -> Dict[str, Any]:
+    """Served over in-process, per concurrency and at worst; and the worst of each round on its own (the rounds
+    are repeated runs: how far apart their minima lie says how far the ratio can be trusted)."""
+    by_concurrency = {str(r["concurrency"]): r["images_per_s"] / reference["images_per_s"] for r in served_rows}
+    rounds = min(len(r["windows_images_per_s"]) for r in [*served_rows, reference])
+    by_round = [
+        min(r["windows_images_per_s"][k] for r in served_rows) / reference["windows_images_per_s"][k]
+        for k in range(rounds)
+    ]
+    return {
+        "by_concurrency": by_concurrency,
+        "min": min(by_concurrency.values()),
+        "min_at_concurrency": int(min(by_concurrency, key=by_concurrency.get)),
+        "min_by_round": by_round,
+        "spread": max(r["spread"] for r in [*served_rows, reference]),
+    }
+
+
+def summarize(
+    rows: List[Dict[str, Any]], scan: Optional[Dict[str, Any]] = None, cpu_flags: Sequence[str] = ()
+) -> Dict[str, Any]:
+    def of(kind: str) -> List[Dict[str, Any]]:
+        return [r for r in rows if r["kind"] == kind and r["images_per_s"] is not None]
+
     def best(kind: str) -> Optional[Dict[str, Any]]:
-        candidates = [r for r in rows if r["kind"] == kind]
-        return max(candidates, key=lambda r: r["images_per_s"]) if candidates else None
+        return max(of(kind), key=lambda r: r["images_per_s"]) if of(kind) else None
 
     diffusers, ort, triton = best("baseline"), best("ort"), best("triton")
-    summary = {
+    fp32 = _ratios(of("triton"), ort)
+    summary: Dict[str, Any] = {
         "diffusers_images_per_s": diffusers["images_per_s"],
         "ort_images_per_s": ort["images_per_s"],
+        "ort_best_batch": ort["batch"],
         "triton_images_per_s": triton["images_per_s"],
         "triton_best_concurrency": triton["concurrency"],
         "speedup_vs_diffusers": triton["images_per_s"] / diffusers["images_per_s"],
         "triton_vs_ort": triton["images_per_s"] / ort["images_per_s"],
+        "triton_vs_ort_min": fp32["min"],
+        "triton_vs_ort_min_at_concurrency": fp32["min_at_concurrency"],
+        "triton_vs_ort_by_concurrency": fp32["by_concurrency"],
+        "triton_vs_ort_min_by_round": fp32["min_by_round"],
+        "triton_vs_ort_spread": fp32["spread"],
+        "unstable_perf_analyzer_windows": sum(r.get("unstable_windows", 0) for r in rows),
     }
     encoded = best("triton-images")
     if encoded is not None:
@@ -236,13 +311,30 @@ def summarize(rows: List[Dict[str, Any]], scan: Optional[Dict[str, Any]] = None)
             summary[f"decoded_{row['format'].lower()}_per_s_per_instance"] = row["images_per_s"]
     int8, ort_int8 = best("triton-int8"), best("ort-int8")
     if int8 is not None and ort_int8 is not None:
+        ratios = _ratios(of("triton-int8"), ort_int8)
         summary["triton_int8_images_per_s"] = int8["images_per_s"]
+        summary["ort_int8_images_per_s"] = ort_int8["images_per_s"]
         summary["int8_speedup_vs_diffusers"] = int8["images_per_s"] / diffusers["images_per_s"]
         summary["triton_int8_vs_ort_int8"] = int8["images_per_s"] / ort_int8["images_per_s"]
+        summary["triton_int8_vs_ort_int8_min"] = ratios["min"]
+        summary["triton_int8_vs_ort_int8_min_at_concurrency"] = ratios["min_at_concurrency"]
+        summary["triton_int8_vs_ort_int8_by_concurrency"] = ratios["by_concurrency"]
+        summary["triton_int8_vs_ort_int8_min_by_round"] = ratios["min_by_round"]
+        summary["triton_int8_vs_ort_int8_spread"] = ratios["spread"]
+    cascade_row = best("cascade")
+    if cascade_row is not None:
+        summary["cascade_images_per_s"] = cascade_row["images_per_s"]
+        summary["cascade_fallback_fraction"] = cascade_row["fallback_fraction"]
+        summary["cascade_speedup_vs_diffusers"] = cascade_row["images_per_s"] / diffusers["images_per_s"]
+        for row in of("cascade-forced"):
+            key = f"cascade_forced_{round(row['forced_fallback'] * 100)}pct"
+            summary[f"{key}_images_per_s"] = row["images_per_s"]
+            summary[f"{key}_fallback_fraction"] = row["fallback_fraction"]
+        summary["cpu_flags"] = list(cpu_flags)
     if scan:
-        served, ceiling = scan["served"], scan["ceiling"]
-        summary["scan_images_per_s"] = served["images_per_s"]
-        summary["scan_vs_server"] = served["images_per_s"] / triton["images_per_s"]
+        served_scan, ceiling = scan["served"], scan["ceiling"]
+        summary["scan_images_per_s"] = served_scan["images_per_s"]
+        summary["scan_vs_server"] = served_scan["images_per_s"] / triton["images_per_s"]
         summary["scan_ceiling_images_per_s"] = ceiling["images_per_s"]
         summary["scan_ceiling_images_per_client_core_s"] = ceiling["images_per_client_cpu_s"]
     return summary
@@ -255,9 +347,9 @@ def _parser() -> argparse.ArgumentParser:
         "--output",
         type=Path,
         default=Path("bench-results"),
-        help="folder for results.json, throughput.png and logs (default bench-results)",
+        help="folder for results.json, perf_analyzer.csv, throughput.png and logs (default bench-results)",
     )
-    parser.add_argument("--window", type=float, help="seconds per measurement window")
+    parser.add_argument("--window", type=float, help="seconds per in-process and load-generator window")
     parser.add_argument("--rounds", type=int, help="interleaved rounds over all candidates")
     return parser
 
@@ -271,17 +363,20 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     output = args.output.resolve()
     logs = output / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    (output / "perf_analyzer").mkdir(exist_ok=True)
     started = time.monotonic()
     say = lambda message: tqdm.write(message, file=sys.stderr)
+    perf.binary()  # no perf_analyzer, no benchmark: say so before the exports
 
     with tempfile.TemporaryDirectory(prefix="safety-checker-bench-") as scratch_dir:
         scratch = Path(scratch_dir)
         say(f"building the {'tiny' if args.quick else 'full-size (ViT-L/14)'} checker with random weights")
         save_checker(scratch / "checker", build_checker("tiny" if args.quick else "full"))
-        say("exporting fp32 and int8 model repositories with `python -m export`")
+        say("exporting fp32, int8 and cascade model repositories with `python -m export`")
         export(scratch / "checker", scratch / "fp32", logs / "export-fp32.log")
         export(scratch / "checker", scratch / "int8", logs / "export-int8.log", "--int8")
-        names = ["fp32", "int8"]
+        export(scratch / "checker", scratch / "cascade", logs / "export-cascade.log", "--cascade")
+        names = ["fp32", "int8", "cascade"]
         if not args.quick:  # the client's ceiling needs a server that costs almost nothing: a tiny checker
             save_checker(scratch / "tiny-checker", build_checker("tiny"))
             export(scratch / "tiny-checker", scratch / "tiny", logs / "export-tiny.log")
@@ -289,6 +384,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         int8_report = json.loads((scratch / "int8" / spec.EMBEDDER_MODEL / "1" / REPORT_FILENAME).read_text())
         pixels = bench_pixels()
         np.save(scratch / "pixels.npy", pixels)
+        cascade_pixels = preprocess(cascade_images())
+        cascade_data = scratch / "cascade-images.json"
+        cascade_data.write_text(perf_data.render(perf_data.input_data(spec.ENSEMBLE_MODEL, cascade_images())))
         decoder_files = {}
         for extension in ENCODED_FORMATS:
             decoder_files[extension] = scratch / f"{DECODER_PHOTO}.{extension}"
@@ -301,8 +399,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         }
         workers: List[Worker] = []
         try:
+            # The int8 server's embedder is the cascade's int8 embedder (one quantisation of one checkpoint):
+            # it finds the bounds of the forced-fallback copies before the cascade server starts.
+            servers["int8"].start()
+            forced = _add_forced_copies(servers["int8"].grpc_url, cascade_pixels, scratch / "cascade", say)
             for server in servers.values():
-                server.start()
+                if server is not servers["int8"]:
+                    server.start()
             diffusers = Worker("diffusers", scratch / "checker", scratch / "pixels.npy", logs / "diffusers.log")
             ort_fp32 = Worker(
                 "onnxruntime",
@@ -322,16 +425,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 for extension, path in decoder_files.items()
             }
             workers = [diffusers, ort_fp32, ort_int8, *decoders.values()]
-            candidates = _candidates(settings, servers, diffusers, ort_fp32, ort_int8, decoders, pixels)
+            candidates = _candidates(
+                settings, servers, (diffusers, ort_fp32, ort_int8), decoders, pixels, cascade_data, forced, output
+            )
 
             bar = tqdm(total=settings.rounds * len(candidates), unit="window", file=sys.stderr)
             for round_index in range(settings.rounds):
                 for candidate in candidates:
                     bar.set_description(f"round {round_index + 1}/{settings.rounds}: {candidate.label}")
-                    candidate.windows.append(candidate.window(settings.window_s))
+                    window = candidate.window(settings.window_s, round_index + 1)
+                    candidate.windows.append({**window, "round": round_index + 1})
                     bar.update()
             bar.close()
-            best = max(_pooled_triton_row(c)["images_per_s"] for c in candidates if c.kind == "triton")
+            best = max(pooled_row(c)["images_per_s"] or 0.0 for c in candidates if c.kind == "triton")
             scan = _scan(settings, servers, best, scratch, logs, say)
         finally:
             for worker in workers:
@@ -339,33 +445,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             for server in servers.values():
                 server.stop()
 
-    rows = []
-    for candidate in candidates:
-        pooled = _pooled_triton_row(candidate) if candidate.kind.startswith("triton") else _pooled_worker_row(candidate)
-        rows.append({"name": candidate.name, "kind": candidate.kind, **candidate.extra, **pooled})
+    rows = [pooled_row(candidate) for candidate in candidates]
+    perf_windows = [(w, c.label) for c in candidates if c.kind in PERF_KINDS for w in c.windows]
+    csv_file = served.keep_csv(
+        [w for w, _ in perf_windows], [label for _, label in perf_windows], output / "perf_analyzer.csv"
+    )
+    computer = machine()
     results = {
-        "machine": machine(),
+        "machine": computer,
         "settings": {
-            **settings.__dict__,
+            **dataclasses.asdict(settings),
             "interleaved": True,
+            "forced_fallbacks": FORCED_FALLBACKS,
+            "cascade_images": CASCADE_IMAGES,
             "duration_s": round(time.monotonic() - started, 1),
             "model": "tiny (--quick)" if args.quick else "full-size ViT-L/14, random weights",
         },
         "int8_report": int8_report,
+        "cascade_bounds": forced,
         "rows": rows,
         "scan": scan,
-        "summary": summarize(rows, scan),
+        "summary": summarize(rows, scan, computer["cpu_flags"]),
     }
     report.write_json(results, output / "results.json")
     report.plot(results, output / "throughput.png")
     print(report.table(results))
     print(scan_line(scan, results["summary"]))
-    print(f"results: {output / 'results.json'}, plot: {output / 'throughput.png'}")
+    print(f"results: {output / 'results.json'}, perf_analyzer: {csv_file}, plot: {output / 'throughput.png'}")
     print(json.dumps(results["summary"]))
     return 0
 
 
-# Images in the scan against the served checker: about as long as the load generator's windows together.
+def _add_forced_copies(url: str, pixels: np.ndarray, repository: Path, say: Callable[[str], None]) -> Dict[str, Any]:
+    """The cascade under FORCED_FALLBACKS: a copy per fraction in `repository`, each with the bound that sends
+    that fraction of the cascade's images to fp32 (bench/cascade.py)."""
+    say(f"finding the bounds that force {', '.join(f'{f:.0%}' for f in FORCED_FALLBACKS)} of the cascade to fp32")
+    critical = cascade.critical_bounds(url, spec.EMBEDDER_MODEL, pixels)
+    copies = {}
+    for fraction in FORCED_FALLBACKS:
+        name = forced_model(fraction)
+        bound = cascade.bound_for(critical, round(fraction * len(pixels)))
+        cascade.add_copy(repository, name, bound)
+        copies[name] = {"fraction": fraction, "cosine_bound": bound}
+    return {"critical_bounds": critical.tolist(), "copies": copies}
+
+
+def forced_model(fraction: float) -> str:
+    return f"{spec.CASCADE_MODEL}_forced_{round(fraction * 100)}pct"
+
+
 SCAN_IMAGES = (48, 4000)
 # Images in the scan against a tiny checker (the client's ceiling).
 CEILING_IMAGES = {"quick": 96, "full": 800}
@@ -404,82 +532,122 @@ def scan_line(scan: Dict[str, Any], summary: Dict[str, Any]) -> str:
     served, ceiling = scan["served"], scan["ceiling"]
     return (
         f"scan: {served['images']} real-size files at {served['images_per_s']:.2f} images/s against the served "
-        f"checker ({summary['scan_vs_server']:.2f} of the load generator's best); against a tiny checker "
+        f"checker ({summary['scan_vs_server']:.2f} of perf_analyzer's best fp32 row); against a tiny checker "
         f"{ceiling['images_per_s']:.1f} images/s, {ceiling['images_per_client_cpu_s']:.1f} images/s per client core"
     )
+
+
+# The rows perf_analyzer measures.
+PERF_KINDS = ("triton", "triton-int8", "cascade", "cascade-forced")
 
 
 def _candidates(
     settings: Settings,
     servers: Dict[str, TritonServer],
-    diffusers: Worker,
-    ort_fp32: Worker,
-    ort_int8: Worker,
+    workers: Sequence[Worker],
     decoders: Dict[str, Worker],
     pixels: np.ndarray,
+    cascade_data: Path,
+    forced: Dict[str, Any],
+    output: Path,
 ) -> List[Candidate]:
+    diffusers, ort_fp32, ort_int8 = workers
     candidates = []
     for batch in settings.batches:
-        candidates.append(
-            Candidate(
-                f"diffusers forward() fp32, batch {batch}",
-                "baseline",
-                lambda w, b=batch: diffusers.window(b, w),
-                {"batch": batch},
+        for name, kind, worker in (
+            (f"diffusers forward() fp32, batch {batch}", "baseline", diffusers),
+            (f"onnxruntime fp32 in-process, batch {batch}", "ort", ort_fp32),
+            (f"onnxruntime int8 in-process, batch {batch}", "ort-int8", ort_int8),
+        ):
+            candidates.append(
+                Candidate(name, kind, lambda w, _, b=batch, worker=worker: worker.window(b, w), {"batch": batch})
             )
-        )
-        candidates.append(
-            Candidate(
-                f"onnxruntime fp32 in-process, batch {batch}",
-                "ort",
-                lambda w, b=batch: ort_fp32.window(b, w),
-                {"batch": batch},
-            )
-        )
-    candidates.append(
-        Candidate("onnxruntime int8 in-process, batch 1", "ort-int8", lambda w: ort_int8.window(1, w), {"batch": 1})
-    )
     photo_size = "x".join(str(d) for d in photo(DECODER_PHOTO).shape[:2])
     for extension, worker in decoders.items():
         candidates.append(
             Candidate(
                 f"decoder alone, {photo_size} {extension.upper()} (one instance)",
                 "decoder",
-                lambda w, worker=worker: worker.window(1, w),
+                lambda w, _, worker=worker: worker.window(1, w),
                 {"batch": 1, "format": extension.upper()},
             )
         )
-    request = {spec.PIXEL_VALUES.name: pixels[:1]}
+
     stats = (spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL, spec.ENSEMBLE_MODEL)
-    files = encoded_requests()
-    files_stats = (*stats, spec.IMAGES_MODEL)
-    for name, kind, levels, model, requests, models in (
-        ("fp32", "triton", settings.concurrency, spec.ENSEMBLE_MODEL, request, stats),
-        ("fp32", "triton-images", settings.concurrency, spec.IMAGES_MODEL, files, files_stats),
-        ("int8", "triton-int8", settings.int8_concurrency, spec.ENSEMBLE_MODEL, request, stats),
-    ):
-        label = f"triton {name} image files, PNG+JPEG (gRPC)" if kind == "triton-images" else f"triton {name} (gRPC)"
+    cascade_stats = (spec.EMBEDDER_MODEL, spec.INT8_EMBEDDER_MODEL, spec.POSTPROCESS_MODEL)
+    perf_rows = [
+        ("triton fp32 (gRPC, perf_analyzer)", "triton", "fp32", spec.ENSEMBLE_MODEL, None, settings.concurrency, {}),
+        (
+            "triton int8 (gRPC, perf_analyzer)",
+            "triton-int8",
+            "int8",
+            spec.ENSEMBLE_MODEL,
+            None,
+            settings.concurrency,
+            {},
+        ),
+        (
+            "triton cascade int8 -> fp32 (gRPC, perf_analyzer)",
+            "cascade",
+            "cascade",
+            spec.ENSEMBLE_MODEL,
+            cascade_data,
+            settings.cascade_concurrency,
+            {"cascade_model": spec.CASCADE_MODEL},
+        ),
+    ]
+    for model, copy in forced["copies"].items():
+        fraction = copy["fraction"]
+        perf_rows.append(
+            (
+                f"triton cascade, bound forcing {fraction:.0%} to fp32 (gRPC, perf_analyzer)",
+                "cascade-forced",
+                "cascade",
+                model,
+                cascade_data,
+                settings.cascade_concurrency,
+                {"cascade_model": model, "forced_fallback": fraction, "cosine_bound": copy["cosine_bound"]},
+            )
+        )
+    for label, kind, server_name, model, data, levels, extra in perf_rows:
+        models = (*cascade_stats, extra["cascade_model"]) if "cascade_model" in extra else stats
         for concurrency in levels:
+            slug = f"{kind}-{model}-c{concurrency}"
 
             def window(
-                w: float,
+                _: float,
+                round_number: int,
                 c: int = concurrency,
-                server: TritonServer = servers[name],
-                model=model,
-                inputs=requests,
-                models=models,
+                server: TritonServer = servers[server_name],
+                model: str = model,
+                data: Optional[Path] = data,
+                models: Sequence[str] = models,
+                slug: str = slug,
             ) -> Dict[str, Any]:
-                return {
-                    "result": measure(
-                        server.grpc_url,
-                        model,
-                        inputs,
-                        c,
-                        w,
-                        warmup_s=settings.warmup_s,
-                        stats_models=models,
-                    )
-                }
+                csv_file = output / "perf_analyzer" / f"{slug}-round{round_number}.csv"
+                return served.window(server.grpc_url, model, c, settings.perf, csv_file, models, data)
 
-            candidates.append(Candidate(label, kind, window, {"concurrency": concurrency}))
+            candidates.append(Candidate(label, kind, window, {"concurrency": concurrency, **extra}))
+
+    files = encoded_requests()
+    files_stats = (*stats, spec.IMAGES_MODEL)
+    for concurrency in settings.images_concurrency:
+
+        def images_window(w: float, _: int, c: int = concurrency) -> Dict[str, Any]:
+            result = measure(
+                servers["fp32"].grpc_url,
+                spec.IMAGES_MODEL,
+                files,
+                c,
+                w,
+                warmup_s=settings.warmup_s,
+                stats_models=files_stats,
+            )
+            return {"result": result}
+
+        candidates.append(
+            Candidate(
+                "triton fp32 image files, PNG+JPEG (gRPC)", "triton-images", images_window, {"concurrency": concurrency}
+            )
+        )
     return candidates

@@ -6,7 +6,7 @@ files (the scikit-image photographs and their mirror images, as PNG and JPEG:
 client):
 
 - against the full-size served checker (the tiny one with --quick), to compare
-  with the load generator's best throughput on the same server in the same run
+  with perf_analyzer's best fp32 throughput on the same server in the same run
   (`scan_vs_server`; the goal is >= 0.95);
 - against a tiny checker, where the server costs almost nothing, so the client
   is the limit: images/s, and images per second of client CPU time (every

@@ -148,8 +148,8 @@ def test_stats_delta_from_grpc_json():
         ]
     }
     client = _StatsClient(start, end)
-    delta = loadgen._stats_delta(
-        loadgen._stats_counters(client, "m", "grpc"), loadgen._stats_counters(client, "m", "grpc")
+    delta = loadgen.stats_delta(
+        loadgen.stats_counters(client, "m", "grpc"), loadgen.stats_counters(client, "m", "grpc")
     )
     assert delta["executions"] == 4 and delta["inferences"] == 6 and delta["requests"] == 6
     assert delta["avg_batch_size"] == pytest.approx(1.5)
@@ -157,7 +157,7 @@ def test_stats_delta_from_grpc_json():
     assert delta["avg_compute_input_ms"] == pytest.approx(0.1)
     assert delta["avg_compute_infer_ms"] == pytest.approx(9.0)
     assert delta["avg_compute_output_ms"] == 0.0
-    assert loadgen._stats_delta({}, {})["avg_batch_size"] is None
+    assert loadgen.stats_delta({}, {})["avg_batch_size"] is None
 
 
 # -- report ---------------------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def test_table_has_every_row(results):
             assert f"{1.25 + row['concurrency']:.2f}" in cells and "12.5" in cells and "876.5" in cells
             assert cells[-1] == str(row["errors"])
         else:
-            assert cells[3:] == ["-"] * 7
+            assert cells[3:] == ["-"] * 8
     assert len({len(line) for line in lines[:2]}) == 1
 
 

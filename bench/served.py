@@ -1,0 +1,172 @@
+"""The served rows of `make bench`: one perf_analyzer measurement per window, Triton's statistics around it.
+
+Each window is one perf_analyzer run at one concurrency, with its own
+warm-up, count windows and stability criterion; the orchestrator interleaves
+these runs with the in-process candidates, round by round, and pools the
+rounds of a row. perf_analyzer's CSV of every window is kept.
+
+A run perf_analyzer cannot stabilise (every window within
+`stability_percentage` of the others) is run once more with the criterion
+opened wide, and the window is marked `stable: false`: the row says it
+rather than dropping the number. A run that fails (a refused request, a
+server gone) is recorded with perf_analyzer's own words and counts as an
+error of the row.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+
+from bench import perf
+from bench.loadgen import stats_counters, stats_delta
+
+# perf_analyzer's message when no three windows in a row agreed within the criterion.
+UNSTABLE = "Failed to obtain stable measurement"
+# The criterion of the second try: wide open, so the three windows it averages are taken as they come.
+OPEN_STABILITY = 1000
+
+
+@dataclass(frozen=True)
+class PerfSettings:
+    """How perf_analyzer measures: windows of at least `min_requests` (and `requests_per_client` per
+    outstanding request, so that bursts of a batch do not decide a window), within `stability_percentage`."""
+
+    min_requests: int
+    requests_per_client: int
+    stability_percentage: int
+    max_trials: int
+
+    def request_count(self, concurrency: int) -> int:
+        return max(self.min_requests, self.requests_per_client * concurrency)
+
+
+def window(
+    url: str,
+    model: str,
+    concurrency: int,
+    settings: PerfSettings,
+    csv_file: Path,
+    stats_models: Sequence[str],
+    data: Optional[Path] = None,
+) -> Dict[str, Any]:
+    """One perf_analyzer run against `model` at `url` (gRPC); its numbers and the server's statistics."""
+    count = settings.request_count(concurrency)
+    control = grpcclient.InferenceServerClient(url)
+    try:
+        before = {name: stats_counters(control, name, "grpc") for name in stats_models}
+        stable, error = True, None
+        try:
+            _run(model, url, concurrency, count, settings.stability_percentage, settings.max_trials, csv_file, data)
+        except perf.PerfAnalyzerError as failure:
+            if UNSTABLE not in str(failure):
+                error = str(failure)
+            else:
+                stable = False
+                try:
+                    _run(model, url, concurrency, count, OPEN_STABILITY, 3, csv_file, data)
+                except perf.PerfAnalyzerError as again:
+                    error = str(again)
+        after = {name: stats_counters(control, name, "grpc") for name in stats_models}
+    finally:
+        control.close()
+    server = {name: stats_delta(before[name], after[name]) for name in stats_models}
+    if error is not None:
+        return {"error": error, "stable": stable, "server": server, "request_count": count}
+    (row,) = perf.read_csv(csv_file)
+    return {
+        "images_per_s": perf.images_per_s(row),
+        "latency_ms": perf.latency_ms(row),
+        "stable": stable,
+        "request_count": count,
+        "server": server,
+        "csv": row,
+    }
+
+
+def _run(
+    model: str,
+    url: str,
+    concurrency: int,
+    count: int,
+    stability: int,
+    max_trials: int,
+    csv_file: Path,
+    data: Optional[Path],
+) -> None:
+    csv_file.unlink(missing_ok=True)
+    output = perf.run(
+        perf.command(
+            model,
+            url,
+            csv_file,
+            concurrency=(concurrency,),
+            request_count=count,
+            stability_percentage=stability,
+            max_trials=max_trials,
+            data=data,
+        )
+    )
+    if UNSTABLE in output or not csv_file.is_file():
+        raise perf.PerfAnalyzerError(output.strip().splitlines()[-1] if output.strip() else "no CSV written")
+
+
+def pooled(windows: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """A row from its windows: mean throughput, the spread between windows ((max - min) / mean), every
+    window's number, the mean of each latency percentile, and the summed server statistics."""
+    measured = [w for w in windows if "images_per_s" in w]
+    rates = [float(w["images_per_s"]) for w in measured]
+    mean = float(np.mean(rates)) if rates else None
+    latency = {
+        p: float(np.mean([w["latency_ms"][p] for w in measured])) if measured else None for p in ("p50", "p95", "p99")
+    }
+    return {
+        "images_per_s": mean,
+        "windows_images_per_s": rates,
+        "spread": (max(rates) - min(rates)) / mean if rates and mean else None,
+        "unstable_windows": sum(1 for w in windows if not w["stable"]),
+        "errors": len(windows) - len(measured),
+        "first_error": next((w["error"] for w in windows if "error" in w), None),
+        "latency_ms": latency,
+        "server": pooled_server_stats([w["server"] for w in windows]),
+    }
+
+
+def pooled_server_stats(windows: List[Dict[str, Dict[str, Optional[float]]]]) -> Dict[str, Dict[str, Any]]:
+    """Sum the counts of every window; averages weighted by the requests they cover."""
+    pooled_stats: Dict[str, Dict[str, Any]] = {}
+    for model in windows[0]:
+        stats = [w[model] for w in windows]
+        executions = sum(s["executions"] for s in stats)
+        inferences = sum(s["inferences"] for s in stats)
+        entry: Dict[str, Any] = {
+            "executions": executions,
+            "inferences": inferences,
+            "requests": sum(s["requests"] for s in stats),
+            "failures": sum(s["failures"] for s in stats),
+            "avg_batch_size": inferences / executions if executions else None,
+        }
+        for key in ("avg_queue_ms", "avg_compute_input_ms", "avg_compute_infer_ms", "avg_compute_output_ms"):
+            weighted = [(s[key], s["requests"]) for s in stats if s[key] is not None]
+            total = sum(n for _, n in weighted)
+            entry[key] = sum(v * n for v, n in weighted) / total if total else None
+        pooled_stats[model] = entry
+    return pooled_stats
+
+
+def keep_csv(windows: Sequence[Dict[str, Any]], labels: Sequence[str], path: Path) -> Path:
+    """Every window's perf_analyzer CSV row in one file, led by the row and the round it belongs to."""
+    rows = [{"row": label, "round": w["round"], **w["csv"]} for w, label in zip(windows, labels) if "csv" in w]
+    columns: List[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    with open(path, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
