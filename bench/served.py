@@ -112,6 +112,7 @@ def _run(
             data=data,
         )
     )
+    csv_file.with_suffix(".log").write_text(output)  # what perf_analyzer said, beside its CSV
     if UNSTABLE in output or not csv_file.is_file():
         raise perf.PerfAnalyzerError(output.strip().splitlines()[-1] if output.strip() else "no CSV written")
 

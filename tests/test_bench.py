@@ -6,6 +6,7 @@ failed, and the output has the promised shape.
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -30,6 +31,12 @@ SUMMARY_KEYS = {
     "encoded_vs_pixels",
     "decoded_png_per_s_per_instance",
     "decoded_jpeg_per_s_per_instance",
+    "triton_vs_ort_min",
+    "triton_int8_vs_ort_int8_min",
+    "cascade_images_per_s",
+    "cascade_speedup_vs_diffusers",
+    "cascade_forced_5pct_images_per_s",
+    "cascade_forced_20pct_images_per_s",
 }
 
 
@@ -58,6 +65,19 @@ def test_last_line_is_the_summary_json(quick_run):
     best = {kind: max(r["images_per_s"] for r in rows if r["kind"] == kind) for kind in ("baseline", "ort", "triton")}
     assert summary["speedup_vs_diffusers"] == pytest.approx(best["triton"] / best["baseline"])
     assert summary["triton_vs_ort"] == pytest.approx(best["triton"] / best["ort"])
+    # The worst concurrency against the best in-process batch, for fp32 and for int8.
+    for served, ort, key in (
+        ("triton", "ort", "triton_vs_ort"),
+        ("triton-int8", "ort-int8", "triton_int8_vs_ort_int8"),
+    ):
+        reference = max(r["images_per_s"] for r in rows if r["kind"] == ort)
+        ratios = {str(r["concurrency"]): r["images_per_s"] / reference for r in rows if r["kind"] == served}
+        assert summary[f"{key}_by_concurrency"] == pytest.approx(ratios)
+        assert summary[f"{key}_min"] == pytest.approx(min(ratios.values()))
+        assert len(summary[f"{key}_min_by_round"]) == 2 and summary[f"{key}_spread"] >= 0
+    cascade = max((r for r in rows if r["kind"] == "cascade"), key=lambda r: r["images_per_s"])
+    assert summary["cascade_speedup_vs_diffusers"] == pytest.approx(cascade["images_per_s"] / best["baseline"])
+    assert summary["cpu_flags"] == results["machine"]["cpu_flags"]
     assert summary["scan_vs_server"] == pytest.approx(summary["scan_images_per_s"] / best["triton"])
     encoded = max((r for r in rows if r["kind"] == "triton-images"), key=lambda r: r["images_per_s"])
     assert summary["images_encoded_per_s"] == pytest.approx(encoded["images_per_s"])
@@ -81,9 +101,20 @@ def test_every_candidate_was_measured_without_errors(quick_run):
     _, output = quick_run
     results = json.loads((output / "results.json").read_text())
     kinds = {r["kind"] for r in results["rows"]}
-    assert kinds == {"baseline", "ort", "ort-int8", "decoder", "triton", "triton-images", "triton-int8"}
+    assert kinds == {
+        "baseline",
+        "ort",
+        "ort-int8",
+        "decoder",
+        "triton",
+        "triton-images",
+        "triton-int8",
+        "cascade",
+        "cascade-forced",
+    }
     triton = [r for r in results["rows"] if r["kind"] == "triton"]
     assert [r["concurrency"] for r in triton] == [1, 2]
+    assert [r["concurrency"] for r in results["rows"] if r["kind"] == "triton-int8"] == [1, 2]
     encoded = [r for r in results["rows"] if r["kind"] == "triton-images"]
     assert [r["concurrency"] for r in encoded] == [1, 2]
     for row in encoded:  # every request decoded on the server, then checked by the embedder
@@ -94,16 +125,50 @@ def test_every_candidate_was_measured_without_errors(quick_run):
     for row in results["rows"]:
         assert row["images_per_s"] > 0, row
         assert row.get("errors", 0) == 0, row
+    for row in results["rows"]:  # every round measured every row
+        assert len(row["windows_images_per_s"]) == 2 and row["spread"] >= 0, row["name"]
     for row in triton:
         embedder = row["server"]["safety_checker_embedder"]
         assert embedder["executions"] > 0 and 1 <= embedder["avg_batch_size"] <= row["concurrency"]
         assert row["latency_ms"]["p50"] <= row["latency_ms"]["p95"] <= row["latency_ms"]["p99"]
 
 
+def test_perf_analyzer_measured_the_served_rows_and_its_csv_is_kept(quick_run):
+    _, output = quick_run
+    results = json.loads((output / "results.json").read_text())
+    perf_rows = [r for r in results["rows"] if r["kind"] in ("triton", "triton-int8", "cascade", "cascade-forced")]
+    with open(output / "perf_analyzer.csv", newline="") as handle:
+        kept = list(csv.DictReader(handle))
+    assert len(kept) == 2 * len(perf_rows)  # one perf_analyzer row per window
+    for row in perf_rows:
+        windows = [k for k in kept if k["row"].startswith(row["name"]) and k["Concurrency"] == str(row["concurrency"])]
+        assert sorted(k["round"] for k in windows) == ["1", "2"]
+        assert sorted(float(k["Inferences/Second"]) for k in windows) == pytest.approx(
+            sorted(row["windows_images_per_s"])
+        )
+
+
+def test_the_cascade_rows_count_their_fallbacks(quick_run):
+    _, output = quick_run
+    results = json.loads((output / "results.json").read_text())
+    copies = results["cascade_bounds"]["copies"]
+    assert sorted(c["fraction"] for c in copies.values()) == [0.05, 0.2]
+    bounds = {c["fraction"]: c["cosine_bound"] for c in copies.values()}
+    assert 0 < bounds[0.05] < bounds[0.2]
+    cascade = [r for r in results["rows"] if r["kind"].startswith("cascade")]
+    for row in cascade:  # what the fp32 embedder recomputed, of what the cascade answered
+        stats = row["server"]
+        answered = stats[row["cascade_model"]]["inferences"]
+        assert answered > 0 and stats["safety_checker_embedder_int8"]["inferences"] == answered
+        assert row["fallback_fraction"] == pytest.approx(stats["safety_checker_embedder"]["inferences"] / answered)
+    forced = {r["forced_fallback"]: r["fallback_fraction"] for r in cascade if r["kind"] == "cascade-forced"}
+    assert 0 < forced[0.05] < forced[0.2] < 1
+
+
 def test_plot_table_and_int8_report(quick_run):
     result, output = quick_run
     assert (output / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "diffusers forward() fp32, batch 1" in result.stdout and "triton int8 (gRPC)" in result.stdout
+    assert "diffusers forward() fp32, batch 1" in result.stdout and "triton int8 (gRPC, perf_analyzer)" in result.stdout
     assert "triton fp32 image files, PNG+JPEG (gRPC)" in result.stdout
     assert "decoder alone, 512x512 PNG (one instance)" in result.stdout
     report = json.loads((output / "results.json").read_text())["int8_report"]

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 
-from bench import loadgen, report
+from bench import cascade, loadgen, report, run
 from safety_checker_client import spec
 
 STATS_MODELS = (spec.ENSEMBLE_MODEL, spec.EMBEDDER_MODEL)
@@ -260,3 +260,86 @@ def test_write_json_round_trips(results, tmp_path):
     assert loaded["rows"][0]["images_per_s"] == 0.53
     assert loaded["summary"]["speedup_vs_diffusers"] == 3.0
     assert loaded == json.loads(json.dumps(results, default=lambda v: v.item()))
+
+
+def test_every_reference_line_has_a_style_of_its_own():
+    references = [
+        {"name": "diffusers, batch 1", "kind": "baseline"},
+        {"name": "diffusers, batch 4", "kind": "baseline"},
+        *({"name": f"onnxruntime {i}", "kind": "ort"} for i in range(12)),
+    ]
+    styles = report.reference_styles(references)
+    keys = [(s["color"], str(s["linestyle"])) for s in styles]
+    assert len(set(keys)) == len(references)
+    assert [s["color"] for s in styles[:2]] == ["black", "black"]  # the baselines: black, told apart by dashes
+    assert all(s["linestyle"] not in ("-", "solid") for s in styles)  # the series are the solid lines
+
+
+# -- summary ratios -------------------------------------------------------------------------------
+
+
+def _row(kind, rates, concurrency=None, batch=1):
+    return {
+        "name": kind,
+        "kind": kind,
+        "concurrency": concurrency,
+        "batch": batch,
+        "images_per_s": sum(rates) / len(rates),
+        "windows_images_per_s": rates,
+        "spread": (max(rates) - min(rates)) / (sum(rates) / len(rates)),
+    }
+
+
+def test_the_summary_takes_the_worst_concurrency_against_the_best_in_process_batch():
+    rows = [
+        _row("baseline", [0.8, 0.9]),
+        _row("ort", [1.0, 1.0], batch=1),
+        _row("ort", [1.1, 0.9], batch=4),  # same mean: the first best stays
+        _row("ort", [1.2, 1.0], batch=8),  # the best batch: 1.1
+        _row("triton", [1.1, 1.0], concurrency=1),
+        _row("triton", [1.0, 1.09], concurrency=2),
+        _row("ort-int8", [3.0, 3.2]),
+        _row("triton-int8", [3.0, 3.0], concurrency=1),
+        _row("triton-int8", [3.2, 3.1], concurrency=8),
+    ]
+    summary = run.summarize(rows)
+    assert summary["ort_images_per_s"] == pytest.approx(1.1) and summary["ort_best_batch"] == 8
+    assert summary["triton_vs_ort_by_concurrency"] == pytest.approx({"1": 1.05 / 1.1, "2": 1.045 / 1.1})
+    assert summary["triton_vs_ort_min"] == pytest.approx(1.045 / 1.1)
+    assert summary["triton_vs_ort_min_at_concurrency"] == 2
+    # Each round on its own: its worst served window over the best batch's window of that round.
+    assert summary["triton_vs_ort_min_by_round"] == pytest.approx([1.0 / 1.2, 1.0 / 1.0])
+    assert summary["triton_vs_ort_spread"] == pytest.approx(0.2 / 1.1)
+    assert summary["triton_int8_vs_ort_int8_min"] == pytest.approx(3.0 / 3.1)
+    assert summary["triton_int8_vs_ort_int8_min_at_concurrency"] == 1
+    assert "cascade_images_per_s" not in summary
+
+
+def test_the_summary_reports_the_cascade_with_its_fallbacks_and_the_cpu_flags():
+    rows = [
+        _row("baseline", [1.0, 1.0]),
+        _row("ort", [1.0, 1.0]),
+        _row("triton", [1.0, 1.0], concurrency=1),
+        {**_row("cascade", [2.9, 3.1], concurrency=8), "fallback_fraction": 0.0},
+        {**_row("cascade-forced", [2.5, 2.5], concurrency=8), "forced_fallback": 0.05, "fallback_fraction": 0.06},
+        {**_row("cascade-forced", [1.5, 1.5], concurrency=8), "forced_fallback": 0.2, "fallback_fraction": 0.19},
+    ]
+    summary = run.summarize(rows, cpu_flags=["avx2", "avx512_vnni"])
+    assert summary["cascade_images_per_s"] == pytest.approx(3.0)
+    assert summary["cascade_speedup_vs_diffusers"] == pytest.approx(3.0)
+    assert summary["cascade_fallback_fraction"] == 0.0
+    assert summary["cascade_forced_5pct_images_per_s"] == pytest.approx(2.5)
+    assert summary["cascade_forced_5pct_fallback_fraction"] == 0.06
+    assert summary["cascade_forced_20pct_images_per_s"] == pytest.approx(1.5)
+    assert summary["cpu_flags"] == ["avx2", "avx512_vnni"]
+
+
+def test_a_forced_bound_lies_between_neighbouring_critical_bounds():
+    critical = np.array([0.3, 0.1, 0.2, 0.4])
+    assert cascade.bound_for(critical, 1) == pytest.approx(0.15)
+    assert cascade.bound_for(critical, 3) == pytest.approx(0.35)
+    for k in (0, 4):
+        with pytest.raises(ValueError, match="between 1 and 3 of 4"):
+            cascade.bound_for(critical, k)
+    with pytest.raises(ValueError, match="cannot be told apart"):
+        cascade.bound_for(np.array([0.1, 0.2, 0.2]), 2)

@@ -7,6 +7,8 @@ around every rounding boundary and the special-care cascade included.
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import urllib.request
 
 import numpy as np
@@ -164,3 +166,36 @@ def test_switching_a_repository_between_cascade_and_plain_leaves_no_stale_model(
     assert (target / spec.CASCADE_MODEL).is_dir() and (target / spec.INT8_EMBEDDER_MODEL).is_dir()
     exported(parity_set.checker_dir, target)
     assert not (target / spec.CASCADE_MODEL).exists() and not (target / spec.INT8_EMBEDDER_MODEL).exists()
+
+
+@pytest.mark.server
+def test_a_forced_copy_sends_exactly_the_chosen_images_to_fp32(
+    cascade_server, cascade_repository, parity_set, tmp_path
+):
+    """bench/cascade.py: the bound it picks for k of N images makes exactly those k fall back, through the served
+    cascade (each image alone, as the bounds were found)."""
+    from bench import cascade
+
+    pixels = parity_set.pixels[:10]
+    critical = cascade.critical_bounds(cascade_server.grpc_url, spec.INT8_EMBEDDER_MODEL, pixels)
+    assert np.all((critical > 0) & (critical < cascade.UNCERTAIN_BOUND))
+    repository = tmp_path / "repository"
+    shutil.copytree(cascade_repository, repository, copy_function=os.link)
+    forced = {k: cascade.bound_for(critical, k) for k in (1, 3)}
+    for k, bound in forced.items():
+        cascade.add_copy(repository, f"forced_{k}", bound)
+    # The source keeps its own bound: the copy's config was written anew, not through the hard link.
+    assert f'"{spec.CASCADE_MODEL}"' in (cascade_repository / spec.CASCADE_MODEL / "config.pbtxt").read_text()
+    with pytest.raises(ValueError, match="between 1 and 9"):
+        cascade.bound_for(critical, 10)
+
+    forced_server = serving(repository)
+    server = next(forced_server)
+    try:
+        for k, bound in forced.items():
+            with SafetyCheckerClient(server.grpc_url, model_name=f"forced_{k}") as client:
+                exact = [client.check_batch(pixels[i : i + 1])[0].exact_scores for i in range(len(pixels))]
+            assert sum(exact) == k
+            np.testing.assert_array_equal(exact, critical < bound)
+    finally:
+        next(forced_server, None)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench import perf
+from bench import perf, served
 from safety_checker_client import spec
 
 ENSEMBLES = (spec.ENSEMBLE_MODEL, spec.UINT8_ENSEMBLE_MODEL)
@@ -49,3 +49,34 @@ def test_the_clients_tritonclient_stays_current():
               if line.startswith("tritonclient")]  # fmt: skip
     assert pinned == [f"tritonclient[grpc,http]=={version('tritonclient')}"]
     assert perf.binary().is_file()
+
+
+def test_a_bench_window_pairs_perf_analyzer_with_the_servers_statistics(server, tmp_path):
+    """bench/served.py: one perf_analyzer run at one concurrency, and what Triton counted meanwhile."""
+    settings = served.PerfSettings(min_requests=12, requests_per_client=4, stability_percentage=1000, max_trials=3)
+    stats = (spec.EMBEDDER_MODEL, spec.ENSEMBLE_MODEL)
+    window = served.window(server.grpc_url, spec.ENSEMBLE_MODEL, 2, settings, tmp_path / "w.csv", stats)
+    assert window["stable"] and "error" not in window
+    assert window["request_count"] == 12 and window["csv"]["Concurrency"] == "2"
+    assert window["images_per_s"] == perf.images_per_s(window["csv"]) > 0
+    assert 0 < window["latency_ms"]["p50"] <= window["latency_ms"]["p95"] <= window["latency_ms"]["p99"]
+    # perf_analyzer's three windows of at least 12 requests, with its warm-up, all reached the embedder.
+    ensemble, embedder = window["server"][spec.ENSEMBLE_MODEL], window["server"][spec.EMBEDDER_MODEL]
+    assert ensemble["requests"] >= 3 * 12 and embedder["inferences"] == ensemble["inferences"]
+    assert embedder["failures"] == 0 and 1 <= embedder["avg_batch_size"] <= 2
+
+    pooled = served.pooled([{**window, "round": 1}, {**window, "images_per_s": 2 * window["images_per_s"], "round": 2}])
+    assert pooled["images_per_s"] == pytest.approx(1.5 * window["images_per_s"])
+    assert pooled["spread"] == pytest.approx(1 / 1.5) and pooled["errors"] == 0
+    assert pooled["server"][spec.ENSEMBLE_MODEL]["requests"] == 2 * ensemble["requests"]
+    csv_file = served.keep_csv([{**window, "round": 1}], ["fp32 c=2"], tmp_path / "all.csv")
+    (row,) = perf.read_csv(csv_file)
+    assert row["row"] == "fp32 c=2" and row["round"] == "1" and row["Concurrency"] == "2"
+
+
+def test_a_failed_bench_window_is_reported_in_perf_analyzers_words(server, tmp_path):
+    settings = served.PerfSettings(min_requests=4, requests_per_client=1, stability_percentage=1000, max_trials=3)
+    window = served.window(server.grpc_url, "no_such_model", 1, settings, tmp_path / "w.csv", ())
+    assert "no_such_model" in window["error"] and "images_per_s" not in window
+    pooled = served.pooled([{**window, "round": 1}])
+    assert pooled["errors"] == 1 and pooled["images_per_s"] is None and "no_such_model" in pooled["first_error"]
