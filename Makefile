@@ -4,7 +4,7 @@
 # make deploy-check: the KServe manifests, validated and their runtime arguments served.
 # make lint:      ruff (lint and format check) and vermin (served code runs on Python 3.10).
 # make style:     let ruff fix and format what it can.
-# make bench:     diffusers vs onnxruntime vs the served checker, full size (~12 min on 2 cores).
+# make bench:     diffusers vs onnxruntime vs the served checker (perf_analyzer), full size (~80 min on 2 cores).
 # make overload:  64 clients sending 32-image requests in three bursts: memory, refusals, latency (~6 min).
 # make soak:      ten minutes at saturation, concept reloads, one stub kill (not part of make test).
 

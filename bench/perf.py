@@ -20,7 +20,11 @@ INPUT_DATA = Path(__file__).resolve().parent / "perf_analyzer"
 
 
 class PerfAnalyzerError(RuntimeError):
-    """perf_analyzer is missing or did not complete; the message holds its own words."""
+    """perf_analyzer is missing or did not complete; the message holds its own words, `output` all of them."""
+
+    def __init__(self, message: str, output: str = "") -> None:
+        super().__init__(message)
+        self.output = output
 
 
 def binary(prefix: Path = PREFIX) -> Path:
@@ -103,8 +107,9 @@ def run(arguments: Sequence[str], timeout_s: float = 900) -> str:
     except subprocess.TimeoutExpired as error:
         raise PerfAnalyzerError(f"perf_analyzer did not finish in {timeout_s:g} s") from error
     if result.returncode != 0:
-        said = (result.stdout + result.stderr).strip().splitlines()[-8:]
-        raise PerfAnalyzerError(f"perf_analyzer exited with {result.returncode}: " + " | ".join(said))
+        output = result.stdout + result.stderr
+        said = output.strip().splitlines()[-8:]
+        raise PerfAnalyzerError(f"perf_analyzer exited with {result.returncode}: " + " | ".join(said), output)
     return result.stdout
 
 

@@ -1,24 +1,26 @@
 """The served rows of `make bench`: one perf_analyzer measurement per window, Triton's statistics around it.
 
-Each window is one perf_analyzer run at one concurrency, with its own
-warm-up, count windows and stability criterion; the orchestrator interleaves
-these runs with the in-process candidates, round by round, and pools the
-rounds of a row. perf_analyzer's CSV of every window is kept.
+Each window is one perf_analyzer run at one concurrency, with its own count
+windows and stability criterion; the orchestrator interleaves these runs with
+the in-process candidates, round by round, and pools the rounds of a row.
+perf_analyzer's CSV and output of every window are kept.
 
-A run perf_analyzer cannot stabilise (every window within
-`stability_percentage` of the others) is run once more with the criterion
-opened wide, and the window is marked `stable: false`: the row says it
-rather than dropping the number. A run that fails (a refused request, a
-server gone) is recorded with perf_analyzer's own words and counts as an
-error of the row.
+When perf_analyzer cannot stabilise (three windows in a row within
+`stability_percentage` of each other, in at most `max_trials`), it writes no
+CSV; the window then takes the mean of the last three of its passes (run with
+`-v`, perf_analyzer prints each pass's throughput and p95 latency) and is
+marked `stable: false`, so that the row says it rather than dropping the
+number. A run that fails otherwise (a refused request, a server gone) is
+recorded with perf_analyzer's own words and counts as an error of the row.
 """
 
 from __future__ import annotations
 
 import csv
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import tritonclient.grpc as grpcclient
@@ -28,8 +30,10 @@ from bench.loadgen import stats_counters, stats_delta
 
 # perf_analyzer's message when no three windows in a row agreed within the criterion.
 UNSTABLE = "Failed to obtain stable measurement"
-# The criterion of the second try: wide open, so the three windows it averages are taken as they come.
-OPEN_STABILITY = 1000
+# What `perf_analyzer -v` prints for each pass (measurement window).
+PASS = re.compile(r"Pass \[\d+\] throughput: ([0-9.eE+-]+) infer/sec\. p95 latency: (\d+) usec")
+# Passes an unstable window is averaged over: perf_analyzer's own stability window.
+STABILITY_WINDOW = 3
 
 
 @dataclass(frozen=True)
@@ -57,64 +61,59 @@ def window(
 ) -> Dict[str, Any]:
     """One perf_analyzer run against `model` at `url` (gRPC); its numbers and the server's statistics."""
     count = settings.request_count(concurrency)
+    arguments = perf.command(
+        model,
+        url,
+        csv_file,
+        concurrency=(concurrency,),
+        request_count=count,
+        stability_percentage=settings.stability_percentage,
+        max_trials=settings.max_trials,
+        data=data,
+        extra=("-v",),
+    )
+    csv_file.unlink(missing_ok=True)
     control = grpcclient.InferenceServerClient(url)
     try:
         before = {name: stats_counters(control, name, "grpc") for name in stats_models}
-        stable, error = True, None
         try:
-            _run(model, url, concurrency, count, settings.stability_percentage, settings.max_trials, csv_file, data)
-        except perf.PerfAnalyzerError as failure:
-            if UNSTABLE not in str(failure):
-                error = str(failure)
-            else:
-                stable = False
-                try:
-                    _run(model, url, concurrency, count, OPEN_STABILITY, 3, csv_file, data)
-                except perf.PerfAnalyzerError as again:
-                    error = str(again)
+            output, failure = perf.run(arguments), None
+        except perf.PerfAnalyzerError as error:
+            output, failure = error.output or str(error), error
         after = {name: stats_counters(control, name, "grpc") for name in stats_models}
     finally:
         control.close()
-    server = {name: stats_delta(before[name], after[name]) for name in stats_models}
-    if error is not None:
-        return {"error": error, "stable": stable, "server": server, "request_count": count}
-    (row,) = perf.read_csv(csv_file)
-    return {
-        "images_per_s": perf.images_per_s(row),
-        "latency_ms": perf.latency_ms(row),
-        "stable": stable,
-        "request_count": count,
-        "server": server,
-        "csv": row,
-    }
-
-
-def _run(
-    model: str,
-    url: str,
-    concurrency: int,
-    count: int,
-    stability: int,
-    max_trials: int,
-    csv_file: Path,
-    data: Optional[Path],
-) -> None:
-    csv_file.unlink(missing_ok=True)
-    output = perf.run(
-        perf.command(
-            model,
-            url,
-            csv_file,
-            concurrency=(concurrency,),
-            request_count=count,
-            stability_percentage=stability,
-            max_trials=max_trials,
-            data=data,
-        )
-    )
     csv_file.with_suffix(".log").write_text(output)  # what perf_analyzer said, beside its CSV
-    if UNSTABLE in output or not csv_file.is_file():
-        raise perf.PerfAnalyzerError(output.strip().splitlines()[-1] if output.strip() else "no CSV written")
+    measured: Dict[str, Any] = {
+        "request_count": count,
+        "server": {name: stats_delta(before[name], after[name]) for name in stats_models},
+    }
+    passes = _passes(output)
+    if failure is None and csv_file.is_file():
+        (row,) = perf.read_csv(csv_file)
+        return {
+            **measured,
+            "images_per_s": perf.images_per_s(row),
+            "latency_ms": perf.latency_ms(row),
+            "stable": True,
+            "csv": row,
+        }
+    if UNSTABLE in output and len(passes) >= STABILITY_WINDOW:
+        last = passes[-STABILITY_WINDOW:]
+        p95 = float(np.mean([latency for _, latency in last])) / 1e3
+        return {
+            **measured,
+            "images_per_s": float(np.mean([rate for rate, _ in last])),
+            "latency_ms": {"p50": None, "p95": p95, "p99": None},
+            "stable": False,
+            "passes": passes,
+        }
+    return {**measured, "error": str(failure or "perf_analyzer wrote no CSV"), "stable": True}
+
+
+def _passes(output: str) -> List[Tuple[float, float]]:
+    """(images/s, p95 latency in microseconds) of every pass perf_analyzer printed, in order."""
+    return [(float(rate), float(latency)) for rate, latency in PASS.findall(output)]
 
 
 def pooled(windows: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -123,9 +122,10 @@ def pooled(windows: List[Dict[str, Any]]) -> Dict[str, Any]:
     measured = [w for w in windows if "images_per_s" in w]
     rates = [float(w["images_per_s"]) for w in measured]
     mean = float(np.mean(rates)) if rates else None
-    latency = {
-        p: float(np.mean([w["latency_ms"][p] for w in measured])) if measured else None for p in ("p50", "p95", "p99")
-    }
+    latency = {}
+    for p in ("p50", "p95", "p99"):  # an unstable window has its p95 only
+        values = [w["latency_ms"][p] for w in measured if w["latency_ms"][p] is not None]
+        latency[p] = float(np.mean(values)) if values else None
     return {
         "images_per_s": mean,
         "windows_images_per_s": rates,

@@ -60,7 +60,7 @@ def test_last_line_is_the_summary_json(quick_run):
     assert SUMMARY_KEYS <= set(summary)
     assert all(summary[key] > 0 for key in SUMMARY_KEYS)
     results = json.loads((output / "results.json").read_text())
-    assert summary == pytest.approx(results["summary"])
+    assert summary == results["summary"]  # the same floats: JSON writes each as its repr
     rows = results["rows"]
     best = {kind: max(r["images_per_s"] for r in rows if r["kind"] == kind) for kind in ("baseline", "ort", "triton")}
     assert summary["speedup_vs_diffusers"] == pytest.approx(best["triton"] / best["baseline"])
@@ -130,7 +130,10 @@ def test_every_candidate_was_measured_without_errors(quick_run):
     for row in triton:
         embedder = row["server"]["safety_checker_embedder"]
         assert embedder["executions"] > 0 and 1 <= embedder["avg_batch_size"] <= row["concurrency"]
-        assert row["latency_ms"]["p50"] <= row["latency_ms"]["p95"] <= row["latency_ms"]["p99"]
+        latency = row["latency_ms"]
+        assert latency["p95"] > 0
+        if latency["p50"] is not None:  # else every window was unstable: perf_analyzer printed p95 only
+            assert latency["p50"] <= latency["p95"] <= latency["p99"]
 
 
 def test_perf_analyzer_measured_the_served_rows_and_its_csv_is_kept(quick_run):
@@ -139,13 +142,16 @@ def test_perf_analyzer_measured_the_served_rows_and_its_csv_is_kept(quick_run):
     perf_rows = [r for r in results["rows"] if r["kind"] in ("triton", "triton-int8", "cascade", "cascade-forced")]
     with open(output / "perf_analyzer.csv", newline="") as handle:
         kept = list(csv.DictReader(handle))
-    assert len(kept) == 2 * len(perf_rows)  # one perf_analyzer row per window
+    # One CSV row per window that met perf_analyzer's criterion; an unstable one wrote none (and is counted).
+    assert len(kept) == sum(2 - r["unstable_windows"] for r in perf_rows) > 0
     for row in perf_rows:
         windows = [k for k in kept if k["row"].startswith(row["name"]) and k["Concurrency"] == str(row["concurrency"])]
-        assert sorted(k["round"] for k in windows) == ["1", "2"]
-        assert sorted(float(k["Inferences/Second"]) for k in windows) == pytest.approx(
-            sorted(row["windows_images_per_s"])
-        )
+        assert len(windows) == 2 - row["unstable_windows"]
+        assert {k["round"] for k in windows} <= {"1", "2"}
+        for k in windows:  # each CSV's figure is one of the row's windows
+            assert any(float(k["Inferences/Second"]) == pytest.approx(x) for x in row["windows_images_per_s"])
+    logs = sorted((output / "perf_analyzer").glob("*.log"))
+    assert len(logs) == 2 * len(perf_rows) and all("Pass [1] throughput" in log.read_text() for log in logs)
 
 
 def test_the_cascade_rows_count_their_fallbacks(quick_run):

@@ -76,7 +76,8 @@ def test_a_bench_window_pairs_perf_analyzer_with_the_servers_statistics(server, 
 
 def test_a_failed_bench_window_is_reported_in_perf_analyzers_words(server, tmp_path):
     settings = served.PerfSettings(min_requests=4, requests_per_client=1, stability_percentage=1000, max_trials=3)
-    window = served.window(server.grpc_url, "no_such_model", 1, settings, tmp_path / "w.csv", ())
+    data = perf.input_data(spec.ENSEMBLE_MODEL)
+    window = served.window(server.grpc_url, "no_such_model", 1, settings, tmp_path / "w.csv", (), data)
     assert "no_such_model" in window["error"] and "images_per_s" not in window
     pooled = served.pooled([{**window, "round": 1}])
     assert pooled["errors"] == 1 and pooled["images_per_s"] is None and "no_such_model" in pooled["first_error"]
