@@ -73,11 +73,12 @@ BASELINE_DASHES = ("--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
 REFERENCE_DASHES = ("--", "-.", ":")
 
 
-def reference_styles(references: Sequence[Row]) -> List[Dict[str, object]]:
+def reference_styles(references: Sequence[Row], first_colour: int = 0) -> List[Dict[str, object]]:
     """A line style of its own for every reference row: the diffusers baselines black, told apart by their
-    dashes; the others a colour each, dashed. No two references share colour and dashes."""
+    dashes; the others a colour each from `first_colour` on (after the series'), dashed. No two references
+    share colour and dashes."""
     styles: List[Dict[str, object]] = []
-    baselines = others = 0
+    baselines, others = 0, first_colour
     for row in references:
         if row.get("kind") == "baseline":
             dashes = BASELINE_DASHES[baselines % len(BASELINE_DASHES)]
@@ -122,7 +123,7 @@ def plot(results: Mapping[str, object], path: PathLike) -> Path:
         throughput_ax.plot(x, [float(r["images_per_s"]) for r in group], **style)
         latency_ax.plot(x, [_p95(r) for r in group], **style)
         colour += 1
-    for row, style in zip(references, reference_styles(references)):
+    for row, style in zip(references, reference_styles(references, first_colour=len(series))):
         style = {**style, "label": _reference_label(row, rows)}
         throughput_ax.axhline(float(row["images_per_s"]), **style)
         p95 = _p95(row)
