@@ -24,8 +24,8 @@ from typing import Dict, Sequence
 
 import numpy as np
 import tritonclient.grpc as grpcclient
-from tritonclient.utils import np_to_triton_dtype
 
+from bench.loadgen import infer_inputs
 from safety_checker_client import spec
 
 # Bisection steps: the bound is found to 4 / 2**40 of a cosine.
@@ -35,11 +35,7 @@ UNCERTAIN_BOUND = 4.0
 
 
 def _infer(client, model: str, inputs: Dict[str, np.ndarray], outputs: Sequence[str]) -> Dict[str, np.ndarray]:
-    tensors = []
-    for name, array in inputs.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(np.ascontiguousarray(array))
-        tensors.append(tensor)
+    tensors = infer_inputs(grpcclient, inputs)
     result = client.infer(model, tensors, outputs=[grpcclient.InferRequestedOutput(n) for n in outputs])
     return {name: result.as_numpy(name) for name in outputs}
 

@@ -216,6 +216,17 @@ class _Recorder:
                 self._progress()
 
 
+def infer_inputs(module, inputs: Inputs) -> list:
+    """tritonclient (`module`: its grpc or http) InferInputs for name -> array; the datatype follows the numpy dtype."""
+    tensors = []
+    for name, array in inputs.items():
+        array = np.ascontiguousarray(array)
+        tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        tensors.append(tensor)
+    return tensors
+
+
 def _worker(
     index: int,
     module,
@@ -234,15 +245,7 @@ def _worker(
         recorder.failure(time.perf_counter(), err)
         return
     try:
-        requests = []
-        for request in inputs:
-            tensors = []
-            for name, array in request.items():
-                array = np.ascontiguousarray(array)
-                tensor = module.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-                tensor.set_data_from_numpy(array)
-                tensors.append(tensor)
-            requests.append(tensors)
+        requests = [infer_inputs(module, request) for request in inputs]
         requested = [module.InferRequestedOutput(name) for name in outputs]
         turn = index
         while not stop.is_set():

@@ -389,9 +389,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         int8_report = json.loads((scratch / "int8" / spec.EMBEDDER_MODEL / "1" / REPORT_FILENAME).read_text())
         pixels = bench_pixels()
         np.save(scratch / "pixels.npy", pixels)
-        cascade_pixels = preprocess(cascade_images())
+        cascade_photos = cascade_images()
+        cascade_pixels = preprocess(cascade_photos)
         cascade_data = scratch / "cascade-images.json"
-        cascade_data.write_text(perf_data.render(perf_data.input_data(spec.ENSEMBLE_MODEL, cascade_images())))
+        cascade_data.write_text(perf_data.render(perf_data.input_data(spec.ENSEMBLE_MODEL, cascade_photos)))
         decoder_files = {}
         for extension in ENCODED_FORMATS:
             decoder_files[extension] = scratch / f"{DECODER_PHOTO}.{extension}"

@@ -120,7 +120,8 @@ class TritonPythonModel:
         per_image = np.repeat(np.array(strictness, dtype=np.float64), sizes)
         bounds = np.concatenate([self._bound(r, n) for r, n in zip(requests, sizes)])
         custom_cos = cosines(embeds, custom.unit_embeddings)
-        scores = score_all(
+        # What the scores and their certainty are both computed from.
+        margins_of = (
             concept_cos,
             special_cos,
             self.concept_thresholds,
@@ -130,17 +131,8 @@ class TritonPythonModel:
             custom_cos,
             custom.thresholds,
         )
-        sure = certain(
-            concept_cos,
-            special_cos,
-            self.concept_thresholds,
-            self.special_thresholds,
-            self.adjustment,
-            per_image,
-            custom_cos,
-            custom.thresholds,
-            bounds,
-        )
+        scores = score_all(*margins_of)
+        sure = certain(*margins_of, bounds)
 
         responses = []
         start = 0
