@@ -60,12 +60,16 @@ def test_measure_counts_requests_and_reads_server_stats(server, parity_set, prot
 
     embedder = out["server"][spec.EMBEDDER_MODEL]
     assert embedder["executions"] >= 1
-    assert 1 <= embedder["avg_batch_size"] <= 2
-    assert embedder["inferences"] >= embedder["executions"]
+    # Triton counts a batch and its requests in separate steps, so a sample can fall between them at each
+    # edge; two clients form batches of one or two.
+    assert embedder["executions"] - 2 <= embedder["inferences"] <= 2 * embedder["executions"] + 2
+    assert embedder["avg_batch_size"] == pytest.approx(embedder["inferences"] / embedder["executions"])
     assert embedder["failures"] == 0
     assert embedder["avg_queue_ms"] >= 0 and embedder["avg_compute_infer_ms"] > 0
-    # The window edges cut requests, but not by more than the two in flight at each edge.
-    assert abs(embedder["inferences"] - out["images"]) <= 2 * 2
+    # The statistics are sampled just outside the window, so the server counts every answer in it but those
+    # (at most two, one per client) it had counted before the first sample; it can count no more requests
+    # than were sent in all (warm-up and drain included, each reported by `progress`).
+    assert out["images"] - 2 <= embedder["inferences"] <= len(calls)
     assert out["server"][spec.ENSEMBLE_MODEL]["inferences"] >= 1
 
 

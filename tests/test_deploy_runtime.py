@@ -198,10 +198,12 @@ def test_two_replicas_follow_one_configmap_swap_under_load(deployed, parity_set,
     with replica(deployed, concepts) as first, replica(deployed, concepts) as second:
         servers = [first, second]
         failures: List[str] = []
-        seen: Dict[int, List[int]] = {0: [], 1: []}
+        replicas = (0, 1, 0, 1)  # two client threads per replica
+        seen: List[List[int]] = [[] for _ in replicas]  # per thread: its own answers are ordered in time
         stop = threading.Event()
 
-        def load(index: int) -> None:
+        def load(thread: int) -> None:
+            index = replicas[thread]
             with SafetyCheckerClient(servers[index].grpc_url) as client:
                 deadline = time.monotonic() + 120  # bounded, whatever happens
                 while not stop.is_set() and time.monotonic() < deadline:
@@ -211,17 +213,22 @@ def test_two_replicas_follow_one_configmap_swap_under_load(deployed, parity_set,
                         failures.append(f"replica {index}: {error}")
                         continue
                     assert len(versions) == 1, versions  # a request is answered wholly under one set
-                    seen[index].append(versions.pop())
+                    seen[thread].append(versions.pop())
 
-        threads = [threading.Thread(target=load, args=(i,)) for i in (0, 1, 0, 1)]
+        def latest(index: int) -> List[int]:
+            return [answers[-1] for thread, answers in enumerate(seen) if replicas[thread] == index and answers]
+
+        threads = [threading.Thread(target=load, args=(thread,)) for thread in range(len(replicas))]
         for thread in threads:
             thread.start()
         try:
-            time.sleep(1.0)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and not all(seen):  # every thread answered under version 1
+                time.sleep(0.2)
             new = concept_file(2, ["logo", "gore"], 16)
             configmap_volume(concepts, {spec.CUSTOM_CONCEPTS_FILENAME: new}, "2026_11_30_12_05_00.2")
             deadline = time.monotonic() + 60
-            while time.monotonic() < deadline and not all(seen[i] and seen[i][-1] == 2 for i in (0, 1)):
+            while time.monotonic() < deadline and not all(latest(i) and set(latest(i)) == {2} for i in (0, 1)):
                 time.sleep(0.2)
             time.sleep(1.0)  # keep the load on after the change-over
         finally:
@@ -229,10 +236,10 @@ def test_two_replicas_follow_one_configmap_swap_under_load(deployed, parity_set,
             for thread in threads:
                 thread.join()
     assert failures == []
-    for index in (0, 1):
-        assert seen[index][0] == 1 and seen[index][-1] == 2, (index, seen[index][:3], seen[index][-3:])
-        changes = [b for a, b in zip(seen[index], seen[index][1:]) if a != b]
-        assert len(changes) <= 2, changes  # 1 -> 2, at most once per thread; never back
+    for thread, answers in enumerate(seen):
+        # Answers on one connection arrive in order, so each thread sees 1 ... 1 2 ... 2: once over, never back.
+        assert answers[0] == 1 and answers[-1] == 2, (thread, answers[:3], answers[-3:])
+        assert answers == sorted(answers), (thread, [b for a, b in zip(answers, answers[1:]) if a != b])
 
 
 def test_concepts_export_emits_the_configmap(tmp_path):
@@ -344,20 +351,17 @@ def test_the_exec_probes_fail_on_a_dead_stub_and_a_restart_restores_the_replica(
             assert result.returncode == 0 and result.stdout.startswith("ok:"), result.stdout + result.stderr
         stubs = [c for c in child_processes(server.pid) if f"/{spec.EMBEDDER_MODEL}/1/model.py" in _cmdline(c)]
         assert len(stubs) == 1, stubs
-        killed = time.monotonic()
         os.kill(stubs[0], signal.SIGKILL)
         with _HTTP.open(f"http://{server.http_url}/v2/health/ready", timeout=10) as response:
             assert response.status == 200  # what an httpGet probe would still see
-        readiness = run("readinessProbe")
+        readiness = run("readinessProbe")  # within the probe's own timeoutSeconds, or run() raises
         assert readiness.returncode == 1 and "not healthy" in readiness.stdout, readiness.stdout
-        assert time.monotonic() - killed < 10
         liveness = container["livenessProbe"]
         failures = [run("livenessProbe").returncode for _ in range(liveness["failureThreshold"])]
         assert failures == [1] * liveness["failureThreshold"]
         server.kill()  # the kubelet restarts the container
         server.start()
         assert run("readinessProbe").returncode == 0
-        assert time.monotonic() - killed < 60
         with SafetyCheckerClient(server.grpc_url) as client:
             assert len(client.check_batch(parity_set.pixels[:2])) == 2
     finally:

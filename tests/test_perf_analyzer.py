@@ -62,8 +62,11 @@ def test_a_bench_window_pairs_perf_analyzer_with_the_servers_statistics(server, 
     assert 0 < window["latency_ms"]["p50"] <= window["latency_ms"]["p95"] <= window["latency_ms"]["p99"]
     # perf_analyzer's three windows of at least 12 requests, with its warm-up, all reached the embedder.
     ensemble, embedder = window["server"][spec.ENSEMBLE_MODEL], window["server"][spec.EMBEDDER_MODEL]
-    assert ensemble["requests"] >= 3 * 12 and embedder["inferences"] == ensemble["inferences"]
-    assert embedder["failures"] == 0 and 1 <= embedder["avg_batch_size"] <= 2
+    assert ensemble["requests"] >= 3 * 12 and embedder["failures"] == 0
+    # Triton counts an ensemble's request after its answer is sent, so a sample taken at that moment sees it
+    # in the embedder alone: at most the two in flight apart, per edge.
+    assert abs(embedder["inferences"] - ensemble["inferences"]) <= 2
+    assert embedder["executions"] - 2 <= embedder["inferences"] <= 2 * embedder["executions"] + 2
 
     pooled = served.pooled([{**window, "round": 1}, {**window, "images_per_s": 2 * window["images_per_s"], "round": 2}])
     assert pooled["images_per_s"] == pytest.approx(1.5 * window["images_per_s"])

@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -58,11 +58,20 @@ def refusal(message: str) -> CheckError:
 class FakeServer:
     """Answers like the ensemble: flags an image whose first pixel value is even; records what it saw."""
 
-    def __init__(self, url: str, fail: bool = False, refuse_value: int = -1, delay_s: float = 0.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        fail: bool = False,
+        refuse_value: int = -1,
+        delay_s: float = 0.0,
+        stop: Optional[threading.Event] = None,
+        stop_after: int = 0,
+    ) -> None:
         self.url = url
         self.fail = fail
         self.refuse_value = refuse_value
         self.delay_s = delay_s
+        self.stop, self.stop_after = stop, stop_after  # sets `stop` as its request number `stop_after` arrives
         self.seen: List[int] = []
         self.requests = 0
         self.lock = threading.Lock()
@@ -80,6 +89,8 @@ class FakeClient:
         time.sleep(server.delay_s)
         with server.lock:
             server.requests += 1
+            if server.stop is not None and server.requests == server.stop_after:
+                server.stop.set()
         if server.fail:
             raise CheckError(f"{server.url}: connection refused")
         firsts = [int(image.reshape(-1)[0]) for image in batch]
@@ -184,13 +195,10 @@ def test_encoded_sends_the_files_and_splits_a_refused_batch():
 
 
 def test_stop_writes_the_answers_in_flight_and_sends_nothing_more():
-    servers = {"a:1": FakeServer("a:1", delay_s=0.05)}
     stop = threading.Event()
+    servers = {"a:1": FakeServer("a:1", delay_s=0.05, stop=stop, stop_after=5)}
     items = fake_items(400)
-    timer = threading.Timer(0.3, stop.set)
-    timer.start()
     result, records, warnings = run_fake(items, servers, stop=stop, concurrency=3, batch_size=2)
-    timer.cancel()
     assert result.interrupted and "interrupted" in warnings[0]
     assert 0 < len(records) < 400
     # Every image the server saw has its line; no line without the server having seen it.

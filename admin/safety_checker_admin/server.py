@@ -632,6 +632,10 @@ class Supervisor:
             if reason is None and time.monotonic() >= next_probe:
                 reason = self.probe_fault()
                 next_probe = time.monotonic() + self.probe_interval_s
+                if reason is not None:
+                    # A process that died or stopped during the probe is the cause to report, not the probe.
+                    time.sleep(self.poll_s)
+                    reason = self.process_fault() or reason
             if reason is not None:
                 if not self.restart(reason):
                     return 1
