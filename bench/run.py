@@ -208,7 +208,7 @@ def _pooled_worker_row(candidate: Candidate) -> Dict[str, Any]:
     return {
         "images_per_s": images / seconds,
         "windows_images_per_s": rates,
-        "spread": (max(rates) - min(rates)) / (images / seconds),
+        "spread": served.spread(rates, images / seconds),
         "images": images,
         "seconds": seconds,
         "calls": len(latencies),
@@ -238,7 +238,7 @@ def _pooled_loadgen_row(candidate: Candidate) -> Dict[str, Any]:
         **pooled.as_dict(),
         "images_per_s": rate,
         "windows_images_per_s": rates,
-        "spread": (max(rates) - min(rates)) / rate,
+        "spread": served.spread(rates, rate),
     }
 
 

@@ -116,6 +116,11 @@ def _passes(output: str) -> List[Tuple[float, float]]:
     return [(float(rate), float(latency)) for rate, latency in PASS.findall(output)]
 
 
+def spread(rates: Sequence[float], centre: Optional[float]) -> Optional[float]:
+    """How far apart a row's windows lie: (max - min) / the row's rate; None without windows or rate."""
+    return (max(rates) - min(rates)) / centre if rates and centre else None
+
+
 def pooled(windows: List[Dict[str, Any]]) -> Dict[str, Any]:
     """A row from its windows: mean throughput, the spread between windows ((max - min) / mean), every
     window's number, the mean of each latency percentile, and the summed server statistics."""
@@ -129,7 +134,7 @@ def pooled(windows: List[Dict[str, Any]]) -> Dict[str, Any]:
     return {
         "images_per_s": mean,
         "windows_images_per_s": rates,
-        "spread": (max(rates) - min(rates)) / mean if rates and mean else None,
+        "spread": spread(rates, mean),
         "unstable_windows": sum(1 for w in windows if not w["stable"]),
         "errors": len(windows) - len(measured),
         "first_error": next((w["error"] for w in windows if "error" in w), None),

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterator, List
@@ -37,6 +39,16 @@ def _server_marker_is_honest(request, monkeypatch) -> None:
             raise AssertionError(f"{request.node.nodeid} starts a tritonserver: mark it @pytest.mark.server")
 
         monkeypatch.setattr(TritonServer, "start", refuse)
+
+
+def awaited_log(log_path: Path, pattern: str, timeout_s: float = 30) -> str:
+    """The server log once `pattern` (a regular expression) is in it: lines from the Python stubs and from a
+    wrapper's shell reach the log on their own schedule, after the answers that caused them."""
+    deadline = time.monotonic() + timeout_s
+    while not re.search(pattern, log := log_path.read_text(errors="replace")):
+        assert time.monotonic() < deadline, f"no {pattern!r} in {log_path} after {timeout_s:g} s: {log[-2000:]}"
+        time.sleep(0.2)
+    return log
 
 
 def run_export(model: Path | str, repository: Path, *extra: str) -> subprocess.CompletedProcess:

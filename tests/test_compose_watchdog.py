@@ -26,9 +26,9 @@ from typing import List
 
 import pytest
 import yaml
-from conftest import ROOT
+from conftest import ROOT, awaited_log
 
-from safety_checker_admin.server import TritonServer, free_port
+from safety_checker_admin.server import TritonServer, child_processes, free_port
 from safety_checker_client import spec
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -82,28 +82,14 @@ def status(port: int, path: str, headers=None) -> int:
 
 
 def descendants(pid: int) -> List[int]:
+    """Every process below `pid` (the shell, tritonserver, its stubs); the watchdog's `sleep` and probes come
+    and go, which child_processes tolerates."""
     found, queue = [], [pid]
     while queue:
-        current = queue.pop()
-        try:
-            tasks = os.listdir(f"/proc/{current}/task")
-        except OSError:
-            continue  # the watchdog's `sleep` and probes come and go
-        for task in tasks:
-            try:
-                children = [int(c) for c in Path(f"/proc/{current}/task/{task}/children").read_text().split()]
-            except OSError:
-                continue
-            found += children
-            queue += children
+        children = child_processes(queue.pop())
+        found += children
+        queue += children
     return found
-
-
-def wait_for_log(server: TritonServer, line: str, timeout: float = 120) -> None:
-    deadline = time.monotonic() + timeout
-    while line not in server.log_path.read_text():
-        assert time.monotonic() < deadline, f"no {line!r} in the log after {timeout} s"
-        time.sleep(0.2)
 
 
 def cmdline(pid: int) -> str:
@@ -140,7 +126,7 @@ def test_a_dead_stub_makes_the_container_exit_and_a_restart_restores_it(reposito
     server = container(repository, ports)
     server.start()
     try:
-        wait_for_log(server, "watchdog: the checker answered")  # failures count from now on
+        awaited_log(server.log_path, "watchdog: the checker answered", 120)  # failures count from now on
         (stub,) = [p for p in descendants(server.pid) if f"/{spec.POSTPROCESS_MODEL}/1/model.py" in cmdline(p)]
         killed = time.monotonic()
         os.kill(stub, signal.SIGKILL)

@@ -10,16 +10,14 @@ messages and log lines cut at MAX_MESSAGE_CHARS whatever the file held.
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import serving
+from conftest import awaited_log, serving
 
 from safety_checker_admin import concept_set
 from safety_checker_admin.concept_set import (
@@ -175,11 +173,7 @@ def test_the_server_never_serves_a_set_over_the_limits(repository, parity_set, t
             answer = client.infer(pixels)
         size = len(answer[spec.CUSTOM_SCORES.name][0, 0]) + len(answer[spec.CUSTOM_COSINES.name][0, 0])
         assert size < MAX_CONCEPTS * 200
-        loaded = r"version 3 loaded: 1000 concepts \(concept-name-0000-x+, .* and \d+ more\)"
-        deadline = time.monotonic() + 30  # the stub's log lines reach the server log on a thread of their own
-        while not re.search(loaded, log := server.log_path.read_text()) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        assert re.search(loaded, log), log[-2000:]
+        log = awaited_log(server.log_path, r"version 3 loaded: 1000 concepts \(concept-name-0000-x+, .* and \d+ more\)")
         assert "more than the" in log  # both refusals were logged ...
         assert max(len(line) for line in log.splitlines()) < MAX_MESSAGE_CHARS + 400  # ... each on a short line
     finally:
