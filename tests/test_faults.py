@@ -26,7 +26,8 @@ import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 
-from safety_checker_admin.server import child_processes, free_port
+from safety_checker_admin import health_probe
+from safety_checker_admin.server import Supervisor, TritonServer, child_processes, free_port
 from safety_checker_client import spec
 from safety_checker_client.client import CheckError, SafetyCheckerClient
 
@@ -253,6 +254,30 @@ def test_a_stopped_stub_is_noticed_and_restored(served, parity_set):
     noticed, line = served.wait_for_line("fault:", DETECTION_S)
     assert "is stopped" in line and noticed - stopped < DETECTION_S
     restored_within(served, pixels, expected, stopped)
+    assert gone(stub), "the stopped stub was left behind"
+
+
+def test_a_stub_that_stops_during_a_probe_is_named_as_the_fault(repository, monkeypatch):
+    """The probe fails because a stub stopped under it, after the process check had passed: the supervisor looks
+    at the processes once more and reports the stub, the cause, rather than the probe's timeout."""
+    server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    server.start()
+    try:
+        (stub,) = [pid for pid, model in server.stubs.items() if model == spec.POSTPROCESS_MODEL]
+        probe = health_probe.probe
+
+        def stop_then_probe(*args, **kwargs):
+            os.kill(stub, signal.SIGSTOP)
+            return probe(*args, **kwargs)
+
+        monkeypatch.setattr(health_probe, "probe", stop_then_probe)
+        reports: List[str] = []
+        # No restarts allowed: the first fault ends the run, with its reason.
+        assert Supervisor(server, probe_interval_s=0, max_restarts=0, report=reports.append).run() == 1
+    finally:
+        server.kill()
+    (report,) = reports
+    assert f"the Python-backend stub of {spec.POSTPROCESS_MODEL} (pid {stub}) is stopped" in report, report
     assert gone(stub), "the stopped stub was left behind"
 
 
