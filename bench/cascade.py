@@ -6,9 +6,9 @@ fraction costs, each image's critical bound (the smallest bound at which the
 served postprocessor is no longer certain of its decisions) is found by
 bisection through the served postprocessor itself, on the int8 embedder's
 cosines of that image alone. A bound between the k-th and (k+1)-th smallest
-makes k of the N images fall back. In a batch of several images int8's
-per-batch activation scales move the cosines a little, so the benchmark
-reports the fraction it got, from Triton's statistics, beside the target.
+makes k of the N images fall back (the int8 embedder runs each image alone,
+so batching does not move its cosines); the benchmark reports the fraction
+it got, from Triton's statistics, beside the target.
 
 The copies are benchmark-only models in the benchmark's own repository: a
 bound below the measured one gives up the cascade's exactness.

@@ -63,8 +63,6 @@ from export.stress import stress_agreement
 from fixtures.checkers import THRESHOLDS, clip_config
 from safety_checker_client import spec
 
-# diffusers adds 0.01 to later scores once a special-care concept fires.
-SPECIAL_CARE_ADJUSTMENT = 0.01
 # Dense (no sparsity) FP16 tensor-core TFLOP/s from NVIDIA's data sheets, by device name.
 # NVL and other variants are left "unknown" rather than guessed; --peak-tflops overrides.
 DENSE_FP16_PEAK_TFLOPS = (
@@ -247,7 +245,9 @@ def _cosines(model: nn.Module, pixels: np.ndarray, device: torch.device) -> Tupl
 def _agreement(reference: Tuple[np.ndarray, np.ndarray], other: Tuple[np.ndarray, np.ndarray]) -> Dict[str, Any]:
     concept_thresholds = np.array(THRESHOLDS["concept_embeds_weights"], dtype=np.float64)
     special_thresholds = np.array(THRESHOLDS["special_care_embeds_weights"], dtype=np.float64)
-    result = stress_agreement(reference[0], other[0], concept_thresholds, special_thresholds, SPECIAL_CARE_ADJUSTMENT)
+    result = stress_agreement(
+        reference[0], other[0], concept_thresholds, special_thresholds, spec.SPECIAL_CARE_ADJUSTMENT
+    )
     result["max_cosine_deviation"] = max(
         float(np.max(np.abs(a.astype(np.float64) - b))) for a, b in zip(reference, other)
     )

@@ -16,7 +16,10 @@ and half. The machine's load average before and after is recorded, since on
 a shared machine other work competes for the same cores.
 
 Goal (issue 13): peak at most 1.5 GB above idle; 60 s after a burst at most
-200 MB above idle; no growth from burst to burst.
+200 MB above idle; no growth from burst to burst. Besides: nothing but
+UNAVAILABLE refusals, the health probe (priority 1) answered during every
+burst, and the same answers after the bursts as before them. `make overload`
+fails when any of these does not hold.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from safety_checker_admin.server import child_processes
+from safety_checker_admin.probe import load_health_probe
+from safety_checker_admin.procfs import descendants
 from safety_checker_client import spec
-from safety_checker_client.client import triton_module
+from safety_checker_client.client import SafetyCheckerClient, triton_module
 
 GOAL_PEAK_MB = 1500
 GOAL_AFTER_MB = 200
@@ -44,12 +48,7 @@ GOAL_AFTER_MB = 200
 # -- memory ---------------------------------------------------------------------------------------
 def tree(pid: int) -> List[int]:
     """`pid` and all its descendants."""
-    pids, queue = [], [pid]
-    while queue:
-        current = queue.pop()
-        pids.append(current)
-        queue += child_processes(current)
-    return pids
+    return [pid, *descendants(pid)]
 
 
 def _kilobytes(path: str, key: str) -> int:
@@ -147,20 +146,37 @@ def client_loop(url: str, protocol: str, pixels: np.ndarray, until: float, outco
         client.close()
 
 
-def burst(server, clients: int, images: int, duration_s: float, seed: int) -> Outcomes:
+def burst(server, clients: int, images: int, duration_s: float, seed: int) -> Tuple[Outcomes, List[str]]:
+    """The burst's outcomes, and the health probe's statuses: three probes in its last seconds."""
     pixels = np.random.default_rng(seed).standard_normal((images, 3, 224, 224)).astype(np.float32)
     outcomes = Outcomes()
     until = time.monotonic() + duration_s
+    probes: List[str] = []
+    prober = threading.Thread(target=_probe_near, args=(server, until, probes))
     threads = []
     for index in range(clients):
         protocol = "grpc" if index % 2 == 0 else "http"
         url = server.grpc_url if protocol == "grpc" else server.http_url
         threads.append(threading.Thread(target=client_loop, args=(url, protocol, pixels, until, outcomes)))
-    for thread in threads:
+    for thread in [*threads, prober]:
         thread.start()
-    for thread in threads:
+    for thread in [*threads, prober]:
         thread.join()
-    return outcomes
+    return outcomes, probes
+
+
+def _probe_near(server, until: float, statuses: List[str]) -> None:
+    """Three health probes while the burst runs (in its last 10 s): each must be answered ahead of the queue."""
+    probe = load_health_probe(server.repository)
+    time.sleep(max(0.0, until - 10.0 - time.monotonic()))
+    while len(statuses) < 3 and time.monotonic() < until:
+        statuses.append(probe.probe(server.client_host, server.ports["HTTP"], timeout_s=30)[0])
+        time.sleep(1.0)
+
+
+def answers(server, pixels: np.ndarray) -> Dict[str, np.ndarray]:
+    with SafetyCheckerClient(server.grpc_url) as client:
+        return client.infer(pixels)
 
 
 def latency_summary(latencies: Sequence[float]) -> Dict[str, Optional[float]]:
@@ -204,7 +220,9 @@ def run(repository: Path, clients: int, images: int, bursts: int, burst_s: float
     server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
     server.start()
     sampler = Sampler(lambda: server.pid)
+    reference = np.random.default_rng(1000).standard_normal((images, 3, 224, 224)).astype(np.float32)
     try:
+        expected = answers(server, reference)
         time.sleep(5.0)
         idle = sampler.between(sampler.now() - 4.0, sampler.now())
         idle_rss, idle_pss = float(np.median([s[1] for s in idle])), float(np.median([s[2] for s in idle]))
@@ -213,7 +231,7 @@ def run(repository: Path, clients: int, images: int, bursts: int, burst_s: float
         for index in range(bursts):
             load_before = loadavg()
             start = sampler.now()
-            outcomes = burst(server, clients, images, burst_s, seed=index)
+            outcomes, probes = burst(server, clients, images, burst_s, seed=index)
             end = sampler.now()
             time.sleep(settle_s)
             after = sampler.between(sampler.now() - 2.0, sampler.now())
@@ -234,11 +252,13 @@ def run(repository: Path, clients: int, images: int, bursts: int, burst_s: float
                 "load_average_before": load_before,
                 "load_average_after": loadavg(),
                 "first_errors": outcomes.errors[:3],
+                "health_probes": probes,
             }
             row["peak_above_idle_mb"] = round(row["peak_rss_mb"] - idle_rss)
             row["after_above_idle_mb"] = round(row["rss_after_mb"] - idle_rss)
             log(json.dumps(row))
             results.append(row)
+        after_bursts = answers(server, reference)
         return {
             "clients": clients,
             "images_per_request": images,
@@ -251,6 +271,9 @@ def run(repository: Path, clients: int, images: int, bursts: int, burst_s: float
                 "peak_within_1_5_GB": all(r["peak_above_idle_mb"] <= GOAL_PEAK_MB for r in results),
                 "after_within_200_MB": all(r["after_above_idle_mb"] <= GOAL_AFTER_MB for r in results),
                 "no_growth": results[-1]["rss_after_mb"] <= results[0]["rss_after_mb"] + 50,
+                "only_unavailable_refusals": all(r["other_errors"] == 0 for r in results),
+                "probes_answered": all(r["health_probes"] and set(r["health_probes"]) == {"ok"} for r in results),
+                "answers_unchanged": all(np.array_equal(after_bursts[k], v) for k, v in expected.items()),
             },
             "samples": [(round(t, 2), round(r), round(p)) for t, r, p in sampler.samples],
             "cores": len(os.sched_getaffinity(0)),
@@ -295,7 +318,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (args.output / "overload.json").write_text(json.dumps(result, indent=1) + "\n")
     plot(result, args.output / "overload-rss.png", f"{args.clients} clients x {args.images} images, 3 bursts")
     print(json.dumps({k: v for k, v in result.items() if k != "samples"}))
-    return 0
+    missed = [goal for goal, held in result["goal"].items() if not held]
+    if missed:
+        print(f"overload: goals not met: {', '.join(missed)}")
+    return 1 if missed else 0
 
 
 if __name__ == "__main__":

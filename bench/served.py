@@ -123,13 +123,17 @@ def spread(rates: Sequence[float], centre: Optional[float]) -> Optional[float]:
 
 def pooled(windows: List[Dict[str, Any]]) -> Dict[str, Any]:
     """A row from its windows: mean throughput, the spread between windows ((max - min) / mean), every
-    window's number, the mean of each latency percentile, and the summed server statistics."""
+    window's number, the mean of each latency percentile (over the stable windows; the unstable ones' p95 when
+    none is stable), and the summed server statistics."""
     measured = [w for w in windows if "images_per_s" in w]
     rates = [float(w["images_per_s"]) for w in measured]
     mean = float(np.mean(rates)) if rates else None
+    # Every percentile from the same windows, so that p50 <= p95 <= p99 holds: the stable ones when there are
+    # any, else the unstable ones, which have their p95 only.
+    latency_windows = [w for w in measured if w["stable"]] or measured
     latency = {}
-    for p in ("p50", "p95", "p99"):  # an unstable window has its p95 only
-        values = [w["latency_ms"][p] for w in measured if w["latency_ms"][p] is not None]
+    for p in ("p50", "p95", "p99"):
+        values = [w["latency_ms"][p] for w in latency_windows if w["latency_ms"][p] is not None]
         latency[p] = float(np.mean(values)) if values else None
     return {
         "images_per_s": mean,

@@ -16,7 +16,10 @@ the decision and the fired list follow from them. A request that was neither
 answered nor refused with an error is lost. The run writes the memory of
 tritonserver and its stubs over time as a PNG and prints one JSON summary
 line; it exits 0 only with no lost request, no wrong answer and no request
-left unchecked.
+left unchecked, and with the timing checks that no test makes (make test
+counts, it does not time): the stub's death noticed within DETECTION_S and
+the service answering again within RESTORATION_S of the kill, and `serve`
+stopped within STOP_S of its SIGTERM.
 """
 
 from __future__ import annotations
@@ -35,26 +38,24 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from bench.overload import Sampler, loadavg, tiny_repository
-from export.served import served_module
-from safety_checker_admin import concept_set
-from safety_checker_admin.server import child_processes, free_port
+from safety_checker_admin.command_line import EXIT_TIMEOUT_S
+from safety_checker_admin.procfs import child_processes, running
+from safety_checker_admin.server import free_port
 from safety_checker_client import spec
 from safety_checker_client.client import CheckError, SafetyCheckerClient
+from safety_checker_served import concept_set, concept_writer, scoring
 
-scoring = served_module(spec.POSTPROCESS_MODEL, "scoring")
 COMMAND = str(Path(sys.executable).parent / "safety-checker")
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
+# The supervisor's goals for a dead stub: noticed (its "fault:" line) and restored ("restored:") this soon after the
+# kill; and `serve` ends within tritonserver's own exit timeout of a SIGTERM.
+DETECTION_S = 10.0
+RESTORATION_S = 60.0
+STOP_S = float(EXIT_TIMEOUT_S)
 
 
 @dataclass
@@ -75,8 +76,10 @@ class Reference:
     def __init__(self, baseline: Dict[str, np.ndarray]) -> None:
         self.baseline = baseline
         self.sets: Dict[int, concept_set.ConceptSet] = {}
-        # The adjustment every later score of an image gets: +0.01 once a special-care concept fired.
-        self.adjustment = np.where((baseline[spec.SPECIAL_SCORES.name] > 0).any(axis=1), 0.01, 0.0)
+        # The adjustment every later score of an image gets once a special-care concept fired.
+        self.adjustment = np.where(
+            (baseline[spec.SPECIAL_SCORES.name] > 0).any(axis=1), spec.SPECIAL_CARE_ADJUSTMENT, 0.0
+        )
 
     def check(self, index: Sequence[int], answer: Dict[str, np.ndarray]) -> Optional[str]:
         for tensor in (spec.CONCEPT_SCORES, spec.SPECIAL_SCORES, spec.IMAGE_EMBEDS, spec.STRICTNESS_ADJUSTMENT):
@@ -151,7 +154,7 @@ def next_set(current: concept_set.ConceptSet, step: int, embeds: np.ndarray) -> 
         first = concepts[0]
         concepts[0] = dataclasses.replace(first, threshold=0.5)
     return concept_set.parse(
-        concept_set.dumps(
+        concept_writer.dumps(
             concept_set.ConceptSet(current.version + 1, current.embedding_dim, tuple(concepts), current.updated)
         ),
         embedding_dim=current.embedding_dim,
@@ -189,11 +192,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if serve.poll() is not None:
             print(serve.stderr.read(), file=sys.stderr)
             return 1
-        events: List[str] = []
-        threading.Thread(target=lambda: events.extend(serve.stderr), daemon=True).start()
+        events: List[Tuple[float, str]] = []  # (when, line) of serve's stderr
+
+        def pump() -> None:
+            for line in serve.stderr:
+                events.append((time.monotonic(), line))
+
+        threading.Thread(target=pump, daemon=True).start()
 
         def tritonserver() -> Optional[int]:
-            found = [c for c in child_processes(serve.pid) if "tritonserver" in _cmdline(c)]
+            found = running(child_processes(serve.pid), "tritonserver")
             return found[0] if found else None
 
         sampler = Sampler(tritonserver, interval_s=1.0)
@@ -225,7 +233,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for thread in threads:
             thread.start()
 
-        kill_at, killed, reloads = started + 0.4 * duration, None, []
+        kill_at, killed, killed_at, reloads = started + 0.4 * duration, None, None, []
         next_reload = started + args.reload_every / 2
         step = 0
         while time.monotonic() < until:
@@ -235,26 +243,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 current = next_set(current, step, baseline[spec.IMAGE_EMBEDS.name])
                 for reference in references:
                     reference.sets[current.version] = current  # known before the server can answer with it
-                concept_set.write(concept_file, current)
+                concept_writer.write(concept_file, current)
                 reloads.append(
                     {"at_s": round(now - started, 1), "version": current.version, "concepts": len(current.concepts)}
                 )
                 next_reload = now + args.reload_every
             if killed is None and now >= kill_at:
                 server = tritonserver()
-                stubs = (
-                    [c for c in child_processes(server) if f"/{args.kill}/1/model.py" in _cmdline(c)] if server else []
-                )
+                stubs = running(child_processes(server), f"/{args.kill}/1/model.py") if server else []
                 if stubs:
                     os.kill(stubs[0], signal.SIGKILL)
-                    killed = {"model": args.kill, "at_s": round(now - started, 1), "pid": stubs[0]}
+                    killed, killed_at = {"model": args.kill, "at_s": round(now - started, 1), "pid": stubs[0]}, now
             time.sleep(0.5)
         for thread in threads:
             thread.join()
         sampler.stop()
 
-        restored = [e for e in events if e.startswith("restored:")]
-        faults = [e for e in events if e.startswith("fault:")]
+        stopping = time.monotonic()
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(120)
+        stopped_s = time.monotonic() - stopping
+        restored = [(when, e) for when, e in events if e.startswith("restored:")]
+        faults = [(when, e) for when, e in events if e.startswith("fault:")]
+        detected_s = faults[0][0] - killed_at if faults and killed_at else None
+        restored_s = restored[0][0] - killed_at if restored and killed_at else None
+        checks = {
+            f"stub death noticed within {DETECTION_S:g} s": detected_s is not None and detected_s <= DETECTION_S,
+            f"ready again within {RESTORATION_S:g} s": restored_s is not None and restored_s <= RESTORATION_S,
+            f"serve stopped within {STOP_S:g} s of SIGTERM": serve.returncode == 0 and stopped_s <= STOP_S,
+        }
         rss = [s[1] for s in sampler.samples]
         summary = {
             "minutes": args.minutes,
@@ -273,8 +290,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "concept_set_versions_answered": {str(k): v for k, v in sorted(tally.versions.items())},
             "reloads": len(reloads),
             "stub_kill": killed,
-            "faults_seen": [f.strip()[:160] for f in faults],
-            "restorations": [r.strip()[:160] for r in restored],
+            "faults_seen": [f.strip()[:160] for _, f in faults],
+            "restorations": [r.strip()[:160] for _, r in restored],
+            "stub_death_noticed_s": None if detected_s is None else round(detected_s, 1),
+            "ready_again_s": None if restored_s is None else round(restored_s, 1),
+            "serve_stopped_s": round(stopped_s, 1),
+            "failed_checks": [name for name, passed in checks.items() if not passed],
             "rss_mb": {
                 "before_load": round(idle) if idle else None,
                 "peak": round(max(rss)) if rss else None,
@@ -291,7 +312,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plot(samples, killed, reloads, args.output / "soak-rss.png", args.minutes)
         (args.output / "soak.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(json.dumps(summary))
-        return 0 if summary["lost"] == 0 and summary["wrong"] == 0 and summary["unchecked"] == 0 else 1
+        clean = summary["lost"] == 0 and summary["wrong"] == 0 and summary["unchecked"] == 0
+        return 0 if clean and not summary["failed_checks"] else 1
     finally:
         if serve is not None and serve.poll() is None:
             serve.send_signal(signal.SIGTERM)

@@ -7,11 +7,12 @@ window, so candidates can be interleaved window by window.
 
     python -m bench.worker diffusers CHECKPOINT_DIR PIXELS.npy
     python -m bench.worker onnxruntime MODEL.onnx PIXELS.npy
-    python -m bench.worker decoder IMAGES_CONFIG.pbtxt IMAGE_FILE
+    python -m bench.worker decoder DECODER_CONFIG.pbtxt IMAGE_FILE
 
-The decoder is safety_checker_images' own decoding (decoding.py, with the
-client's preprocessing) under the limits of the given config, one file per
-call on one thread: what one instance of the model decodes per second.
+The decoder is safety_checker_decode's own decoding
+(safety_checker_served.decoding, with the client's preprocessing) under the
+limits of the given config, one file per call on one thread: what one
+instance of the model decodes per second.
 """
 
 from __future__ import annotations
@@ -48,10 +49,8 @@ def _served_parameters(model: Path) -> Dict[str, str]:
 def _onnxruntime(model: str) -> Callable[[np.ndarray], None]:
     """The exported graph with the session options of the served CPU embedder, so the
     two differ only by what serving adds."""
-    from export.served import served_module
-    from safety_checker_client import spec
+    from safety_checker_served.session import onnx_session
 
-    onnx_session = served_module(spec.EMBEDDER_MODEL, "session").onnx_session
     session = onnx_session(model, _served_parameters(Path(model)))
 
     def run(pixels: np.ndarray) -> None:
@@ -61,11 +60,9 @@ def _onnxruntime(model: str) -> Callable[[np.ndarray], None]:
 
 
 def _decoder(config_file: str) -> Callable[[np.ndarray], None]:
-    """safety_checker_images' decoding, as one of its instances runs it (Triton's transfers aside)."""
-    from export.served import served_module
-    from safety_checker_client import spec
+    """safety_checker_decode's decoding, as one of its instances runs it (Triton's transfers aside)."""
+    from safety_checker_served import decoding
 
-    decoding = served_module(spec.IMAGES_MODEL, "decoding")
     limits = decoding.limits_from(_config_parameters(Path(config_file)))
     decoding.set_pillow_limit(limits)
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import urllib.parse
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -18,6 +21,8 @@ import numpy as np
 from safety_checker_client import preprocess
 
 DEFAULT_MODEL = "CompVis/stable-diffusion-safety-checker"
+# How long the export waits to reach the hub before it says it cannot (the hub's own retries take minutes).
+HUB_CONNECT_TIMEOUT_S = 5.0
 
 
 class CheckpointError(RuntimeError):
@@ -71,6 +76,8 @@ def load_checkpoint(source: str) -> Checkpoint:
         path = Path(source).expanduser()
         _check_local_dir(path)
         source = str(path)
+    else:
+        _check_hub_reachable(source)
     try:
         model, info = StableDiffusionSafetyChecker.from_pretrained(source, output_loading_info=True)
     except Exception as err:  # transformers raises many types for the same failures
@@ -85,6 +92,27 @@ def load_checkpoint(source: str) -> Checkpoint:
         raise CheckpointError(f"the weights in {source} do not match its config: {_summarise(problems)}")
     model = model.float().eval()
     return Checkpoint(model=model, source=source, preprocessor_config=_preprocessor_config(source, local))
+
+
+def _check_hub_reachable(source: str) -> None:
+    """Refuse at once, naming the way out, when the hub cannot be reached and `source` is not in the local cache.
+
+    Offline mode, a cached checkpoint and a proxy (which a direct connection would not use) are left to
+    `from_pretrained`."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if constants.HF_HUB_OFFLINE or urllib.request.getproxies() or try_to_load_from_cache(source, "config.json"):
+        return
+    endpoint = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = endpoint.port or (443 if endpoint.scheme == "https" else 80)
+    try:
+        socket.create_connection((endpoint.hostname, port), timeout=HUB_CONNECT_TIMEOUT_S).close()
+    except OSError as error:
+        raise CheckpointError(
+            f"cannot reach the Hugging Face hub at {constants.ENDPOINT} to download {source!r} "
+            f"({error.strerror or error}): pass a local directory saved with save_pretrained instead "
+            "(python -m export --model DIR; make serve MODEL=DIR)"
+        ) from None
 
 
 def _preprocessor_config(source: str, local: bool) -> Optional[Dict[str, Any]]:

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from export.checkpoint import DEFAULT_MODEL, CheckpointError, check_preprocessor, load_checkpoint
+from export.environment import DEFAULT_WHEELHOUSE, EnvironmentBuildError
 from export.graph import EmbedderGraph
-from export.models import GPU_DECODERS_PER_CORE, Settings, host_decoder_instances
+from export.models import Settings, host_decoder_instances
 from export.onnx_export import DEFAULT_OPSET, DEFAULT_TOLERANCE, VerificationError, export_onnx, verify_onnx
 from export.quantize import DEFAULT_CHECK_IMAGES, compare_int8, quantize_int8, summary
 from export.repository import RepositoryError, concept_metadata, existing_custom_concepts, model_dims, write_repository
@@ -50,9 +51,8 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         metavar="N",
-        help="CPU instances of safety_checker_images, which decode image files: N in the CPU configuration, "
-        f"{GPU_DECODERS_PER_CORE}N in the GPU one (default: one per core of this host, {host_decoder_instances()}; "
-        "give the serving host's count when the export runs elsewhere)",
+        help="CPU instances of safety_checker_decode, which decodes image files (default: one per core of this "
+        f"host, {host_decoder_instances()}; give the serving host's count when the export runs elsewhere)",
     )
     parser.add_argument(
         "--int8",
@@ -72,6 +72,14 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_CHECK_IMAGES,
         metavar="N",
         help=f"random inputs the int8 report runs (default {DEFAULT_CHECK_IMAGES})",
+    )
+    parser.add_argument(
+        "--wheelhouse",
+        type=Path,
+        default=DEFAULT_WHEELHOUSE,
+        metavar="DIR",
+        help="the pinned wheels (requirements/served.txt) the Python models' environments are built from, for "
+        "Python 3.10 and this Python (default: .wheelhouse, which `make setup` fills)",
     )
     return parser
 
@@ -108,6 +116,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 strictness=args.strictness,
                 concepts_dir=args.concepts_dir,
                 cascade=args.cascade,
+                int8=args.int8,
                 decoder_instances=decoder_instances,
             )
             if args.int8 or args.cascade:
@@ -118,8 +127,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(summary(report))
                 onnx_files[spec.INT8_EMBEDDER_MODEL if args.cascade else spec.EMBEDDER_MODEL] = int8_file
                 settings = dataclasses.replace(settings, cosine_bound=report["cosine_bound"])
-            write_repository(args.repository, onnx_files, dims, metadata, settings, quantization=report)
-    except (CheckpointError, VerificationError, RepositoryError) as err:
+            print("packing the Python models' environments", flush=True)
+            write_repository(
+                args.repository, onnx_files, dims, metadata, settings, quantization=report, wheelhouse=args.wheelhouse
+            )
+    except (CheckpointError, VerificationError, RepositoryError, EnvironmentBuildError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     print(

@@ -12,18 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Dict, Iterable
 
-from export.models import (
-    FAST_CONFIG_NAME,
-    REFERENCE_SETTINGS,
-    SOURCE_REPOSITORY,
-    Parameter,
-    ServedModel,
-    Settings,
-    Step,
-    Variant,
-    committed_models,
-    served_models,
-)
+from export.description import FAST_CONFIG_NAME, SOURCE_REPOSITORY, Parameter, ServedModel, Step, Variant
+from export.models import REFERENCE_SETTINGS, Settings, committed_models, served_models
 from safety_checker_client import spec
 from safety_checker_client.spec import ModelDims, TensorSpec
 
@@ -192,5 +182,14 @@ def _write(repository: Path, rendered: Dict[Path, str]) -> None:
         target.write_text(text)
 
 
+def rewrite_committed() -> None:
+    """model_repository/'s configs as rendered now; a config no description renders any more is removed."""
+    rendered = render_committed()
+    for stale in set(SOURCE_REPOSITORY.glob("*/config.pbtxt")) | set(SOURCE_REPOSITORY.glob("*/configs/*.pbtxt")):
+        if stale.relative_to(SOURCE_REPOSITORY) not in rendered:
+            stale.unlink()
+    _write(SOURCE_REPOSITORY, rendered)
+
+
 if __name__ == "__main__":
-    _write(SOURCE_REPOSITORY, render_committed())
+    rewrite_committed()

@@ -1,11 +1,11 @@
-"""One description per served model: the single source of every config.pbtxt and of each version folder.
+"""One description per served model that runs code: the single source of every such config.pbtxt.
 
-Like TensorRT's demo/Diffusion, which keeps one description per network, each
-model of the repository is described here once: its name, backend, tensors
-(from the client's `spec`, the served contract), batching, parameters and the
-Python files its version folder needs. `export.configs` renders every
-config.pbtxt from these descriptions, and `export.repository` copies the
-listed files; nothing about a served model is written anywhere else.
+The normaliser, the embedder (and the cascade's int8 one), the decoder, the
+postprocessor and the cascade, each described once in the vocabulary of
+`export.description`; the ensembles that chain them are in `export.ensembles`.
+`export.configs` renders every config.pbtxt from these descriptions, and
+`export.repository` writes each Python model's packed environment from its
+`requirements`; nothing about a served model is written anywhere else.
 """
 
 from __future__ import annotations
@@ -13,36 +13,21 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Optional, Tuple
+from typing import Tuple
 
-import safety_checker_admin.concept_set
-import safety_checker_client.preprocess
-from export.served import SOURCE_REPOSITORY
+from export.description import (
+    CPU_CONFIG_NAME,
+    FAST_CONFIG_NAME,
+    Accelerator,
+    Parameter,
+    ServedModel,
+    Variant,
+    queue,
+)
+from export.ensembles import ensemble, images_ensemble, uint8_ensemble
+from export.parameters import ENVIRONMENT, NO_ARENA, ONNX_FILE, REQUEST_LIMITS, STRICTNESS_PARAMETERS
 from safety_checker_client import spec
-from safety_checker_client.spec import TensorSpec
-
-# The homes of the files the export copies into other models' version folders.
-ONNX_RUNNER = (
-    SOURCE_REPOSITORY / spec.EMBEDDER_MODEL / "1" / "model.py",
-    SOURCE_REPOSITORY / spec.EMBEDDER_MODEL / "1" / "session.py",
-    SOURCE_REPOSITORY / spec.EMBEDDER_MODEL / "1" / "request_limits.py",
-)
-# What every Python model refuses (unknown request parameters, ...); its home is the embedder's version folder.
-REQUEST_LIMITS_MODULE = ONNX_RUNNER[2]
-CONCEPT_SET_MODULE = Path(safety_checker_admin.concept_set.__file__).resolve()
-# The client's preprocessing and the contract it imports, which the images model decodes files with; and the
-# postprocessor's reading of the strictness request parameters, which it checks requests with.
-CLIENT_PREPROCESSING = (
-    Path(safety_checker_client.preprocess.__file__).resolve(),
-    Path(spec.__file__).resolve(),
-)
-STRICTNESS_MODULE = SOURCE_REPOSITORY / spec.POSTPROCESS_MODEL / "1" / "strictness.py"
-
-# The names given to --model-config-name: configs/cpu.pbtxt (the bundled CPU
-# server) and configs/fast.pbtxt (TensorRT FP16 on a GPU, opt-in).
-CPU_CONFIG_NAME = "cpu"
-FAST_CONFIG_NAME = "fast"
+from safety_checker_client.preprocess import normalization_table
 
 # GPU: two instances, so that one batch's copies and batch formation overlap the other's compute.
 GPU_INSTANCES = 2
@@ -53,11 +38,9 @@ GPU_ENGINE_CACHE = "/trt-cache"
 # The engine cache prefix of the committed reference configs; the export writes model.onnx's digest.
 REFERENCE_ENGINE_KEY = "not-exported"
 
-# The images model's CPU instances, which decode files: one per core of the host the export runs on, unless
-# the export is told (--decoder-instances). The committed reference configs show this many.
+# The decoder's CPU instances: one per core of the host the export runs on, unless the export is told
+# (--decoder-instances). The committed reference configs show this many.
 REFERENCE_DECODER_INSTANCES = 4
-# GPU configuration: an instance waits for the GPU after each decode, so twice as many keep the cores busy.
-GPU_DECODERS_PER_CORE = 2
 
 
 def host_decoder_instances() -> int:
@@ -72,9 +55,8 @@ CPU_QUEUE_DELAY_US = 0
 POSTPROCESS_QUEUE_DELAY_US = 500
 
 # Overload: every model's queue is bounded, in requests (Triton counts requests, not images), and a request
-# that waited longer than its model's timeout is refused with UNAVAILABLE instead of piling up. A refused
-# request costs the server nothing more; the client retries it with backoff (client.py). Each queued
-# request holds its tensors: up to max_batch_size images (19 MB of float32 pixel_values).
+# that waited longer than its model's timeout is refused with UNAVAILABLE instead of piling up; the client
+# retries it with backoff. Each queued request holds its tensors: up to max_batch_size images.
 GPU_MAX_QUEUE = 64  # two full batches of single-image requests per instance
 GPU_QUEUE_TIMEOUT_US = 5_000_000
 # Sixteen: a batch job keeps up to 16 single-image requests in flight without a refusal (a queue of
@@ -82,232 +64,23 @@ GPU_QUEUE_TIMEOUT_US = 5_000_000
 # are 308 MB of pixel_values, and the timeout refuses whatever would wait longer than it.
 CPU_MAX_QUEUE = 16
 CPU_QUEUE_TIMEOUT_US = 30_000_000  # the full ViT-L/14 on two cores: about a second per image
-IMAGES_MAX_QUEUE = 8  # requests of encoded files: eight clients beside the decoders' own
+DECODER_MAX_QUEUE = 8  # requests of encoded files: eight clients beside the decoders' own
 POSTPROCESS_MAX_QUEUE = 128  # a few KB per image: room for four embedder batches of single-image requests
 POSTPROCESS_QUEUE_TIMEOUT_US = 10_000_000
-# Two priority levels: 1 for the health probe (admin/safety_checker_admin/health_probe.py), which so waits for
-# at most the batch that is running, never behind the queue; 2, the default, for every other request.
-PRIORITY_LEVELS = 2
-DEFAULT_PRIORITY_LEVEL = 2
 
-# Request parameters. The checker's own (spec) are the only ones a request may carry, besides Triton's reserved
-# keys: Triton 2.51's HTTP and gRPC front ends consume these themselves (src/http_server.cc
-# ParseJsonTritonParams, src/grpc/infer_handler.cc SetInferenceRequestMetadata), except binary_data_output,
-# which gRPC passes on to the model. Every other name is refused with INVALID_ARG by each Python model, and the
-# ensembles forward every parameter of a request to each of their steps.
-REQUEST_PARAMETERS = (spec.STRICTNESS_PARAMETER, spec.STRICTNESS_ADJUSTMENT_PARAMETER)
-TRITON_REQUEST_PARAMETERS = (
-    "sequence_id",
-    "sequence_start",
-    "sequence_end",
-    "priority",
-    "timeout",
-    "binary_data_output",
-    "triton_enable_empty_final_response",
-)
-# The JSON text of one request's parameters, at most (the longest valid one is a few dozen bytes).
-MAX_PARAMETER_BYTES = 1024
-
-
-@dataclass(frozen=True)
-class Parameter:
-    """A config `parameters` entry (always a string_value, as Triton passes them to Python models)."""
-
-    key: str
-    value: str
-    comment: str = ""
-
-
-@dataclass(frozen=True)
-class DynamicBatching:
-    """Dynamic batching and its queue policy: at most `max_queue_size` waiting requests, each refused with
-    UNAVAILABLE once it waited `queue_timeout_us` (a request's own "timeout" parameter may only shorten it)."""
-
-    max_queue_delay_us: int
-    max_queue_size: int
-    queue_timeout_us: int
-    preferred_batch_sizes: Tuple[int, ...] = ()
-    priority_levels: int = PRIORITY_LEVELS
-    default_priority_level: int = DEFAULT_PRIORITY_LEVEL
-    comment: str = ""
-
-
-@dataclass(frozen=True)
-class Accelerator:
-    """An onnxruntime execution accelerator on the GPU ("tensorrt" or "cuda") and its parameters."""
-
-    name: str
-    parameters: Tuple[Tuple[str, str], ...]
-
-
-@dataclass(frozen=True)
-class Variant:
-    """One config file of a model: config.pbtxt (what the NGC container loads) or configs/NAME.pbtxt."""
-
-    backend: str  # "python", "onnxruntime", or "ensemble" (rendered as its platform)
-    comment: str
-    config_name: Optional[str] = None  # None: config.pbtxt; NAME: configs/NAME.pbtxt
-    instance_kind: Optional[str] = None  # KIND_CPU / KIND_GPU; None for ensembles
-    instance_count: int = 1
-    batching: Optional[DynamicBatching] = None
-    parameters: Tuple[Parameter, ...] = ()
-    default_model_filename: Optional[str] = None
-    accelerator: Optional[Accelerator] = None
-    warmup_batch: Optional[int] = None  # a zero batch of this size at load
-    comment_instances: str = ""
-
-    @property
-    def path(self) -> Path:
-        return Path("config.pbtxt") if self.config_name is None else Path("configs", f"{self.config_name}.pbtxt")
-
-
-@dataclass(frozen=True)
-class Step:
-    """One model of an ensemble; every tensor keeps its own name, which spec keeps unique."""
-
-    model: str
-    inputs: Tuple[TensorSpec, ...]
-    outputs: Tuple[TensorSpec, ...]
-    comment: str
-
-
-@dataclass(frozen=True)
-class ServedModel:
-    name: str
-    inputs: Tuple[TensorSpec, ...]
-    outputs: Tuple[TensorSpec, ...]
-    variants: Tuple[Variant, ...]
-    steps: Tuple[Step, ...] = ()  # ensembles only
-    # Python files whose home is elsewhere, copied into the version folder by the export.
-    copied_files: Tuple[Path, ...] = ()
-    max_batch_size: int = spec.MAX_BATCH_SIZE
-
-
-def _required(tensors: Tuple[TensorSpec, ...]) -> Tuple[TensorSpec, ...]:
-    """The tensors an ensemble step must map: an optional input stays unmapped."""
-    return tuple(t for t in tensors if not t.optional)
-
-
-_EMBED = Step(
-    spec.EMBEDDER_MODEL,
-    spec.EMBEDDER_INPUTS,
-    spec.EMBEDDER_OUTPUTS,
-    "ONNX graph: CLIP vision tower, projection, cosines to the concepts.",
-)
-_POSTPROCESS = Step(
-    spec.POSTPROCESS_MODEL,
-    _required(spec.POSTPROCESS_INPUTS),
-    tuple(t for t in spec.POSTPROCESS_OUTPUTS if t in spec.ENSEMBLE_OUTPUTS),
-    "Python: thresholds, rounding and the special-care rule, as diffusers.",
-)
-_NORMALIZE = Step(
-    spec.NORMALIZE_MODEL,
-    spec.NORMALIZE_INPUTS,
-    spec.NORMALIZE_OUTPUTS,
-    "ONNX lookup table: rescale and normalise, exactly as CLIPImageProcessor.",
-)
-_CASCADE = Step(
-    spec.CASCADE_MODEL,
-    spec.ENSEMBLE_INPUTS,
-    spec.ENSEMBLE_OUTPUTS,
-    "Python (BLS): int8 embedder, fp32 where int8 could decide otherwise, postprocessor.",
-)
-
-
-def ensemble(cascade: bool = False) -> ServedModel:
-    """The public contract; in a cascade repository its one step is the cascade."""
-    how = "\nHere the int8/fp32 cascade answers (python -m export --cascade)." if cascade else ""
-    return ServedModel(
-        spec.ENSEMBLE_MODEL,
-        spec.ENSEMBLE_INPUTS,
-        spec.ENSEMBLE_OUTPUTS,
-        steps=(_CASCADE,) if cascade else (_EMBED, _POSTPROCESS),
-        variants=(
-            Variant(
-                "ensemble",
-                f"""The guardrail's public contract: CLIP pixel_values in, per image the
-decision diffusers' StableDiffusionSafetyChecker.forward() takes, the rounded
-per-concept scores behind it and the projected image embedding.{how}""",
-            ),
-        ),
-    )
-
-
-def uint8_ensemble(cascade: bool = False) -> ServedModel:
-    return ServedModel(
-        spec.UINT8_ENSEMBLE_MODEL,
-        spec.UINT8_ENSEMBLE_INPUTS,
-        spec.UINT8_ENSEMBLE_OUTPUTS,
-        steps=(_NORMALIZE, _CASCADE) if cascade else (_NORMALIZE, _EMBED, _POSTPROCESS),
-        variants=(
-            Variant(
-                "ensemble",
-                f"""The same checker for clients that send resized and cropped uint8
-RGB images (150 KB per image instead of 602 KB of float32 pixel_values);
-the server normalises them. Same outputs and decisions as "{spec.ENSEMBLE_MODEL}".""",
-            ),
-        ),
-    )
-
-
-_ONNX_FILE = Parameter(
-    "onnx_filename", spec.ONNX_FILENAME, "The ONNX file in the version folder, shared with the onnxruntime backend."
-)
-
-# onnxruntime's CPU memory arena keeps the memory of the largest batch it ran for as long as the server runs
-# (measured: 175 MB of the tiny test checker after 32-image batches); off, activations go back after each run.
-_NO_ARENA = Parameter(
-    "cpu_mem_arena",
-    "0",
-    "0: onnxruntime allocates each run's activations and hands them back (no arena that only grows).",
-)
-
-# What every Python model refuses, read from its config (model_repository/*/1/model.py).
-REQUEST_LIMITS = (
-    Parameter(
-        "request_parameters",
-        ",".join(REQUEST_PARAMETERS),
-        """The request parameters a request may carry (the ensembles forward a request's parameters to
-every step); any other name is refused with INVALID_ARG, naming it and these.""",
-    ),
-    Parameter(
-        "triton_request_parameters",
-        ",".join(TRITON_REQUEST_PARAMETERS),
-        """Triton's reserved request parameters, accepted too: its HTTP and gRPC front ends consume them
-(binary_data_output reaches a model over gRPC).""",
-    ),
-    Parameter(
-        "max_request_images",
-        str(spec.MAX_BATCH_SIZE),
-        "Largest batch one request may hold, and the longest JSON text of its parameters, in bytes.",
-    ),
-    Parameter("max_parameter_bytes", str(MAX_PARAMETER_BYTES)),
-)
-
-
-def _queue_comment(max_queue_size: int, timeout_us: int) -> str:
-    return f"""At most {max_queue_size} requests wait (each up to {spec.MAX_BATCH_SIZE} images); one that waited
-{timeout_us // 1_000_000} s is refused with UNAVAILABLE. Priority 1 (the health probe) goes first."""
-
-
-def _queue(max_queue_delay_us: int, max_queue_size: int, timeout_us: int, comment: str = "") -> DynamicBatching:
-    return DynamicBatching(max_queue_delay_us, max_queue_size, timeout_us, comment=comment)
-
-
-_NO_DELAY_GPU = _queue(
+_NO_DELAY_GPU = queue(
     0,
     GPU_MAX_QUEUE,
     GPU_QUEUE_TIMEOUT_US,
     """No queue delay: each request goes straight on to the embedder, which batches.
 Dynamic batching is here for its bounded queue (see the embedder).""",
 )
-_CPU_QUEUE = _queue(CPU_QUEUE_DELAY_US, CPU_MAX_QUEUE, CPU_QUEUE_TIMEOUT_US)
+_CPU_QUEUE = queue(CPU_QUEUE_DELAY_US, CPU_MAX_QUEUE, CPU_QUEUE_TIMEOUT_US)
 
 NORMALIZE = ServedModel(
     spec.NORMALIZE_MODEL,
     spec.NORMALIZE_INPUTS,
     spec.NORMALIZE_OUTPUTS,
-    copied_files=ONNX_RUNNER,
     variants=(
         Variant(
             "onnxruntime",
@@ -319,13 +92,13 @@ configs/{CPU_CONFIG_NAME}.pbtxt runs the same model.onnx on CPU.""",
         ),
         Variant(
             "python",
-            """uint8 images -> pixel_values on CPU: the embedder's Python onnxruntime
-runner (1/model.py, copied by the export) on this folder's model.onnx, a
-table lookup that takes about a millisecond per image on one thread.""",
+            """uint8 images -> pixel_values on CPU: the Python onnxruntime runner
+(safety_checker_served.onnx_runner) on this folder's model.onnx, a table
+lookup one thread keeps up with.""",
             config_name=CPU_CONFIG_NAME,
             instance_kind="KIND_CPU",
             batching=_CPU_QUEUE,
-            parameters=(_ONNX_FILE, Parameter("intra_op_num_threads", "1"), _NO_ARENA, *REQUEST_LIMITS),
+            parameters=(ONNX_FILE, Parameter("intra_op_num_threads", "1"), NO_ARENA, *REQUEST_LIMITS, ENVIRONMENT),
         ),
     ),
 )
@@ -336,10 +109,13 @@ def _profile_shape(batch: int) -> str:
     return f"{pixels.name}:" + "x".join(str(d) for d in (batch, *pixels.dims))
 
 
-def embedder(engine_cache_key: str = REFERENCE_ENGINE_KEY, name: str = spec.EMBEDDER_MODEL) -> ServedModel:
+def embedder(
+    engine_cache_key: str = REFERENCE_ENGINE_KEY, name: str = spec.EMBEDDER_MODEL, quantized: bool = False
+) -> ServedModel:
     """The embedder; `engine_cache_key` (model.onnx's digest) keeps TensorRT engines of different exports apart.
-    `name`: the cascade's int8 embedder is the same description under its own name, with the runner copied in."""
-    batching = _queue(
+    `name`: the cascade's int8 embedder is the same description under its own name. `quantized`: its
+    model.onnx is dynamically quantised, so each image runs alone on CPU."""
+    batching = queue(
         GPU_QUEUE_DELAY_US,
         GPU_MAX_QUEUE,
         GPU_QUEUE_TIMEOUT_US,
@@ -354,7 +130,6 @@ formed and copied."""
         name,
         spec.EMBEDDER_INPUTS,
         spec.EMBEDDER_OUTPUTS,
-        copied_files=() if name == spec.EMBEDDER_MODEL else ONNX_RUNNER,
         variants=(
             Variant(
                 "onnxruntime",
@@ -423,14 +198,9 @@ two single-thread instances were no faster; and no queue delay, because on a
 CPU a bigger batch does not make an image cheaper. Requests that arrive while
 a batch runs (about a second per image) still go together into the next one;
 a request that finds the model idle starts at once.""",
-                batching=_queue(
-                    CPU_QUEUE_DELAY_US,
-                    CPU_MAX_QUEUE,
-                    CPU_QUEUE_TIMEOUT_US,
-                    comment=_queue_comment(CPU_MAX_QUEUE, CPU_QUEUE_TIMEOUT_US),
-                ),
+                batching=queue(CPU_QUEUE_DELAY_US, CPU_MAX_QUEUE, CPU_QUEUE_TIMEOUT_US),
                 parameters=(
-                    _ONNX_FILE,
+                    ONNX_FILE,
                     Parameter(
                         "intra_op_num_threads",
                         "0",
@@ -445,34 +215,21 @@ the cores from the Python stubs and the gRPC front end between runs (tiny
 checker through the cascade at concurrency 4: 12.8 -> 53.7 images/s, with
 perf_analyzer on a 2-core machine).""",
                     ),
-                    _NO_ARENA,
+                    NO_ARENA,
+                    Parameter(
+                        "images_per_run",
+                        "1" if quantized else "0",
+                        """Images per onnxruntime run (0: the whole batch at once). 1 for a dynamically
+quantised model, which quantises activations over the whole tensor it is given:
+each image runs alone, so no image's values move another's answer.""",
+                    ),
                     *REQUEST_LIMITS,
+                    ENVIRONMENT,
                 ),
                 warmup_batch=1,
             ),
         ),
     )
-
-
-# How requests choose a strictness: read by the postprocessor, checked by the images model (strictness.py).
-_STRICTNESS_PARAMETERS = (
-    Parameter(
-        "strictness_presets",
-        json.dumps(spec.STRICTNESS_PRESETS),
-        'Adjustment added to every score before the "> 0" test (diffusers PR #9068).',
-    ),
-    Parameter(
-        "max_strictness_adjustment",
-        f"{spec.MAX_STRICTNESS_ADJUSTMENT:g}",
-        "Largest |strictness_adjustment| a request may ask for.",
-    ),
-    Parameter(
-        "strictness_parameter",
-        spec.STRICTNESS_PARAMETER,
-        "The request parameters that choose a preset or an adjustment.",
-    ),
-    Parameter("strictness_adjustment_parameter", spec.STRICTNESS_ADJUSTMENT_PARAMETER),
-)
 
 
 def postprocess(
@@ -488,7 +245,6 @@ def postprocess(
         spec.POSTPROCESS_MODEL,
         spec.POSTPROCESS_INPUTS,
         spec.POSTPROCESS_OUTPUTS,
-        copied_files=(CONCEPT_SET_MODULE, REQUEST_LIMITS_MODULE),
         variants=(
             Variant(
                 "python",
@@ -498,11 +254,10 @@ batch. Thresholds are read from 1/{spec.CONCEPTS_FILENAME}, written by the expor
 custom concepts from 1/{spec.CUSTOM_CONCEPTS_FILENAME}, re-read whenever it changes.
 Inputs and outputs are read by position, in the order declared here.""",
                 instance_kind="KIND_CPU",
-                batching=_queue(
+                batching=queue(
                     POSTPROCESS_QUEUE_DELAY_US,
                     POSTPROCESS_MAX_QUEUE,
                     POSTPROCESS_QUEUE_TIMEOUT_US,
-                    comment=_queue_comment(POSTPROCESS_MAX_QUEUE, POSTPROCESS_QUEUE_TIMEOUT_US),
                 ),
                 parameters=(
                     Parameter(
@@ -513,7 +268,7 @@ sends the request parameter "{spec.STRICTNESS_PARAMETER}" (a preset) or
 "{spec.STRICTNESS_ADJUSTMENT_PARAMETER}" (a number). "{spec.DEFAULT_STRICTNESS}" reproduces the reference
 checker exactly.""",
                     ),
-                    *_STRICTNESS_PARAMETERS,
+                    *STRICTNESS_PARAMETERS,
                     *REQUEST_LIMITS,
                     Parameter(
                         "concepts_file",
@@ -534,14 +289,71 @@ it from its rounding boundary keeps its decision: exact_scores says which.""",
                         """Where custom_concepts_file is read: empty for the version folder, or a
 folder every replica shares (a ConfigMap volume), re-read when it changes.""",
                     ),
+                    ENVIRONMENT,
                 ),
             ),
         ),
     )
 
 
-def images(decoder_instances: int = REFERENCE_DECODER_INSTANCES) -> ServedModel:
-    """The checker fed encoded image files, with `decoder_instances` CPU instances (per core: --decoder-instances)."""
+def cascade(cosine_bound: float = 0.0) -> ServedModel:
+    """The int8/fp32 cascade (BLS), answering for the ensembles of a --cascade repository."""
+    names = ",".join(t.name for t in spec.EMBEDDER_OUTPUTS)
+    return ServedModel(
+        spec.CASCADE_MODEL,
+        spec.ENSEMBLE_INPUTS,
+        spec.ENSEMBLE_OUTPUTS,
+        variants=(
+            Variant(
+                "python",
+                """The int8/fp32 cascade (python -m export --cascade): every image goes
+through the int8 embedder; the postprocessor scores it and says, with the
+int8 error bound below, whether int8 could have changed its decision
+(built-in, special-care and custom concepts, rounding and the special-care
+rule included). Those images go through the fp32 embedder and are scored
+again, exactly. Decisions are the fp32 checker's; exact_scores says which
+answers are fp32's own.""",
+                instance_kind="KIND_CPU",
+                batching=queue(
+                    0,
+                    POSTPROCESS_MAX_QUEUE,
+                    CPU_QUEUE_TIMEOUT_US,
+                ),
+                parameters=(
+                    *REQUEST_LIMITS,
+                    *STRICTNESS_PARAMETERS,
+                    Parameter(
+                        "cosine_bound",
+                        repr(float(cosine_bound)),
+                        "The int8 embedder's error bound, as measured by the export (cascade.json).",
+                    ),
+                    Parameter("int8_embedder", spec.INT8_EMBEDDER_MODEL),
+                    Parameter("fp32_embedder", spec.EMBEDDER_MODEL),
+                    Parameter("postprocessor", spec.POSTPROCESS_MODEL),
+                    Parameter(
+                        "embedder_outputs",
+                        names,
+                        "Tensors the embedders give and the postprocessor takes, by name.",
+                    ),
+                    Parameter("cosine_bound_input", spec.COSINE_BOUND.name),
+                    Parameter("decision_certain_output", spec.DECISION_CERTAIN.name),
+                    Parameter("nonfinite_output", spec.NONFINITE_VALUES.name),
+                    Parameter(
+                        "pixel_range",
+                        json.dumps(normalization_table()[[0, -1]].T.tolist()),
+                        """Per channel, the lowest and highest pixel_values a real image has (uint8 0 and
+255, normalised as the client does). int8's error bound was measured on such
+images: an image with a value outside this range goes to fp32 whatever int8 says.""",
+                    ),
+                    ENVIRONMENT,
+                ),
+            ),
+        ),
+    )
+
+
+def decoder(decoder_instances: int = REFERENCE_DECODER_INSTANCES) -> ServedModel:
+    """Image files -> uint8 images, with `decoder_instances` CPU instances (--decoder-instances)."""
     if decoder_instances < 1:
         raise ValueError(f"decoder instances must be at least 1, not {decoder_instances}")
     parameters = (
@@ -562,55 +374,30 @@ pixel is decoded: a decompression bomb is refused without decoding it.""",
             ",".join(spec.IMAGE_FORMATS),
             "The formats decoded (Pillow's names); anything else (SVG, PDF, ...) is refused.",
         ),
-        Parameter(
-            "checker_model",
-            spec.ENSEMBLE_MODEL,
-            "The model the decoded pixels go to (through BLS), and its pixel input.",
-        ),
-        Parameter("checker_input", spec.PIXEL_VALUES.name),
-        *_STRICTNESS_PARAMETERS,
         *REQUEST_LIMITS,
-    )
-    about = f"""The checker fed image files: each element is one PNG, JPEG, WebP, GIF, BMP
-or TIFF file, its raw bytes or their base64 text (told apart by content),
-decoded with the client's own preprocessing (1/preprocess.py, copied by the
-export), checked by "{spec.ENSEMBLE_MODEL}" through BLS, and answered with its
-outputs in this config's order, has_nsfw_concepts first (an ensemble would
-answer JSON requests in a hash map's order). One element that cannot be
-checked refuses the whole request with INVALID_ARG naming its index."""
-    # No batching delay (each request is decoded and checked on its own); the queue is what is bounded: fewer
-    # requests than the embedder's, since each may carry 32 files of up to 20 MiB.
-    images_queue = _queue(
-        0, IMAGES_MAX_QUEUE, CPU_QUEUE_TIMEOUT_US, comment=_queue_comment(IMAGES_MAX_QUEUE, CPU_QUEUE_TIMEOUT_US)
+        ENVIRONMENT,
     )
     return ServedModel(
-        spec.IMAGES_MODEL,
-        spec.IMAGES_INPUTS,
-        spec.IMAGES_OUTPUTS,
-        copied_files=(*CLIENT_PREPROCESSING, STRICTNESS_MODULE, REQUEST_LIMITS_MODULE),
+        spec.DECODE_MODEL,
+        spec.DECODE_INPUTS,
+        spec.DECODE_OUTPUTS,
+        requirements=("pillow",),
         variants=(
             Variant(
                 "python",
-                about,
-                instance_kind="KIND_CPU",
-                instance_count=GPU_DECODERS_PER_CORE * decoder_instances,
-                comment_instances=f"""Decoding is CPU work: CPU instances on a GPU host too,
-{GPU_DECODERS_PER_CORE} per core ({decoder_instances} cores, rendered by the export: --decoder-instances,
-default the cores of the host it runs on), because each waits for the GPU's
-answer after decoding its request.""",
-                batching=images_queue,
-                parameters=parameters,
-            ),
-            Variant(
-                "python",
-                about,
-                config_name=CPU_CONFIG_NAME,
+                f"""Image files -> the resized and cropped uint8 RGB images, the first step of
+"{spec.IMAGES_MODEL}": each element is one PNG, JPEG, WebP, GIF, BMP or TIFF
+file, its raw bytes or their base64 text (told apart by content), decoded with
+the client's own preprocessing (safety_checker_served.decoding). One element
+that cannot be checked refuses its request with INVALID_ARG naming its index.""",
                 instance_kind="KIND_CPU",
                 instance_count=decoder_instances,
-                comment_instances=f"""One instance per core ({decoder_instances}, rendered by the export:
---decoder-instances, default one per core of the host it runs on). Each holds
-its request until the embedder answered, and the embedder needs the cores.""",
-                batching=images_queue,
+                comment_instances=f"""Decoding is CPU work: CPU instances on a GPU host too, one per core
+({decoder_instances}, rendered by the export: --decoder-instances, default the
+cores of the host it runs on).""",
+                # No batching delay (each request is decoded on its own); the queue is what is bounded: fewer
+                # requests than the embedder's, since each may carry 32 files of up to 20 MiB.
+                batching=queue(0, DECODER_MAX_QUEUE, CPU_QUEUE_TIMEOUT_US),
                 parameters=parameters,
             ),
         ),
@@ -627,60 +414,13 @@ class Settings:
     # The int8 embedder's error bound: of the served embedder (--int8), or of the cascade's int8 one (--cascade).
     cosine_bound: float = 0.0
     cascade: bool = False
+    int8: bool = False  # the served embedder is dynamically quantised (--int8)
     int8_engine_cache_key: str = REFERENCE_ENGINE_KEY
-    decoder_instances: int = REFERENCE_DECODER_INSTANCES  # the images model's decoders (--decoder-instances)
+    decoder_instances: int = REFERENCE_DECODER_INSTANCES  # the decoder's instances (--decoder-instances)
 
 
 # What the committed model_repository/ configs are rendered with.
 REFERENCE_SETTINGS = Settings()
-
-
-def cascade(cosine_bound: float = 0.0) -> ServedModel:
-    """The int8/fp32 cascade (BLS), answering for the ensembles of a --cascade repository."""
-    names = ",".join(t.name for t in spec.EMBEDDER_OUTPUTS)
-    return ServedModel(
-        spec.CASCADE_MODEL,
-        spec.ENSEMBLE_INPUTS,
-        spec.ENSEMBLE_OUTPUTS,
-        copied_files=(REQUEST_LIMITS_MODULE,),
-        variants=(
-            Variant(
-                "python",
-                """The int8/fp32 cascade (python -m export --cascade): every image goes
-through the int8 embedder; the postprocessor scores it and says, with the
-int8 error bound below, whether int8 could have changed its decision
-(built-in, special-care and custom concepts, rounding and the special-care
-rule included). Those images go through the fp32 embedder and are scored
-again, exactly. Decisions are the fp32 checker's; exact_scores says which
-answers are fp32's own.""",
-                instance_kind="KIND_CPU",
-                batching=_queue(
-                    0,
-                    POSTPROCESS_MAX_QUEUE,
-                    CPU_QUEUE_TIMEOUT_US,
-                    comment=_queue_comment(POSTPROCESS_MAX_QUEUE, CPU_QUEUE_TIMEOUT_US),
-                ),
-                parameters=(
-                    *REQUEST_LIMITS,
-                    Parameter(
-                        "cosine_bound",
-                        repr(float(cosine_bound)),
-                        "The int8 embedder's error bound, as measured by the export (cascade.json).",
-                    ),
-                    Parameter("int8_embedder", spec.INT8_EMBEDDER_MODEL),
-                    Parameter("fp32_embedder", spec.EMBEDDER_MODEL),
-                    Parameter("postprocessor", spec.POSTPROCESS_MODEL),
-                    Parameter(
-                        "embedder_outputs",
-                        names,
-                        "Tensors the embedders give and the postprocessor takes, by name.",
-                    ),
-                    Parameter("cosine_bound_input", spec.COSINE_BOUND.name),
-                    Parameter("decision_certain_output", spec.DECISION_CERTAIN.name),
-                ),
-            ),
-        ),
-    )
 
 
 def served_models(settings: Settings = REFERENCE_SETTINGS) -> Tuple[ServedModel, ...]:
@@ -688,20 +428,22 @@ def served_models(settings: Settings = REFERENCE_SETTINGS) -> Tuple[ServedModel,
     common = (
         ensemble(settings.cascade),
         uint8_ensemble(settings.cascade),
+        images_ensemble(settings.cascade),
+        decoder(settings.decoder_instances),
         NORMALIZE,
-        embedder(settings.engine_cache_key),
-        images(settings.decoder_instances),
+        embedder(settings.engine_cache_key, quantized=settings.int8 and not settings.cascade),
     )
     if not settings.cascade:
         return (*common, postprocess(settings.strictness, settings.concepts_dir, settings.cosine_bound))
     return (
         *common,
         postprocess(settings.strictness, settings.concepts_dir),
-        embedder(settings.int8_engine_cache_key, spec.INT8_EMBEDDER_MODEL),
+        embedder(settings.int8_engine_cache_key, spec.INT8_EMBEDDER_MODEL, quantized=True),
         cascade(settings.cosine_bound),
     )
 
 
 def committed_models() -> Tuple[ServedModel, ...]:
-    """What model_repository/ holds configs for: every model of a plain export, and the cascade (its code's home)."""
-    return (*served_models(REFERENCE_SETTINGS), cascade())
+    """What model_repository/ holds configs for: every model of a plain export, and the cascade's two (their code's
+    home)."""
+    return (*served_models(REFERENCE_SETTINGS), embedder(name=spec.INT8_EMBEDDER_MODEL, quantized=True), cascade())

@@ -22,6 +22,7 @@ import numpy as np
 
 from export.stress import score, stress_agreement
 from safety_checker_client import spec
+from safety_checker_client.preprocess import normalize
 
 REPORT_FILENAME = "quantization.json"
 DEFAULT_CHECK_IMAGES = 16
@@ -42,12 +43,13 @@ def quantize_int8(fp32_file: Path, int8_file: Path) -> None:
 
 
 def _outputs(path: Path, pixels: np.ndarray):
-    """(concept cosines, special cosines, normalised image embeddings), 4 images a run."""
+    """(concept cosines, special cosines, normalised image embeddings), one image a run, as the server runs a
+    quantised model (its activations are quantised over the whole tensor it is given)."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     names = [spec.CONCEPT_COSINES.name, spec.SPECIAL_COSINES.name, spec.IMAGE_EMBEDS.name]
-    runs = [session.run(names, {spec.PIXEL_VALUES.name: pixels[s : s + 4]}) for s in range(0, len(pixels), 4)]
+    runs = [session.run(names, {spec.PIXEL_VALUES.name: pixels[s : s + 1]}) for s in range(len(pixels))]
     concept, special, embeds = (np.concatenate(column) for column in zip(*runs))
     embeds = embeds.astype(np.float64)
     return concept, special, embeds / np.linalg.norm(embeds, axis=1, keepdims=True)
@@ -56,12 +58,11 @@ def _outputs(path: Path, pixels: np.ndarray):
 def compare_int8(
     fp32_file: Path, int8_file: Path, metadata: Dict[str, Any], images: int = DEFAULT_CHECK_IMAGES, seed: int = 0
 ) -> Dict[str, Any]:
-    """Agreement of the int8 model with fp32, on random inputs and at the stress margins."""
-    pixels = (
-        np.random.default_rng(seed)
-        .standard_normal((images, spec.NUM_CHANNELS, spec.IMAGE_SIZE, spec.IMAGE_SIZE))
-        .astype(np.float32)
-    )
+    """Agreement of the int8 model with fp32, on random images and at the stress margins."""
+    # Random uint8 images, normalised as the client does: inputs within the range of a real image's pixel_values,
+    # where the cascade trusts the bound (it sends any other image to fp32).
+    levels = np.random.default_rng(seed).integers(0, 256, (images, *spec.IMAGES.dims), dtype=np.uint8)
+    pixels = normalize(levels)
     concept_thr = np.array([c["threshold"] for c in metadata["concepts"]], dtype=np.float64)
     special_thr = np.array([c["threshold"] for c in metadata["special_care"]], dtype=np.float64)
     adjustment = float(metadata["special_care_adjustment"])

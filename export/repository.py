@@ -17,21 +17,23 @@ import tempfile
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-from export import configs
-from export.models import REFERENCE_SETTINGS, SOURCE_REPOSITORY, Settings, served_models
+from export import configs, environment
+from export.description import SOURCE_REPOSITORY
+from export.models import REFERENCE_SETTINGS, Settings, served_models
 from export.normalize import write_normalizer
+from export.parameters import ENVIRONMENT_FILENAME
 from export.quantize import REPORT_FILENAME
-from safety_checker_admin import concept_set, health_probe
 from safety_checker_client import spec
 from safety_checker_client.spec import ModelDims
+from safety_checker_served import concept_set, concept_writer
 
 MODEL_FOLDERS = tuple(model.name for model in served_models())
 # Every model folder an export writes, cascade or not: a re-export removes the ones it no longer serves.
 OWNED_FOLDERS = frozenset(MODEL_FOLDERS) | {m.name for m in served_models(Settings(cascade=True))}
 # The health probe every deployment runs (docker-compose, KServe): a file at the repository root, which Triton
 # does not look at (it loads folders), so the container finds it where the repository is mounted.
-HEALTH_PROBE = Path(health_probe.__file__).resolve()
 HEALTH_PROBE_FILENAME = "health_probe.py"
+HEALTH_PROBE = SOURCE_REPOSITORY / HEALTH_PROBE_FILENAME
 # Generated files that may sit in a developer's model_repository/ and are never copied from it.
 _NOT_COPIED = shutil.ignore_patterns(
     "__pycache__",
@@ -89,7 +91,7 @@ def concept_metadata(checker: Any, source: str) -> Dict[str, Any]:
         "format_version": 1,
         "source": source,
         "exported_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "special_care_adjustment": 0.01,
+        "special_care_adjustment": spec.SPECIAL_CARE_ADJUSTMENT,
         "concepts": [{"name": f"concept_{i:02d}", "threshold": t} for i, t in enumerate(concepts)],
         "special_care": [{"name": f"special_care_{i}", "threshold": t} for i, t in enumerate(special)],
     }
@@ -111,12 +113,14 @@ def write_repository(
     metadata: Dict[str, Any],
     settings: Settings = REFERENCE_SETTINGS,
     quantization: Optional[Dict[str, Any]] = None,
+    wheelhouse: Path = environment.DEFAULT_WHEELHOUSE,
 ) -> None:
     """Write the model folders; an existing custom concept set is kept, otherwise an empty one is made.
 
     `onnx_files`: model name -> the model.onnx it serves (the embedder; the cascade's int8 embedder too).
     `settings`: the export's choices; engine cache keys are the digests of those files.
     `quantization`: the int8 report, stored beside the quantised model.onnx so it is never unlabelled.
+    `wheelhouse`: the pinned third-party wheels the Python models' environments are built from.
     """
     custom = existing_custom_concepts(destination, dims)
     destination.mkdir(parents=True, exist_ok=True)
@@ -128,13 +132,18 @@ def write_repository(
             engine_cache_key=keys[spec.EMBEDDER_MODEL],
             int8_engine_cache_key=keys.get(spec.INT8_EMBEDDER_MODEL, settings.int8_engine_cache_key),
         )
-        for model in served_models(settings):
-            if (SOURCE_REPOSITORY / model.name).is_dir():  # the cascade's int8 embedder has no folder of its own
-                shutil.copytree(SOURCE_REPOSITORY / model.name, staging / model.name, ignore=_NOT_COPIED)
-            # Version 1 of every model; the ensembles' are empty, which git does not keep.
+        models = served_models(settings)
+        environments = environment.build_all(
+            (model.requirements for model in models if model.python), wheelhouse=wheelhouse
+        )
+        for model in models:
+            # Version 1 of every model: its model.py, if it has one (an ensemble's is empty, which git does not keep).
+            version = SOURCE_REPOSITORY / model.name / "1"
+            if version.is_dir():
+                shutil.copytree(version, staging / model.name / "1", ignore=_NOT_COPIED)
             (staging / model.name / "1").mkdir(parents=True, exist_ok=True)
-            for source in model.copied_files:
-                shutil.copyfile(source, staging / model.name / "1" / source.name)
+            if model.python:
+                shutil.copyfile(environments[model.requirements], staging / model.name / ENVIRONMENT_FILENAME)
         configs.write_all(staging, dims, settings)
         for model, path in onnx_files.items():
             shutil.copyfile(path, staging / model / "1" / spec.ONNX_FILENAME)
@@ -149,9 +158,9 @@ def write_repository(
         if custom is not None:
             custom_file.write_bytes(custom)
         else:
-            concept_set.write(custom_file, concept_set.empty(dims.projection_dim))
+            concept_writer.write(custom_file, concept_set.empty(dims.projection_dim))
         shutil.copyfile(HEALTH_PROBE, staging / HEALTH_PROBE_FILENAME)
-        written = [model.name for model in served_models(settings)]
+        written = [model.name for model in models]
         for stale in sorted(OWNED_FOLDERS - set(written)):
             shutil.rmtree(destination / stale, ignore_errors=True)
         for folder in written:

@@ -18,11 +18,7 @@ from typing import Dict
 
 import numpy as np
 
-from export.served import served_module
-from safety_checker_client import spec
-
-# The served rule itself: the postprocessor's scoring module.
-score = served_module(spec.POSTPROCESS_MODEL, "scoring").score
+from safety_checker_served.scoring import score  # the served rule itself
 
 # The float32 noise between two correct fp32 implementations of the vision
 # tower is about 2e-7, so "at" the tie means 2e-6 to either side of it.

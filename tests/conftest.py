@@ -2,22 +2,53 @@
 
 from __future__ import annotations
 
+import itertools
+import os
+import pickle
 import re
+import shutil
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterator, List
+from typing import Callable, Dict, Iterator, List
 
 import numpy as np
 import pytest
 from crafting import Crafted, calibrate_thresholds, craft, unambiguous, varied_inputs
+from filelock import FileLock
 
 from fixtures.checkers import build_checker, save_checker
 from fixtures.photos import photos as sample_photos
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def _worker_ports() -> None:
+    """Under pytest-xdist, each worker draws the ports of the servers it starts from a range of its own, below the
+    ephemeral range: two workers that each ask the system for a free port could otherwise be handed the same one
+    between asking and binding it."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    if not worker.startswith("gw"):
+        return
+    import safety_checker_admin.server as launcher
+
+    first = PORT_RANGE_START + int(worker[2:]) * PORTS_PER_WORKER
+    candidates = itertools.cycle(range(first, first + PORTS_PER_WORKER))
+
+    def free_port() -> int:
+        for port in candidates:
+            if not launcher.port_in_use("127.0.0.1", port) and not launcher.port_in_use("0.0.0.0", port):
+                return port
+        raise AssertionError("unreachable: the cycle is endless")
+
+    launcher.free_port = free_port
+
+
+PORT_RANGE_START = 20000
+PORTS_PER_WORKER = 2000
+_worker_ports()
 
 # Fixtures that start a tritonserver: every test using one is marked `server`.
 SERVER_FIXTURES = {"server", "concept_server", "served", "int8_server"}
@@ -79,8 +110,26 @@ def photos() -> np.ndarray:
     return preprocess(images)
 
 
-@pytest.fixture(scope="session")
-def parity_set(tmp_path_factory) -> ParitySet:
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """A folder that `build` fills once per test session. Under pytest-xdist the first worker that asks builds it
+    while the others wait (the workers' temporary folders share a parent), then every worker reads it: what a
+    session builds once is built once, however many workers run the session."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        folder = tmp_path_factory.mktemp(name)
+        build(folder)
+        return folder
+    root = tmp_path_factory.getbasetemp().parent
+    folder = root / name
+    with FileLock(str(root / f"{name}.lock")):
+        if not (folder / ".built").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
+def _build_parity_set(folder: Path) -> None:
     rng = np.random.default_rng(20261128)
     checker = build_checker(seed=7)
     pool = varied_inputs(rng, 300)
@@ -88,9 +137,16 @@ def parity_set(tmp_path_factory) -> ParitySet:
     crafted = craft(checker, pool, rng, per_margin=4)
     plain = np.concatenate([pool[:220], photos()])
     plain = plain[unambiguous(checker, plain)]
-    checker_dir = save_checker(tmp_path_factory.mktemp("checker") / "tiny-checker", checker)
-    pixels = np.concatenate([plain, np.stack([c.pixels for c in crafted])])
-    return ParitySet(checker_dir=checker_dir, pixels=pixels, crafted=crafted, crafted_offset=len(plain))
+    save_checker(folder / "tiny-checker", checker)
+    np.save(folder / "pixels.npy", np.concatenate([plain, np.stack([c.pixels for c in crafted])]))
+    (folder / "crafted.pickle").write_bytes(pickle.dumps((crafted, len(plain))))
+
+
+@pytest.fixture(scope="session")
+def parity_set(tmp_path_factory) -> ParitySet:
+    folder = built_once(tmp_path_factory, "parity-set", _build_parity_set)
+    crafted, offset = pickle.loads((folder / "crafted.pickle").read_bytes())
+    return ParitySet(folder / "tiny-checker", np.load(folder / "pixels.npy"), crafted, offset)
 
 
 @pytest.fixture(scope="session")
@@ -133,7 +189,7 @@ def serving(repository: Path) -> Iterator:
 
 @pytest.fixture(scope="session")
 def repository(parity_set, tmp_path_factory) -> Path:
-    return exported(parity_set.checker_dir, tmp_path_factory.mktemp("repository"))
+    return built_once(tmp_path_factory, "repository", lambda folder: exported(parity_set.checker_dir, folder))
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ from export.onnx_export import reference_outputs
 
 # The margins are defined once, in export.stress, which also measures int8 at them.
 from export.stress import CASCADE_MARGINS, PLAIN_MARGINS, TIE_OFFSET
+from safety_checker_client.preprocess import normalization_table
 
 
 @dataclass
@@ -37,7 +38,8 @@ def _cosines(checker, pixels: np.ndarray):
 
 
 def varied_inputs(rng: np.random.Generator, count: int) -> np.ndarray:
-    """Noise of random level and contrast per channel, smooth gradients and blocks."""
+    """Noise of random level and contrast per channel, smooth gradients and blocks, as pixel_values of real
+    images can be."""
     images = np.empty((count, 3, 224, 224), dtype=np.float32)
     grid = np.linspace(-1.0, 1.0, 224, dtype=np.float32)
     for i in range(count):
@@ -51,7 +53,9 @@ def varied_inputs(rng: np.random.Generator, count: int) -> np.ndarray:
         else:
             blocks = rng.uniform(-1.8, 2.1, size=(3, 7, 7))
             images[i] = np.kron(blocks, np.ones((32, 32)))
-    return images
+    # Within what a real image's pixel_values span, per channel (uint8 0 and 255, normalised).
+    low, high = normalization_table()[[0, -1]][:, :, None, None]
+    return np.clip(images, low, high)
 
 
 def calibrate_thresholds(checker, images: np.ndarray) -> None:

@@ -25,16 +25,15 @@ import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from export.models import served_models
-from safety_checker_admin import server as server_module
-from safety_checker_admin.server import (
+from safety_checker_admin.admin_key import (
     ADMIN_KEY_ENV,
     ADMIN_KEY_HEADER,
     GRPC_ADMIN_KEY_HEADER,
-    ServerError,
-    admin_restriction,
-    free_port,
+    check_key,
     read_admin_key,
 )
+from safety_checker_admin.errors import ServerError
+from safety_checker_admin.server import TritonServer, free_port
 from safety_checker_client import spec
 
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
@@ -149,12 +148,10 @@ def test_admin_apis_over_grpc(server):
 def test_a_random_key_by_default_and_the_operators_key_otherwise(tmp_path, monkeypatch):
     monkeypatch.delenv(ADMIN_KEY_ENV, raising=False)
     assert read_admin_key(None) == (None, "refused to everyone (no key given)")
-    first = server_module.TritonServer(tmp_path, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
-    second = server_module.TritonServer(
-        tmp_path, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port()
-    )
+    first = TritonServer(tmp_path, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
+    second = TritonServer(tmp_path, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
     assert len(first.admin_key) == 64 and first.admin_key != second.admin_key
-    command = " ".join(first._command(Path("tritonserver"), Path("backends")))
+    command = " ".join(first.tritonserver_arguments)
     restriction = f"model-repository,logging,trace,shared-memory:admin-key={first.admin_key}"
     assert f"--http-restricted-api={restriction}" in command
     assert f"--grpc-restricted-protocol={restriction}" in command
@@ -166,7 +163,9 @@ def test_a_random_key_by_default_and_the_operators_key_otherwise(tmp_path, monke
     assert read_admin_key(None)[0] == "another-key-from-the-environment"
     for bad in ("short", "has space in it somewhere", "comma,in,the,key,1234567", "colon:in:the:key:1234567"):
         with pytest.raises(ServerError, match="admin key"):
-            admin_restriction(bad)
+            check_key(bad)
+        with pytest.raises(ServerError, match="admin key"):
+            TritonServer(tmp_path, admin_key=bad)
     with pytest.raises(ServerError, match="cannot read the admin key file"):
         read_admin_key(tmp_path / "missing")
 

@@ -114,14 +114,21 @@ def test_client_splits_large_batches_and_refuses_empty_ones(server, protocol):
         pixels[-1, 0, 0, 0] = np.nan  # in the second request: the whole call fails, nothing is reported
         with pytest.raises(CheckError, match="non-finite"):
             client.check_batch(pixels)
+        # Image by image: the refused one gets the refusal, every other one its answer (the same as before).
+        outcomes = client.check_each(pixels)
+        assert [isinstance(o, CheckError) for o in outcomes] == [False] * (len(pixels) - 1) + [True]
+        assert outcomes[-1].kind == "refused" and outcomes[-1].index == 4 and "non-finite" in str(outcomes[-1])
+        assert [r.concept_scores for r in outcomes[:-1]] == [r.concept_scores for r in many[:-1]]
 
 
 def test_client_reports_an_unreachable_server():
     from safety_checker_admin.server import free_port
 
-    with SafetyCheckerClient(f"127.0.0.1:{free_port()}", protocol="http", timeout_s=5) as client:
-        with pytest.raises(CheckError):
+    with SafetyCheckerClient(f"127.0.0.1:{free_port()}", protocol="http", deadline_s=0) as client:
+        with pytest.raises(CheckError) as caught:
             client.check_batch(valid(1))
+    # Unavailable, so worth sending again (until a deadline: test_client_units.py counts those retries).
+    assert caught.value.kind == "unavailable" and caught.value.retryable and client.attempts == 1
 
 
 def test_logs_hold_no_pixel_values(server):

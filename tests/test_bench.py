@@ -14,6 +14,8 @@ import sys
 import pytest
 from conftest import ROOT
 
+from bench import selection
+
 # `python -m bench --quick` exports two repositories and serves them.
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -101,6 +103,7 @@ def test_every_candidate_was_measured_without_errors(quick_run):
     _, output = quick_run
     results = json.loads((output / "results.json").read_text())
     kinds = {r["kind"] for r in results["rows"]}
+    assert results["settings"]["rows"] == sorted(selection.ROWS)  # no --rows: every row
     assert kinds == {
         "baseline",
         "ort",

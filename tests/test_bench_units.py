@@ -1,4 +1,5 @@
-"""The benchmark's own parts: the load generator against a real tritonserver, and the report writers.
+"""The benchmark's own parts: the load generator against a real tritonserver, the report writers, the summary
+and the selection of rows (`--rows`).
 
 No timing is asserted (the host is shared and slow); what is checked is that
 the numbers are counted consistently and that failures show up.
@@ -11,7 +12,11 @@ import json
 import numpy as np
 import pytest
 
-from bench import cascade, loadgen, report, run
+from bench import cascade, loadgen, report, run, selection, served
+from bench.candidates import candidates
+from bench.harness import Harness
+from bench.settings import FULL, QUICK
+from bench.summary import summarize
 from safety_checker_client import spec
 
 STATS_MODELS = (spec.ENSEMBLE_MODEL, spec.EMBEDDER_MODEL)
@@ -306,7 +311,7 @@ def test_the_summary_takes_the_worst_concurrency_against_the_best_in_process_bat
         _row("triton-int8", [3.0, 3.0], concurrency=1),
         _row("triton-int8", [3.2, 3.1], concurrency=8),
     ]
-    summary = run.summarize(rows)
+    summary = summarize(rows)
     assert summary["ort_images_per_s"] == pytest.approx(1.1) and summary["ort_best_batch"] == 8
     assert summary["triton_vs_ort_by_concurrency"] == pytest.approx({"1": 1.05 / 1.1, "2": 1.045 / 1.1})
     assert summary["triton_vs_ort_min"] == pytest.approx(1.045 / 1.1)
@@ -328,7 +333,7 @@ def test_the_summary_reports_the_cascade_with_its_fallbacks_and_the_cpu_flags():
         {**_row("cascade-forced", [2.5, 2.5], concurrency=8), "forced_fallback": 0.05, "fallback_fraction": 0.06},
         {**_row("cascade-forced", [1.5, 1.5], concurrency=8), "forced_fallback": 0.2, "fallback_fraction": 0.19},
     ]
-    summary = run.summarize(rows, cpu_flags=["avx2", "avx512_vnni"])
+    summary = summarize(rows, cpu_flags=["avx2", "avx512_vnni"])
     assert summary["cascade_images_per_s"] == pytest.approx(3.0)
     assert summary["cascade_speedup_vs_diffusers"] == pytest.approx(3.0)
     assert summary["cascade_fallback_fraction"] == 0.0
@@ -336,6 +341,16 @@ def test_the_summary_reports_the_cascade_with_its_fallbacks_and_the_cpu_flags():
     assert summary["cascade_forced_5pct_fallback_fraction"] == 0.06
     assert summary["cascade_forced_20pct_images_per_s"] == pytest.approx(1.5)
     assert summary["cpu_flags"] == ["avx2", "avx512_vnni"]
+
+
+def test_a_served_row_takes_its_latency_percentiles_from_the_same_windows():
+    def window(stable, p50, p95, p99):
+        latency = {"p50": p50, "p95": p95, "p99": p99}
+        return {"images_per_s": 1.0, "latency_ms": latency, "stable": stable, "server": {}}
+
+    stable, unstable = window(True, 25.0, 30.0, 35.0), window(False, None, 10.0, None)
+    assert served.pooled([stable, unstable])["latency_ms"] == {"p50": 25.0, "p95": 30.0, "p99": 35.0}
+    assert served.pooled([unstable, unstable])["latency_ms"] == {"p50": None, "p95": 10.0, "p99": None}
 
 
 def test_a_forced_bound_lies_between_neighbouring_critical_bounds():
@@ -347,3 +362,178 @@ def test_a_forced_bound_lies_between_neighbouring_critical_bounds():
             cascade.bound_for(critical, k)
     with pytest.raises(ValueError, match="cannot be told apart"):
         cascade.bound_for(np.array([0.1, 0.2, 0.2]), 2)
+
+
+# -- --rows: which rows a selection sets up and measures, and which summary keys it yields -------
+
+# Every key of a full run's summary, in the order it prints them.
+FULL_SUMMARY = [
+    "diffusers_images_per_s",
+    "ort_images_per_s",
+    "ort_best_batch",
+    "triton_images_per_s",
+    "triton_best_concurrency",
+    "speedup_vs_diffusers",
+    *(f"triton_vs_ort{k}" for k in ("", "_min", "_min_at_concurrency", "_by_concurrency", "_min_by_round", "_spread")),
+    "unstable_perf_analyzer_windows",
+    "images_encoded_per_s",
+    "encoded_best_concurrency",
+    "encoded_vs_pixels",
+    "decoded_png_per_s_per_instance",
+    "decoded_jpeg_per_s_per_instance",
+    "triton_int8_images_per_s",
+    "ort_int8_images_per_s",
+    "int8_speedup_vs_diffusers",
+    *(
+        f"triton_int8_vs_ort_int8{k}"
+        for k in ("", "_min", "_min_at_concurrency", "_by_concurrency", "_min_by_round", "_spread")
+    ),
+    "cascade_images_per_s",
+    "cascade_fallback_fraction",
+    "cascade_speedup_vs_diffusers",
+    "cascade_forced_5pct_images_per_s",
+    "cascade_forced_5pct_fallback_fraction",
+    "cascade_forced_20pct_images_per_s",
+    "cascade_forced_20pct_fallback_fraction",
+    "cpu_flags",
+    "scan_images_per_s",
+    "scan_vs_server",
+    "scan_ceiling_images_per_s",
+    "scan_ceiling_images_per_client_core_s",
+]
+
+
+class _Unused:
+    """A server or worker the candidates hold but that no test asks to measure."""
+
+    grpc_url = "127.0.0.1:1"
+
+    def window(self, batch, window_s):
+        raise AssertionError("no window is measured here")
+
+
+def _built(chosen, quick, tmp_path):
+    """A harness as `chosen` would set it up, with stand-ins for its servers and workers."""
+    forced = {"copies": {f"cascade_{f}": {"fraction": f, "cosine_bound": f / 10} for f in (0.05, 0.2)}}
+    return Harness(
+        tmp_path,
+        servers={name: _Unused() for name in chosen.serves(quick)},
+        workers={kind: _Unused() for kind in ("baseline", "ort", "ort-int8") if kind in chosen.kinds},
+        decoders={ext: _Unused() for ext in ("png", "jpeg") if "decoder" in chosen.kinds},
+        cascade_data=tmp_path / "cascade-images.json" if "cascade" in chosen else None,
+        forced=forced if "cascade" in chosen else None,
+    )
+
+
+def _summary_of(chosen, settings, tmp_path):
+    """The summary of a run of `chosen`, every candidate given made-up windows."""
+    rows = []
+    for index, candidate in enumerate(candidates(settings, chosen, _built(chosen, False, tmp_path), tmp_path)):
+        rows.append({**_row(candidate.kind, [1.0 + index, 1.1 + index]), **candidate.extra, "name": candidate.name})
+        if candidate.kind.startswith("cascade"):
+            rows[-1]["fallback_fraction"] = 0.1
+    scan = None
+    if "scan" in chosen:
+        scan = {"served": {"images_per_s": 2.0}, "ceiling": {"images_per_s": 9.0, "images_per_client_cpu_s": 5.0}}
+    return summarize(rows, scan, ["avx2"])
+
+
+def test_rows_parse_names_and_refuse_unknown_ones():
+    assert selection.parse("all") == selection.ALL
+    assert selection.parse(" triton, images ").names == {"triton", "images"}
+    with pytest.raises(ValueError, match="unknown rows pixels; choose from all, diffusers"):
+        selection.parse("triton,pixels")
+    with pytest.raises(ValueError, match="none given"):
+        selection.parse(",")
+    assert all(name in selection.describe() for name in selection.ROWS)
+
+
+@pytest.mark.parametrize(
+    "rows, quick, exports, serves",
+    [
+        ("all", False, ["fp32", "int8", "cascade", "tiny"], ["fp32", "int8", "cascade", "tiny"]),
+        ("all", True, ["fp32", "int8", "cascade"], ["fp32", "int8", "cascade"]),
+        ("triton,images", False, ["fp32"], ["fp32"]),
+        ("diffusers", False, [], []),
+        ("ort,decoder", False, ["fp32"], []),
+        ("cascade", False, ["int8", "cascade"], ["int8", "cascade"]),
+        ("scan", False, ["fp32", "tiny"], ["fp32", "tiny"]),
+        ("scan", True, ["fp32"], ["fp32"]),
+    ],
+)
+def test_a_selection_exports_and_serves_only_what_its_rows_use(rows, quick, exports, serves):
+    chosen = selection.parse(rows)
+    assert chosen.exports(quick) == exports and chosen.serves(quick) == serves
+
+
+def test_a_full_run_measures_every_row_in_table_order(tmp_path):
+    measured = candidates(QUICK, selection.ALL, _built(selection.ALL, True, tmp_path), tmp_path)
+    assert [(c.kind, c.extra.get("concurrency") or c.extra.get("format")) for c in measured] == [
+        ("baseline", None),
+        ("ort", None),
+        ("ort-int8", None),
+        ("decoder", "PNG"),
+        ("decoder", "JPEG"),
+        ("triton", 1),
+        ("triton", 2),
+        ("triton-int8", 1),
+        ("triton-int8", 2),
+        ("cascade", 2),
+        ("cascade-forced", 2),
+        ("cascade-forced", 2),
+        ("triton-images", 1),
+        ("triton-images", 2),
+    ]
+    assert list(_summary_of(selection.ALL, QUICK, tmp_path)) == FULL_SUMMARY
+
+
+def test_triton_and_images_measure_encoded_vs_pixels_at_the_levels_given(tmp_path):
+    args = run._parser().parse_args(["--rows", "triton,images", "--concurrency", "1,4,8", "--images-concurrency", "8"])
+    settings = run.settings_from(args)
+    assert settings.concurrency == (1, 4, 8) and settings.images_concurrency == (8,)
+    assert settings.batches == FULL.batches and settings.window_s == FULL.window_s
+    measured = candidates(settings, args.rows, _built(args.rows, False, tmp_path), tmp_path)
+    assert [(c.kind, c.extra["concurrency"]) for c in measured] == [
+        ("triton", 1),
+        ("triton", 4),
+        ("triton", 8),
+        ("triton-images", 8),
+    ]
+    assert set(_summary_of(args.rows, settings, tmp_path)) == {
+        "triton_images_per_s",
+        "triton_best_concurrency",
+        "unstable_perf_analyzer_windows",
+        "images_encoded_per_s",
+        "encoded_best_concurrency",
+        "encoded_vs_pixels",
+        "cpu_flags",
+    }
+
+
+@pytest.mark.parametrize(
+    "rows, present, absent",
+    [
+        ("images,scan", {"images_encoded_per_s", "scan_images_per_s"}, {"encoded_vs_pixels", "scan_vs_server"}),
+        ("ort,triton", {"triton_vs_ort_min", "triton_vs_ort_min_by_round"}, {"speedup_vs_diffusers"}),
+        (
+            "diffusers,cascade",
+            {"cascade_speedup_vs_diffusers", "cascade_forced_20pct_images_per_s"},
+            {"ort_images_per_s"},
+        ),
+        ("triton-int8,diffusers", {"int8_speedup_vs_diffusers"}, {"triton_int8_vs_ort_int8_min"}),
+        ("ort-int8,triton-int8", {"triton_int8_vs_ort_int8_min"}, {"int8_speedup_vs_diffusers"}),
+        ("decoder", {"decoded_png_per_s_per_instance", "decoded_jpeg_per_s_per_instance"}, {"triton_images_per_s"}),
+    ],
+)
+def test_a_selection_reports_the_ratios_its_rows_allow(rows, present, absent, tmp_path):
+    keys = set(_summary_of(selection.parse(rows), QUICK, tmp_path))
+    assert present <= keys and not absent & keys
+    assert keys <= set(FULL_SUMMARY)
+
+
+def test_level_options_refuse_what_is_not_a_list_of_positive_integers():
+    for bad in ("0", "1,x", ""):
+        with pytest.raises(SystemExit):
+            run._parser().parse_args(["--concurrency", bad])
+    with pytest.raises(SystemExit):
+        run._parser().parse_args(["--rows", "everything"])

@@ -17,11 +17,9 @@ import torch
 from conftest import exported, run_export, serving
 from reference import diffusers_forward
 
-from export.served import served_module
 from safety_checker_client import spec
 from safety_checker_client.client import CheckError, SafetyCheckerClient
-
-scoring = served_module(spec.POSTPROCESS_MODEL, "scoring")
+from safety_checker_served import scoring
 
 
 @pytest.fixture(scope="module")

@@ -128,7 +128,7 @@ def test_encoded_form_prints_the_same_answers(served, image_files, protocol):
 
 
 def test_encoded_form_gives_each_bad_file_its_own_error_line(served, image_files):
-    """The server refuses a batch holding a file it cannot decode; the command then asks file by file."""
+    """The server refuses a batch holding a file it cannot decode, naming it; the others are sent again without it."""
     files = [str(image_files[n]) for n in ("astronaut", "corrupt", "text", "missing", "coffee")]
     result = check("--url", f"127.0.0.1:{served[1]}", "--encoded", *files)
     assert result.returncode != 0
@@ -139,7 +139,8 @@ def test_encoded_form_gives_each_bad_file_its_own_error_line(served, image_files
     assert [good, good_again] == plain
     for bad in (corrupt, text, missing):
         assert "flagged" not in bad and bad["path"] in bad["error"]
-    assert "corrupt or truncated image file" in corrupt["error"] and "image 0" in corrupt["error"]
+    # Named by its place in the request the server refused: the second of the four files read.
+    assert "corrupt or truncated image file" in corrupt["error"] and "image 1: " in corrupt["error"]
     assert "invalid base64" in text["error"]
     assert "No such file" in missing["error"]
     assert "3 of 5 images were not checked" in result.stderr
@@ -188,14 +189,13 @@ def test_plain_json_request_as_in_the_readme(served, image_files):
 
 
 def test_no_server_means_errors_never_safe(image_files):
-    started = time.monotonic()
     result = check(
-        "--url", f"127.0.0.1:{free_port()}", "--protocol", "http", "--deadline", "3", str(image_files["astronaut"])
+        "--url", f"127.0.0.1:{free_port()}", "--protocol", "http", "--deadline", "1", str(image_files["astronaut"])
     )
     assert result.returncode != 0
     (record,) = lines(result)
     assert "flagged" not in record and record["error"]
-    assert "not checked" in record["error"] and time.monotonic() - started < 60  # retried, then gave up
+    assert "not checked: " in record["error"] and " attempts in " in record["error"]  # retried, then gave up
 
 
 def test_check_reports_custom_concepts_and_takes_a_strictness(served, image_files):

@@ -1,13 +1,15 @@
 """The compose `export` service's own install and export steps work in a fresh virtual environment.
 
 docker-compose.yml's export job once installed only requirements/export.txt,
-and every export module imports the client and admin packages, so on a fresh
-host it died with ModuleNotFoundError and Triton never started (issue 12,
-point 1). This test reads the job's `pip install` and `python -m export`
-lines from the compose file itself and runs them, from a copy of the working
-tree, in a new venv whose `python` and `pip` come first on PATH, on a tiny
-checker. Only paths are substituted: the venv for the container's Python,
-the tiny checker for ${MODEL}; pip uses this machine's own cache.
+and every export module imports the client and served packages, so on a
+fresh host it died with ModuleNotFoundError and Triton never started (issue
+12, point 1); the export also builds each Python model's environment from
+pinned wheels it needs downloaded first. This test reads the job's `pip
+install`, `pip download` and `python -m export` lines from the compose file
+itself and runs them, from a copy of the working tree, in a new venv whose
+`python` and `pip` come first on PATH, on a tiny checker. Only paths are
+substituted: the venv for the container's Python, the tiny checker for
+${MODEL}; pip uses this machine's own cache and indexes.
 """
 
 from __future__ import annotations
@@ -45,9 +47,9 @@ def _interpolate(text: str, model: Path) -> str:
 
 
 def _steps(script: str) -> List[str]:
-    """The `pip install ...` and `python -m export ...` commands, continuation lines joined."""
+    """The `pip install ...`, `pip download ...` and `python -m export ...` commands, continuation lines joined."""
     lines = script.replace("\\\n", " ").splitlines()
-    return [line.strip() for line in lines if re.match(r"\s*(pip3? install|python3? -m export)\s", line)]
+    return [line.strip() for line in lines if re.match(r"\s*(pip3? (install|download)|python3? -m export)\s", line)]
 
 
 def _completeness_check(script: str) -> List[str]:
@@ -63,13 +65,17 @@ def _reachable(host: str) -> bool:
         return False
 
 
-@pytest.mark.slow
+@pytest.mark.install
 @pytest.mark.timeout(3 * STEP_TIMEOUT_S)
 def test_export_service_steps_build_the_repository(tmp_path):
     script = _export_script()
     model = save_checker(tmp_path / "tiny-checker")
     steps = [_interpolate(step, model) for step in _steps(script)]
-    assert [s.split()[0] for s in steps] == ["pip", "pip", "python"], steps
+    assert [s.split()[:2] for s in steps] == [["pip", "install"]] * 2 + [["pip", "download"]] * 2 + [
+        ["python", "-m"]
+    ], steps
+    versions = [re.search(r"--python-version (\S+)", s).group(1) for s in steps if s.startswith("pip download")]
+    assert versions[0] == "3.10", "the NGC 24.10 image's Python, which its Python backend stubs embed"
     if not _reachable("download.pytorch.org"):
         # Substitution: this machine cannot reach PyTorch's CPU index, so the torch step
         # takes the local torch==2.13.0 CPU wheel, which pip finds by itself (find-links).
@@ -79,12 +85,15 @@ def test_export_service_steps_build_the_repository(tmp_path):
     shutil.copytree(
         ROOT,
         workspace,
-        ignore=shutil.ignore_patterns(".git", ".venv", "build", "__pycache__", ".pytest_cache", "*.egg-info"),
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "__pycache__", ".pytest_cache", "*.egg-info", ".wheelhouse", ".perf-analyzer"
+        ),
     )
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     env = {k: v for k, v in os.environ.items() if k not in ("VIRTUAL_ENV", "PYTHONPATH", "PYTHONHOME")}
     env["PATH"] = f"{venv / 'bin'}{os.pathsep}{env['PATH']}"
+    env["PIP_NO_COMPILE"] = "1"  # what is installed is the same; Python compiles on first import instead
 
     for step in steps:
         done = subprocess.run(
@@ -102,5 +111,6 @@ def test_export_service_steps_build_the_repository(tmp_path):
     repository = workspace / "build" / "repository"
     assert list(repository.glob("*/config.pbtxt")), "no config.pbtxt written"
     assert list(repository.glob("*/1/model.onnx")), "no model.onnx written"
+    assert list(repository.glob("*/python_env.tar.gz")), "no Python model environment written"
     missing = [name for name in _completeness_check(script) if not (repository / name).is_file()]
     assert not missing, f"the compose job's 'already complete' check names files the export does not write: {missing}"

@@ -1,6 +1,6 @@
 """Limits on the custom concept set (finding 5), checked by the CLI and by the server alike.
 
-One implementation (admin/safety_checker_admin/concept_set.py, copied next to
+One implementation (served/safety_checker_served/concept_set.py, installed beside
 the postprocessor) holds them: at most MAX_CONCEPTS concepts, a file of at
 most MAX_FILE_BYTES (a larger one is not even read), at most
 MAX_SOURCE_IMAGES hashes and MAX_TEXT_CHARS of phrase per concept, and
@@ -19,8 +19,10 @@ import numpy as np
 import pytest
 from conftest import awaited_log, serving
 
-from safety_checker_admin import concept_set
-from safety_checker_admin.concept_set import (
+from safety_checker_client import spec
+from safety_checker_client.client import SafetyCheckerClient
+from safety_checker_served import concept_set, concept_writer
+from safety_checker_served.concept_set import (
     LISTED_NAMES,
     MAX_CONCEPTS,
     MAX_FILE_BYTES,
@@ -30,8 +32,6 @@ from safety_checker_admin.concept_set import (
     ConceptSet,
     ConceptSetError,
 )
-from safety_checker_client import spec
-from safety_checker_client.client import SafetyCheckerClient
 
 COMMAND = str(Path(sys.executable).parent / "safety-checker")
 DIM = 16  # the tiny test checker's projection_dim
@@ -55,9 +55,9 @@ def test_the_limits_are_what_the_readme_states():
 
 def test_at_most_max_concepts():
     full = concepts(MAX_CONCEPTS)
-    assert len(concept_set.parse(concept_set.dumps(full), embedding_dim=DIM).concepts) == MAX_CONCEPTS
+    assert len(concept_set.parse(concept_writer.dumps(full), embedding_dim=DIM).concepts) == MAX_CONCEPTS
     with pytest.raises(ConceptSetError, match=f"{MAX_CONCEPTS + 1} concepts, more than the {MAX_CONCEPTS}"):
-        concept_set.parse(concept_set.dumps(concepts(MAX_CONCEPTS + 1)), embedding_dim=DIM)
+        concept_set.parse(concept_writer.dumps(concepts(MAX_CONCEPTS + 1)), embedding_dim=DIM)
     # The CLI's own changes go through the same check: a full set takes no more.
     extra = concept_set.make_concept("one_more", np.ones(DIM), 0.5, {"kind": "text", "text": "one more"})
     with pytest.raises(ConceptSetError, match="more than the"):
@@ -157,7 +157,7 @@ def test_the_server_never_serves_a_set_over_the_limits(repository, parity_set, t
                     return True
             return False
 
-        concept_set.write(path, concepts(3, version=1))
+        concept_writer.write(path, concepts(3, version=1))
         assert served(1)
         # Over the count: refused, version 1 stays.
         path.write_text(json.dumps(concepts(MAX_CONCEPTS + 1, version=2).to_json()))
@@ -167,7 +167,7 @@ def test_the_server_never_serves_a_set_over_the_limits(repository, parity_set, t
             handle.truncate(MAX_FILE_BYTES + 1)
         assert not served(2) and answered_version() == 1
         # The largest set allowed is served, and an answer carries it in bounded size.
-        concept_set.write(path, concepts(MAX_CONCEPTS, version=3, name="concept-name-{:04d}-" + "x" * 40))
+        concept_writer.write(path, concepts(MAX_CONCEPTS, version=3, name="concept-name-{:04d}-" + "x" * 40))
         assert served(3)
         with SafetyCheckerClient(server.grpc_url) as client:
             answer = client.infer(pixels)

@@ -13,6 +13,7 @@ import math
 import random
 import subprocess
 import sys
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -21,11 +22,12 @@ from typing import Dict, List, Optional
 import numpy as np
 import pytest
 
-from safety_checker_admin import concept_set
-from safety_checker_admin.concept_set import ConceptSet
+from export.parameters import ENVIRONMENT_FILENAME
 from safety_checker_client import spec
 from safety_checker_client.client import CheckResult, SafetyCheckerClient
 from safety_checker_client.preprocess import load_image, preprocess
+from safety_checker_served import concept_set, concept_writer
+from safety_checker_served.concept_set import ConceptSet
 
 COMMAND = str(Path(sys.executable).parent / "safety-checker")
 
@@ -112,20 +114,27 @@ def empty_set_afterwards(concept_server, concept_repository):
     if on_disk is not None and not on_disk.concepts and on_disk.version == served:
         return
     version = max(served, on_disk.version if on_disk else 0) + 1
-    concept_set.write(path, concept_set.empty(16, version=version))
+    concept_writer.write(path, concept_set.empty(16, version=version))
     wait_for(concept_server, version)
 
 
 # -- adding concepts, no restart -------------------------------------------------
 def test_export_writes_an_empty_set_and_the_shared_module(concept_repository):
+    """The server validates with the very module the CLI uses: the served package in the postprocessor's
+    environment (one per Python it may run on), never a copy beside its model.py."""
     written = concept_set.read(set_file(concept_repository))
     assert written.concepts == () and written.embedding_dim == 16
-    shared = concept_repository / spec.POSTPROCESS_MODEL / "1" / "concept_set.py"
-    assert shared.read_text() == Path(concept_set.__file__).read_text()
+    model = concept_repository / spec.POSTPROCESS_MODEL
+    assert not (model / "1" / "concept_set.py").exists()
+    with tarfile.open(model / ENVIRONMENT_FILENAME) as environment:
+        shared = [m for m in environment.getmembers() if m.name.endswith("/safety_checker_served/concept_set.py")]
+        assert len(shared) >= 1, environment.getnames()[:20]
+        for member in shared:
+            assert environment.extractfile(member).read() == Path(concept_set.__file__).read_bytes(), member.name
 
 
 def test_image_concept_flags_matching_pictures_without_restart(concept_server, concept_repository, pictures):
-    pid = concept_server._process.pid
+    pid = concept_server.pid
     before = served_version(concept_server)
     assert not any(r.flagged for r in check(concept_server, pictures["matches"] + pictures["others"]))
 
@@ -150,7 +159,7 @@ def test_image_concept_flags_matching_pictures_without_restart(concept_server, c
         for r in matches + others:
             assert r.concept_set_version == before + 1
             assert r.custom_scores == pytest.approx(expected_custom_scores(r, stored), abs=1.001e-3)
-    assert concept_server.running and concept_server._process.pid == pid  # the same server, never restarted
+    assert concept_server.running and concept_server.pid == pid  # the same server, never restarted
 
 
 def test_check_command_prints_custom_scores_and_fired_concepts(concept_server, concept_repository, pictures):
@@ -627,7 +636,8 @@ def test_server_keeps_the_last_valid_set(concept_server, concept_repository, pic
 def test_server_refuses_to_start_on_an_invalid_set(concept_repository, tmp_path):
     import shutil
 
-    from safety_checker_admin.server import ServerError, TritonServer, free_port
+    from safety_checker_admin.errors import ServerError
+    from safety_checker_admin.server import TritonServer, free_port
 
     copy = tmp_path / "repository"
     shutil.copytree(concept_repository, copy, ignore=shutil.ignore_patterns(".*"))

@@ -56,23 +56,30 @@ def test_committed_configs_are_the_rendered_reference_configs():
         assert (ROOT / "model_repository" / relative).read_text() == text, relative
 
 
-def test_images_model_decodes_on_cpu_instances_in_every_configuration():
-    from export.models import GPU_DECODERS_PER_CORE, REFERENCE_DECODER_INSTANCES, Settings
+def test_image_files_are_decoded_on_cpu_instances_in_every_configuration():
+    from export.models import REFERENCE_DECODER_INSTANCES, Settings
 
     for decoders in (REFERENCE_DECODER_INSTANCES, 3):
         rendered = configs.render_all(spec.REFERENCE_DIMS, Settings(decoder_instances=decoders))
-        gpu, cpu = (_parse(rendered[Path(spec.IMAGES_MODEL, name)]) for name in ("config.pbtxt", "configs/cpu.pbtxt"))
-        for config in (gpu, cpu):
-            assert config.backend == "python" and config.max_batch_size == spec.MAX_BATCH_SIZE
-            assert [i.name for i in config.input] == [spec.IMAGE.name] and config.input[0].dims == [1]
-            assert [o.name for o in config.output] == [t.name for t in spec.ENSEMBLE_OUTPUTS]
-            assert config.output[0].name == spec.HAS_NSFW_CONCEPTS.name
-            assert [g.kind for g in config.instance_group] == [config.instance_group[0].KIND_CPU]
-            assert config.parameters["max_encoded_bytes"].string_value == str(20 * 1024 * 1024)
-            assert config.parameters["max_pixels"].string_value == str(spec.MAX_IMAGE_PIXELS)
-            assert config.parameters["checker_model"].string_value == spec.ENSEMBLE_MODEL
-        assert [g.count for g in cpu.instance_group] == [decoders]
-        assert [g.count for g in gpu.instance_group] == [GPU_DECODERS_PER_CORE * decoders]
+        # One config for every host: decoding is CPU work, and the decoder waits for nothing else.
+        assert not [path for path in rendered if path.parts[0] == spec.DECODE_MODEL and path.name != "config.pbtxt"]
+        config = _parse(rendered[Path(spec.DECODE_MODEL, "config.pbtxt")])
+        assert config.backend == "python" and config.max_batch_size == spec.MAX_BATCH_SIZE
+        assert [i.name for i in config.input] == [spec.IMAGE.name] and config.input[0].dims == [1]
+        assert [(o.name, list(o.dims)) for o in config.output] == [(spec.IMAGES.name, list(spec.IMAGES.dims))]
+        assert [g.kind for g in config.instance_group] == [config.instance_group[0].KIND_CPU]
+        assert [g.count for g in config.instance_group] == [decoders]
+        assert config.parameters["max_encoded_bytes"].string_value == str(20 * 1024 * 1024)
+        assert config.parameters["max_pixels"].string_value == str(spec.MAX_IMAGE_PIXELS)
+        # The images model is an ensemble: the decoder, then the uint8 path.
+        images = _parse(rendered[Path(spec.IMAGES_MODEL, "config.pbtxt")])
+        assert images.platform == "ensemble"
+        assert [step.model_name for step in images.ensemble_scheduling.step] == [
+            spec.DECODE_MODEL,
+            spec.NORMALIZE_MODEL,
+            spec.EMBEDDER_MODEL,
+            spec.POSTPROCESS_MODEL,
+        ]
     # Same outputs, in the same order, as the pixel ensemble.
     pixel = _parsed(Path(spec.ENSEMBLE_MODEL, "config.pbtxt"))
     assert [(o.name, o.data_type, list(o.dims)) for o in pixel.output] == [

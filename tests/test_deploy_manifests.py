@@ -27,6 +27,10 @@ import yaml
 from jsonschema import Draft7Validator, FormatChecker, validators
 from jsonschema.exceptions import ValidationError
 
+from deploy import render
+from safety_checker_admin.command_line import MALLOC_ENVIRONMENT
+from safety_checker_admin.server import TritonServer
+
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "kserve"
 SCHEMAS = DEPLOY / "schemas"
@@ -271,6 +275,7 @@ def test_runtime_command_line(name):
         "model-control-mode",
         "strict-readiness",
         "exit-on-error",
+        "exit-timeout-secs",
         "http-port",
         "grpc-port",
         "metrics-port",
@@ -422,6 +427,31 @@ def test_template_wraps_the_gpu_runtime_for_the_dashboard():
     assert template["objects"] == [load("servingruntime-gpu.yaml")], "template.yaml drifted from the runtime"
 
 
+def test_the_committed_files_hold_the_rendered_command_line():
+    """docker-compose.yml and the runtimes hold what `python -m deploy.render` writes from
+    safety_checker_admin.command_line (the launcher's own), and the template its GPU runtime."""
+    for path, text in render.rendered().items():
+        assert path.read_text() == text, f"{path.relative_to(ROOT)} is out of date: run python -m deploy.render"
+
+
+def test_every_deployment_runs_the_launchers_command_line():
+    """The same flags wherever tritonserver runs; only the bundled server binds an address of its own."""
+    launcher = TritonServer(ROOT, model_config_name=None).tritonserver_arguments
+    own = {"http-address", "grpc-address", "metrics-address"}
+    expected = set(flags(["tritonserver", *launcher])) - own
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["triton"]
+    restricted_in_entrypoint = {"http-restricted-api", "grpc-restricted-protocol"}
+    assert set(flags(compose["command"])) | restricted_in_entrypoint == expected | {"model-config-name"}
+    for flag in restricted_in_entrypoint:
+        assert f'--{flag}="$$restricted"' in compose["entrypoint"][2]
+    for name in RUNTIMES:
+        parsed = flags(kserve_container(load(name))["args"])
+        assert set(parsed) - {"model-config-name"} == expected, name
+    env = {e["name"]: e.get("value") for e in kserve_container(load("servingruntime-cpu.yaml"))["env"]}
+    assert {name: env[name] for name in MALLOC_ENVIRONMENT} == dict(MALLOC_ENVIRONMENT)
+    assert {name: compose["environment"][name] for name in MALLOC_ENVIRONMENT} == dict(MALLOC_ENVIRONMENT)
+
+
 # -- InferenceServices, autoscaling, concept set, secret ---------------------------------
 @pytest.mark.parametrize("name", ISVCS)
 def test_inference_service(name):
@@ -497,7 +527,7 @@ def test_scaled_object_scales_the_predictor_on_triton_queue_time():
 
 def test_concept_configmap_is_an_empty_valid_concept_set():
     try:
-        from safety_checker_admin import concept_set
+        from safety_checker_served import concept_set
     except ImportError:  # before the admin package lands
         from safety_checker_client import concept_set
     configmap = load("concepts-configmap.yaml")

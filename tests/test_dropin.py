@@ -14,11 +14,12 @@ import torch
 
 from safety_checker_admin.server import free_port
 from safety_checker_client.client import CheckError, CheckResult
-from safety_checker_client.diffusers import TritonSafetyChecker, blur, pixelate
+from safety_checker_diffusers import TritonSafetyChecker, blur, pixelate
 
 
 def unreachable(**kwargs) -> TritonSafetyChecker:
-    return TritonSafetyChecker(f"127.0.0.1:{free_port()}", timeout_s=5, **kwargs)
+    """A checker whose server is not there; each request is sent once (the client's retries are its own tests')."""
+    return TritonSafetyChecker(f"127.0.0.1:{free_port()}", timeout_s=5, deadline_s=0, **kwargs)
 
 
 def clip_input(count: int, dtype=torch.float32) -> torch.Tensor:
@@ -26,16 +27,18 @@ def clip_input(count: int, dtype=torch.float32) -> torch.Tensor:
 
 
 class FakeClient:
-    """Answers with fixed decisions, and keeps what it was sent."""
+    """Answers with fixed decisions (None: no answer, the server was unavailable), and keeps what it was sent."""
 
     def __init__(self, flags):
         self.flags = flags
         self.sent = None
 
-    def check_batch(self, batch, strictness=None):
+    def check_each(self, batch, strictness=None):
         self.sent = (batch, strictness)
         return [
-            CheckResult(flagged=f, concept_scores=[0.0] * 17, special_scores=[0.0] * 3, image_embeds=np.zeros(2))
+            CheckError("safety_checker at h:1 (grpc): unavailable", "unavailable")
+            if f is None
+            else CheckResult(flagged=f, concept_scores=[0.0] * 17, special_scores=[0.0] * 3, image_embeds=np.zeros(2))
             for f in self.flags
         ]
 
@@ -57,6 +60,23 @@ def test_on_error_block_blacks_out_every_image_and_flags_it():
     arrays = np.random.default_rng(0).random((2, 32, 32, 3))
     images, flags = unreachable(on_error="block")(images=arrays, clip_input=clip_input(2).numpy())
     assert flags == [True, True] and not images.any()
+
+
+def test_only_the_images_without_an_answer_are_blocked_or_the_call_raises():
+    arrays = np.random.default_rng(4).random((3, 16, 16, 3)).astype(np.float32)
+    original = arrays.copy()
+    checker = unreachable(on_error="block", action="none")
+    checker.client = FakeClient([False, None, True])
+    images, flags = checker(images=arrays, clip_input=clip_input(3))
+    assert flags == [False, True, True]  # the one without an answer counts as flagged
+    assert np.array_equal(images[0], original[0]) and np.array_equal(images[2], original[2])  # "none"
+    assert not images[1].any()  # blocked: black, whatever the action
+    assert [r is None for r in checker.last_results] == [False, True, False]
+    checker = unreachable()
+    checker.client = FakeClient([False, None, True])
+    with pytest.raises(CheckError, match="unavailable"):
+        checker(images=arrays, clip_input=clip_input(3))
+    assert checker.last_results == []
 
 
 def test_arguments_are_checked():
@@ -136,11 +156,11 @@ def test_strictness_goes_with_every_request():
 def test_numpy_callers_never_import_torch_or_diffusers():
     script = (
         "import sys, numpy as np\n"
-        "from safety_checker_client.diffusers import TritonSafetyChecker\n"
+        "from safety_checker_diffusers import TritonSafetyChecker\n"
         "from safety_checker_client.client import CheckResult\n"
         "c = TritonSafetyChecker('127.0.0.1:1', action='blur')\n"
         "class Fake:\n"
-        "    def check_batch(self, batch, strictness=None):\n"
+        "    def check_each(self, batch, strictness=None):\n"
         "        return [CheckResult(True, [0.0] * 17, [0.0] * 3, np.zeros(2))] * len(batch)\n"
         "c.client = Fake()\n"
         "c(images=np.ones((2, 8, 8, 3)), clip_input=np.zeros((2, 3, 224, 224), np.float32))\n"

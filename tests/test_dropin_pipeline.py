@@ -20,7 +20,7 @@ from conftest import exported, serving
 
 from fixtures.checkers import PREPROCESSOR_CONFIG, build_checker, save_checker
 from safety_checker_client.client import CheckError
-from safety_checker_client.diffusers import TritonSafetyChecker, blur, pixelate
+from safety_checker_diffusers import TritonSafetyChecker, blur, pixelate
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
@@ -237,8 +237,8 @@ def test_an_unreachable_server_raises_inside_the_pipeline(setup):
 
     pipe, _, _, _ = setup
     with pytest.raises(CheckError):
-        with_dropin(pipe, "np", url=f"127.0.0.1:{free_port()}", timeout_s=5)
-    output, _ = with_dropin(pipe, "np", url=f"127.0.0.1:{free_port()}", timeout_s=5, on_error="block", action="none")
+        with_dropin(pipe, "np", url=f"127.0.0.1:{free_port()}", deadline_s=0)
+    output, _ = with_dropin(pipe, "np", url=f"127.0.0.1:{free_port()}", deadline_s=0, on_error="block", action="none")
     assert output.nsfw_content_detected == [True] * len(PROMPTS) * PER_PROMPT
     assert not output.images.any()  # every image black
 

@@ -1,11 +1,14 @@
-"""Faults under load: a Python-backend stub killed, tritonserver killed or crashed, a stub hung.
+"""Real faults through a real tritonserver: a Python-backend stub killed or stopped, tritonserver killed or crashed.
 
 Triton 2.51's Python backend does not restart a dead stub, and /v2/health/ready
-stays green (finding 2): `safety-checker serve` must notice within 10 s, report
-not-ready while it restores the service, and answer again within 60 s. Every
-answer given meanwhile must be exactly the one given before the fault (a
-request in flight gets an error, never a wrong answer), and a client with a
-deadline gets its answer through the restart.
+stays green (finding 2): `safety-checker serve` must notice, report not-ready
+while it restores the service, and answer again. Every answer given meanwhile
+must be exactly the one given before the fault (a request in flight gets an
+error, never a wrong answer), and a client with a deadline gets its answer
+through the restart. How soon (noticed within 10 s, answering within 60 s) is
+a wall-clock bound: `make soak` checks it (bench/soak.py), and
+tests/test_supervisor.py counts the supervisor's probes and restarts on a fake
+clock.
 """
 
 from __future__ import annotations
@@ -25,25 +28,22 @@ from typing import Dict, List, Tuple
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+from fake_clock import FakeClock
 
-from safety_checker_admin import health_probe
-from safety_checker_admin.server import Supervisor, TritonServer, child_processes, free_port
+from safety_checker_admin.probe import load_health_probe
+from safety_checker_admin.procfs import child_processes, process_state, running
+from safety_checker_admin.server import TritonServer, free_port
+from safety_checker_admin.supervisor import Supervisor
 from safety_checker_client import spec
-from safety_checker_client.client import CheckError, SafetyCheckerClient
+from safety_checker_client.client import SafetyCheckerClient
+from safety_checker_client.errors import CheckError
 
 pytestmark = [pytest.mark.server, pytest.mark.slow]
 
 COMMAND = str(Path(sys.executable).parent / "safety-checker")
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-DETECTION_S = 10
-RESTORATION_S = 60
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
+# How long a test waits for what must come (a bound on a hung test, not a measure: make soak measures).
+WAIT_S = 300
 
 
 class Served:
@@ -99,11 +99,11 @@ class Served:
         raise AssertionError(f"no {fragment!r} on stderr within {timeout_s} s: {self.stderr}")
 
     def tritonserver(self) -> int:
-        (pid,) = [c for c in child_processes(self.process.pid) if "tritonserver" in cmdline(c)]
+        (pid,) = running(child_processes(self.process.pid), "tritonserver")
         return pid
 
     def stub(self, model: str) -> int:
-        (pid,) = [c for c in child_processes(self.tritonserver()) if f"/{model}/1/model.py" in cmdline(c)]
+        (pid,) = running(child_processes(self.tritonserver()), f"/{model}/1/model.py")
         return pid
 
     def stop(self) -> None:
@@ -185,20 +185,22 @@ class Watch:
             thread.join()
 
 
-def restored_within(served: Served, pixels: np.ndarray, expected, since: float) -> float:
-    """Seconds from `since` until a plain request is answered exactly as before; fails after RESTORATION_S."""
-    while time.monotonic() - since < RESTORATION_S:
+def restored(served: Served, pixels: np.ndarray, expected) -> float:
+    """When (time.monotonic()) a plain request was first answered exactly as before."""
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
         try:
             if same(infer(f"127.0.0.1:{served.grpc}", pixels), expected):
-                return time.monotonic() - since
+                return time.monotonic()
         except Exception:
             pass
         time.sleep(0.2)
-    raise AssertionError(f"not answering {RESTORATION_S} s after the fault; stderr: {served.stderr}")
+    raise AssertionError(f"not answering again; stderr: {served.stderr}")
 
 
-@pytest.mark.parametrize("model", [spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL, spec.NORMALIZE_MODEL])
-def test_a_killed_stub_is_noticed_reported_not_ready_and_restored(served, parity_set, model):
+def test_a_killed_stub_is_noticed_reported_not_ready_and_restored(served, parity_set):
+    """The embedder's stub, as make soak kills it; the supervisor judges every stub alike (test_supervisor.py)."""
+    model = spec.EMBEDDER_MODEL
     pixels = parity_set.pixels[:3]
     expected = infer(f"127.0.0.1:{served.grpc}", pixels)
     assert ready(served.http) == 200
@@ -209,20 +211,18 @@ def test_a_killed_stub_is_noticed_reported_not_ready_and_restored(served, parity
         killed = time.monotonic()
         os.kill(victim, signal.SIGKILL)
         # A client that retries (the default deadline) gets its answer through the restart.
-        with SafetyCheckerClient(f"127.0.0.1:{served.grpc}", deadline_s=RESTORATION_S) as client:
+        with SafetyCheckerClient(f"127.0.0.1:{served.grpc}", deadline_s=WAIT_S) as client:
             answer = client.infer(pixels)
         assert same(answer, expected)
-        noticed, line = served.wait_for_line("fault:", DETECTION_S)
-        assert noticed - killed < DETECTION_S, line
+        _, line = served.wait_for_line("fault:", WAIT_S)
         assert model in line and f"pid {victim}" in line, line
-        served.wait_for_line("restored:", RESTORATION_S)
-        back = restored_within(served, pixels, expected, killed)
+        served.wait_for_line("restored:", WAIT_S)
+        back = restored(served, pixels, expected)
         time.sleep(1.0)  # the load goes on after the restoration
     finally:
         watch.stop()
-    assert back < RESTORATION_S
     # Not ready while it could not answer: between the kill and the restoration, readiness failed.
-    between = [status for when, status in watch.readiness if killed <= when <= killed + back]
+    between = [status for when, status in watch.readiness if killed <= when <= back]
     assert any(status != 200 for status in between), between
     assert watch.readiness[-1][1] == 200
     # Requests in flight got errors, never answers other than the one before the fault.
@@ -235,45 +235,33 @@ def test_a_killed_tritonserver_is_restarted(served, parity_set):
     expected = infer(f"127.0.0.1:{served.grpc}", pixels)
     first = served.tritonserver()
     stubs = child_processes(first)
-    killed = time.monotonic()
     os.kill(first, signal.SIGKILL)
-    _, line = served.wait_for_line("fault:", DETECTION_S)
+    _, line = served.wait_for_line("fault:", WAIT_S)
     assert "tritonserver exited" in line
-    restored_within(served, pixels, expected, killed)
+    restored(served, pixels, expected)
     assert served.tritonserver() != first
     assert all(gone(stub) for stub in stubs), "the killed server's stubs were left behind"
 
 
-def test_a_stopped_stub_is_noticed_and_restored(served, parity_set):
-    """A stub that no longer runs (SIGSTOP) would hold every request: it counts as a fault too."""
-    pixels = parity_set.pixels[:2]
-    expected = infer(f"127.0.0.1:{served.grpc}", pixels)
-    stopped = time.monotonic()
-    stub = served.stub(spec.POSTPROCESS_MODEL)
-    os.kill(stub, signal.SIGSTOP)
-    noticed, line = served.wait_for_line("fault:", DETECTION_S)
-    assert "is stopped" in line and noticed - stopped < DETECTION_S
-    restored_within(served, pixels, expected, stopped)
-    assert gone(stub), "the stopped stub was left behind"
-
-
-def test_a_stub_that_stops_during_a_probe_is_named_as_the_fault(repository, monkeypatch):
+def test_a_stub_that_stops_during_a_probe_is_named_as_the_fault(repository):
     """The probe fails because a stub stopped under it, after the process check had passed: the supervisor looks
     at the processes once more and reports the stub, the cause, rather than the probe's timeout."""
     server = TritonServer(repository, http_port=free_port(), grpc_port=free_port(), metrics_port=free_port())
     server.start()
     try:
         (stub,) = [pid for pid, model in server.stubs.items() if model == spec.POSTPROCESS_MODEL]
-        probe = health_probe.probe
+        probe = load_health_probe(repository).probe
 
-        def stop_then_probe(*args, **kwargs):
+        def stop_then_probe(*args):
             os.kill(stub, signal.SIGSTOP)
-            return probe(*args, **kwargs)
+            return probe(*args)
 
-        monkeypatch.setattr(health_probe, "probe", stop_then_probe)
         reports: List[str] = []
         # No restarts allowed: the first fault ends the run, with its reason.
-        assert Supervisor(server, probe_interval_s=0, max_restarts=0, report=reports.append).run() == 1
+        supervisor = Supervisor(
+            server, probe_interval_s=0, max_restarts=0, report=reports.append, probe=stop_then_probe
+        )
+        assert supervisor.run() == 1
     finally:
         server.kill()
     (report,) = reports
@@ -281,15 +269,11 @@ def test_a_stub_that_stops_during_a_probe_is_named_as_the_fault(repository, monk
     assert gone(stub), "the stopped stub was left behind"
 
 
-def gone(pid: int, wait_s: float = 10.0) -> bool:
+def gone(pid: int) -> bool:
     """Whether process `pid` has ended (a stub left over from a killed server would hold its memory)."""
-    deadline = time.monotonic() + wait_s
+    deadline = time.monotonic() + WAIT_S
     while time.monotonic() < deadline:
-        try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        except OSError:
-            return True
-        if state == "Z":
+        if process_state(pid) in (None, "Z"):
             return True
         time.sleep(0.2)
     return False
@@ -314,20 +298,21 @@ def test_a_form_encoded_upload_that_crashes_tritonserver_is_survived(served, par
             "Inference-Header-Content-Length": str(len(header)),
         },
     )
-    sent = time.monotonic()
     try:
         _HTTP.open(request, timeout=60).read()
     except (urllib.error.URLError, OSError, ConnectionError):
         pass
-    restored_within(served, pixels, expected, sent)
+    restored(served, pixels, expected)
 
 
-def test_the_client_reports_images_unchecked_after_its_deadline(served, parity_set):
-    """While the server is down for good, the client retries until its deadline, then raises CheckError."""
-    served.stop()
-    started = time.monotonic()
-    client = SafetyCheckerClient(f"127.0.0.1:{served.grpc}", timeout_s=5, deadline_s=4)
+def test_the_client_reports_images_unchecked_after_its_deadline(parity_set):
+    """While the server is down for good (nothing listens), the client retries until its deadline, then raises
+    CheckError; its retries wait on a fake clock here, so the deadline is counted, not waited for."""
+    clock = FakeClock()
+    client = SafetyCheckerClient(
+        f"127.0.0.1:{free_port()}", timeout_s=5, deadline_s=4, monotonic=clock.monotonic, sleep=clock.sleep
+    )
     with pytest.raises(CheckError, match="not checked"):
         client.infer(parity_set.pixels[:1])
-    assert client.attempts > 2
-    assert time.monotonic() - started < 30
+    assert client.attempts > 2 and client.attempts == len(clock.sleeps) + 1
+    assert sum(clock.sleeps) <= 4

@@ -15,6 +15,7 @@ import tomllib
 from conftest import ROOT
 
 from export.models import served_models
+from export.parameters import ENVIRONMENT_FILENAME
 from safety_checker_client import spec
 
 HEAVY = ("torch", "transformers", "onnxruntime", "pytriton", "matplotlib", "diffusers", "onnx")
@@ -42,10 +43,17 @@ def test_every_top_level_folder_says_what_it_holds():
 
 
 def test_importing_the_client_imports_nothing_heavy():
+    modules = [
+        *(f"safety_checker_client.{m}" for m in ("spec", "preprocess", "strictness", "errors", "client", "records")),
+        "safety_checker_client.cli",
+        *(f"safety_checker_scan.{m}" for m in ("cli", "files", "servers", "scanner", "report", "tally", "progress")),
+        "safety_checker_scan.html_report",
+        "safety_checker_diffusers",
+        "safety_checker_diffusers.checker",
+        "safety_checker_diffusers.filters",
+    ]
     script = (
-        "import sys, safety_checker_client, safety_checker_client.spec, safety_checker_client.preprocess, "
-        "safety_checker_client.client, safety_checker_client.cli, safety_checker_client.scan, "
-        "safety_checker_client.progress, safety_checker_client.html_report, safety_checker_client.diffusers\n"
+        f"import sys, {', '.join(modules)}\n"
         "safety_checker_client.cli._parser()\n"
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))"
     )
@@ -58,38 +66,62 @@ def test_client_package_declares_only_its_three_dependencies():
     names = sorted(requirement.split("[")[0].split(">")[0].split("=")[0] for requirement in project["dependencies"])
     assert names == ["numpy", "pillow", "tritonclient"]
     assert "optional-dependencies" not in project
-    client_files = [f for f in tracked_files() if f.startswith("client/safety_checker_client/")]
+    client_files = [
+        f for f in tracked_files() if f.startswith("client/safety_checker_client/") and (ROOT / f).is_file()
+    ]
     assert sorted(Path(f).name for f in client_files) == [
         "__init__.py",
         "cli.py",
         "client.py",
-        "diffusers.py",
-        "html_report.py",
+        "errors.py",
         "preprocess.py",
-        "progress.py",
-        "scan.py",
+        "records.py",
         "spec.py",
+        "strictness.py",
     ]
+    # The thin client: the contract, preprocessing, the client and `check`, in at most 1,200 lines.
+    assert sum(len((ROOT / f).read_text().splitlines()) for f in client_files) <= 1200
+
+
+@pytest.mark.parametrize(
+    ("folder", "dependencies"),
+    [("scan", ["numpy", "pillow", "safety-checker-client"]), ("dropin", ["numpy", "safety-checker-client"])],
+)
+def test_scan_and_the_drop_in_are_packages_of_their_own_on_the_client(folder, dependencies):
+    project = tomllib.loads((ROOT / folder / "pyproject.toml").read_text())["project"]
+    names = sorted(requirement.split("[")[0].split(">")[0].split("=")[0] for requirement in project["dependencies"])
+    assert names == dependencies
+
+
+def test_no_product_file_is_over_450_lines():
+    product = [f for f in tracked_files() if f.endswith(".py") and not f.startswith("tests/") and (ROOT / f).is_file()]
+    assert {f: n for f in product if (n := len((ROOT / f).read_text().splitlines())) > 450} == {}
 
 
 @pytest.mark.slow
-def test_copies_in_an_exported_repository_equal_their_sources(repository):
-    """Code shared between served models has one home; the export copies it, byte for byte."""
-    checked = 0
+def test_an_exported_repository_holds_no_copy_of_shared_code(repository):
+    """Served code has one home (an installed package); each Python model carries it as a packed environment,
+    and no Python file of the repository repeats another or a file of client/ or admin/."""
+    files = sorted(p for p in repository.rglob("*.py") if "site-packages" not in p.parts)
+    contents = [p.read_bytes() for p in files]
+    assert len(set(contents)) == len(contents), [str(p.relative_to(repository)) for p in files]
+    packages = {p.read_bytes() for folder in ("client", "admin") for p in (ROOT / folder).rglob("*.py")}
+    assert [p for p, text in zip(files, contents) if text in packages] == []
+    # Every model.py is the model_repository/ one, and the deployments' health check sits at the root.
+    for model_py in (ROOT / "model_repository").glob("*/1/model.py"):
+        target = repository / model_py.relative_to(ROOT / "model_repository")
+        assert not target.exists() or target.read_bytes() == model_py.read_bytes(), target
+    probe = repository / "health_probe.py"
+    assert not probe.is_symlink() and probe.read_bytes() == (ROOT / "model_repository" / "health_probe.py").read_bytes()
     for model in served_models():
-        sources = list(model.copied_files)
-        sources += (ROOT / "model_repository" / model.name / "1").glob("*.py")
-        for source in sources:
-            copy = repository / model.name / "1" / source.name
-            assert not copy.is_symlink() and copy.read_bytes() == source.read_bytes(), copy
-            checked += 1
-    # embedder runner (2), its copies for the normaliser (2), postprocessor (3) + concept set (1), images model (2) +
-    # the client's preprocess.py and spec.py and the postprocessor's strictness.py (3)
-    assert checked >= 13
-    from safety_checker_admin import health_probe
+        environment = repository / model.name / ENVIRONMENT_FILENAME
+        assert environment.is_file() == model.python, model.name
 
-    probe = repository / "health_probe.py"  # the deployments' health check, at the repository root
-    assert not probe.is_symlink() and probe.read_bytes() == Path(health_probe.__file__).read_bytes()
+
+def test_no_served_model_fakes_an_import():
+    for path in (ROOT / "model_repository").rglob("*.py"):
+        text = path.read_text()
+        assert "sys.modules" not in text and "sys.path" not in text, path
 
 
 def test_served_python_reads_tensor_names_from_its_config():
@@ -142,7 +174,7 @@ print(json.dumps({"installed": sorted(installed), "needed": sorted(needed)}))
 """
 
 
-@pytest.mark.slow
+@pytest.mark.install
 def test_client_installs_alone_into_a_fresh_venv_and_checks_images(tmp_path, server):
     """`pip install ./client` brings tritonclient, numpy and pillow with their own dependencies, nothing more,
     and its `safety-checker check` answers as the full environment's does."""

@@ -5,27 +5,22 @@ waiting requests, and UNAVAILABLE for a request that waited longer than its
 model's timeout; the ensembles have no queue of their own (Triton has none
 for them) and hand each request straight to their first step's. Requests are
 bounded in size by Triton (max_batch_size, the exact shape) and again by the
-Python models themselves. Under a burst of 32-image requests the server
-refuses what it cannot queue, answers the rest exactly, lets the health probe
-(priority 1) through, and hands its memory back afterwards.
+Python models themselves. What a burst of 32-image requests does (refused
+beyond the queues, answered exactly, the health probe let through, memory
+handed back) is measured and checked by `make overload` (bench/overload.py),
+not here: it depends on the machine's speed and load.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-
-import numpy as np
-import pytest
-from conftest import serving
-
-from bench.overload import Outcomes, client_loop, memory_mb
 from export import configs
-from export.models import PRIORITY_LEVELS, served_models
-from export.served import served_module
-from safety_checker_admin import health_probe
+from export.description import PRIORITY_LEVELS, SOURCE_REPOSITORY
+from export.models import served_models
+from safety_checker_admin.probe import load_health_probe
 from safety_checker_client import spec
-from safety_checker_client.client import SafetyCheckerClient
+from safety_checker_served import request_limits
+
+health_probe = load_health_probe(SOURCE_REPOSITORY)
 
 GOAL_PEAK_MB = 1500
 GOAL_AFTER_MB = 200
@@ -65,7 +60,7 @@ def test_the_probe_names_the_served_contract():
 
 
 def test_the_python_models_own_request_limits():
-    limits_module = served_module(spec.EMBEDDER_MODEL, "request_limits")
+    limits_module = request_limits
     (config,) = [c for r, c in _parsed() if r.parts[0] == spec.POSTPROCESS_MODEL]
     parameters = {key: value.string_value for key, value in config.parameters.items()}
     limits = limits_module.RequestLimits(parameters)
@@ -81,62 +76,3 @@ def test_the_python_models_own_request_limits():
     assert len(error) < 500  # a name is quoted in at most 64 characters
     for reserved in ("priority", "timeout", "sequence_id", "binary_data_output"):
         assert limits.parameters(f'{{"{reserved}": 1}}') == ({}, None)
-
-
-@pytest.mark.server
-@pytest.mark.slow
-def test_a_burst_is_refused_fast_answered_exactly_and_its_memory_handed_back(repository, parity_set):
-    pixels = parity_set.pixels[: spec.MAX_BATCH_SIZE]
-    started = serving(repository)
-    server = next(started)
-    try:
-        with SafetyCheckerClient(server.grpc_url) as client:
-            expected = client.infer(pixels)
-        time.sleep(3.0)
-        idle = min(memory_mb(server.pid)[0] for _ in range(8) if not time.sleep(0.25))
-
-        outcomes, peak = Outcomes(), [idle]
-        until = time.monotonic() + 15.0
-        threads = [
-            threading.Thread(
-                target=client_loop,
-                args=(
-                    server.grpc_url if i % 2 else server.http_url,
-                    "grpc" if i % 2 else "http",
-                    pixels,
-                    until,
-                    outcomes,
-                ),
-            )
-            for i in range(32)
-        ]
-        for thread in threads:
-            thread.start()
-        probes = []
-        while time.monotonic() < until:
-            peak[0] = max(peak[0], memory_mb(server.pid)[0])
-            if len(probes) < 3 and time.monotonic() > until - 10:
-                probes.append(health_probe.probe("127.0.0.1", server.ports["HTTP"], timeout_s=30))
-            time.sleep(0.25)
-        for thread in threads:
-            thread.join()
-        peak[0] = max(peak[0], memory_mb(server.pid)[0])
-
-        # What the queues could not hold was refused with UNAVAILABLE; nothing else failed.
-        assert outcomes.refused > 0 and outcomes.errors == [], outcomes.errors[:3]
-        assert len(outcomes.latencies_s) > 0
-        # The health probe goes ahead of the queue (priority 1): answered under the burst.
-        assert all(status == health_probe.OK for status, _ in probes), probes
-        # Memory: bounded at the peak, handed back afterwards (within 60 s).
-        assert peak[0] - idle <= GOAL_PEAK_MB, (idle, peak)
-        deadline = time.monotonic() + 60
-        while memory_mb(server.pid)[0] - idle > GOAL_AFTER_MB and time.monotonic() < deadline:
-            time.sleep(1.0)
-        assert memory_mb(server.pid)[0] - idle <= GOAL_AFTER_MB, (idle, memory_mb(server.pid))
-        # And what is answered is exactly what was answered before the burst.
-        with SafetyCheckerClient(server.grpc_url) as client:
-            after = client.infer(pixels)
-        for name, value in expected.items():
-            assert np.array_equal(after[name], value), name
-    finally:
-        next(started, None)

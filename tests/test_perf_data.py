@@ -91,6 +91,14 @@ def test_entries_decode_to_the_clients_preprocessing_little_endian():
         perf_data.decode(last, spec.IMAGES.datatype, spec.IMAGES.dims)
 
 
+def test_each_image_can_be_written_several_times_in_a_row():
+    """At concurrency c perf_analyzer sends every c-th entry only: the cascade rows write each image c times."""
+    images = perf_data.photos()[:3]
+    once = perf_data.input_data(spec.UINT8_ENSEMBLE_MODEL, images)["data"]
+    thrice = perf_data.input_data(spec.UINT8_ENSEMBLE_MODEL, images, repeat=3)["data"]
+    assert thrice == [entry for entry in once for _ in range(3)]
+
+
 # -- against the running tritonserver ------------------------------------------------------------
 
 

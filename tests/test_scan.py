@@ -22,7 +22,7 @@ import pytest
 from PIL import Image
 
 from fixtures.photos import photos
-from safety_checker_client.scan import read_report
+from safety_checker_scan.report import read_report
 
 COMMAND = str(Path(sys.executable).parent / "safety-checker")
 ANSWER_FIELDS = (
@@ -33,6 +33,7 @@ ANSWER_FIELDS = (
     "custom_scores",
     "concept_set_version",
     "strictness_adjustment",
+    "exact_scores",
 )
 _HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
@@ -166,7 +167,7 @@ def test_csv_over_http_with_uint8_says_the_same(server, tree, tree_scan, tmp_pat
     assert result.returncode == 1
     lines = report.read_text().splitlines()
     assert lines[0] == "path,size,sha256,flagged,fired_concepts,concept_scores,special_scores,custom_scores," + (
-        "concept_set_version,strictness_adjustment,error"
+        "concept_set_version,strictness_adjustment,exact_scores,error"
     )
     assert len(lines) == len(records) + 1
     assert {r["path"]: r.get("flagged") for r in read_report(str(report))} == {
@@ -343,7 +344,7 @@ def test_a_server_killed_mid_scan_loses_no_image(server, repository, tmp_path):
         )
         wait_for_lines(report, 40, process)
         assert inference_count(second.http_url) > 0  # it was taking its share
-        second._process.kill()  # SIGKILL: requests in flight on it fail
+        second.kill()  # SIGKILL: requests in flight on it fail
         out, err = process.communicate(timeout=300)
     finally:
         second.stop()

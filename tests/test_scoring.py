@@ -13,11 +13,8 @@ import numpy as np
 import pytest
 from reference import diffusers_forward, injected_cosines
 
-from export.served import served_module
 from fixtures.checkers import build_checker
-from safety_checker_client import spec
-
-score = served_module(spec.POSTPROCESS_MODEL, "scoring").score
+from safety_checker_served.scoring import score
 
 
 @pytest.fixture(scope="module")
@@ -103,6 +100,7 @@ BOUNDARY_MARGINS = np.array(
 )
 
 
+@pytest.mark.slow
 def test_every_float32_next_to_a_rounding_boundary_matches_diffusers(checker):
     rng = np.random.default_rng(1)
     concept_cos, special_cos = crafted_cosines(checker, rng, np.repeat(BOUNDARY_MARGINS, 20), steps=40)

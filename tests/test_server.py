@@ -22,9 +22,12 @@ from typing import Dict, List
 import numpy as np
 import pytest
 import tritonclient.http as httpclient
+from fake_clock import FakeClock
 
 from safety_checker_admin import server as server_module
-from safety_checker_admin.server import ServerError, TritonServer, free_port, serve_forever
+from safety_checker_admin.procfs import child_processes
+from safety_checker_admin.serve import serve_forever
+from safety_checker_admin.server import READY_POLL_S, ServerError, TritonServer, free_port
 
 pytestmark = pytest.mark.server
 
@@ -121,7 +124,7 @@ def model_config(server: TritonServer, model: str) -> dict:
 
 
 def bindable(port: int, host: str = "127.0.0.1") -> bool:
-    return not server_module._port_in_use(host, port)
+    return not server_module.port_in_use(host, port)
 
 
 def connectable(host: str, port: int, wait_s: float = 0.0) -> bool:
@@ -163,8 +166,6 @@ def test_start_ready_and_infer(repo: Path, ports: Dict[str, int]) -> None:
         stub = json.loads((repo / "identity" / "stub.json").read_text())
         assert stub == {"version": sys.version, "prefix": sys.prefix, "numpy": np.__file__}
         log_path = server.log_path
-        stopping = time.monotonic()
-    assert time.monotonic() - stopping < 8
     assert not server.running
     assert log_path is not None and log_path.parent == repo.parent
     assert "successfully loaded 'identity'" in log_path.read_text()
@@ -191,25 +192,22 @@ def test_taken_port_fails_fast(repo: Path, ports: Dict[str, int], which: str) ->
         blocker.bind(("127.0.0.1", ports[which]))
         blocker.listen()
         server = TritonServer(repo, **ports)
-        started = time.monotonic()
         with pytest.raises(ServerError, match=f"port {ports[which]} .*already in use"):
             server.start()
-        assert time.monotonic() - started < 1
         assert not server.running
+        assert server.log_path is None, "refused before any tritonserver was launched"
 
 
 def test_port_taken_after_check_is_reported_from_the_log(
     repo: Path, ports: Dict[str, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The race the pre-check cannot see: the server itself finds the port taken and exits.
-    monkeypatch.setattr(server_module, "_port_in_use", lambda host, port: False)
+    monkeypatch.setattr(server_module, "port_in_use", lambda host, port: False)
     with socket.socket() as blocker:
         blocker.bind(("127.0.0.1", ports["http_port"]))
         blocker.listen()
-        started = time.monotonic()
         with pytest.raises(ServerError) as caught:
             TritonServer(repo, **ports).start(timeout_s=60)
-        assert time.monotonic() - started < 30
     message = str(caught.value)
     assert "exited with code" in message
     assert f"127.0.0.1:{ports['http_port']}' already in use" in message
@@ -238,10 +236,8 @@ def test_model_that_fails_to_load(tmp_path: Path, ports: Dict[str, int], source:
     make_model(repository, "identity")
     make_model(repository, "broken_model", source)
     server = TritonServer(repository, **ports)
-    started = time.monotonic()
     with pytest.raises(ServerError) as caught:
         server.start(timeout_s=60)
-    assert time.monotonic() - started < 30
     message = str(caught.value)
     assert "failed to load 'broken_model'" in message
     assert error in message
@@ -251,13 +247,14 @@ def test_model_that_fails_to_load(tmp_path: Path, ports: Dict[str, int], source:
 
 
 def test_model_that_never_gets_ready_times_out(tmp_path: Path, ports: Dict[str, int]) -> None:
+    """The start-up wait runs on the launcher's clock: here a fake one, so the timeout is counted, not waited."""
     repository = tmp_path / "repo"
     make_model(repository, "sleepy", "import time\ntime.sleep(60)\n")
-    server = TritonServer(repository, **ports)
-    started = time.monotonic()
+    clock = FakeClock()
+    server = TritonServer(repository, monotonic=clock.monotonic, sleep=clock.sleep, **ports)
     with pytest.raises(ServerError, match="not ready after 3 s"):
         server.start(timeout_s=3)
-    assert time.monotonic() - started < 30
+    assert clock.sleeps == [READY_POLL_S] * int(3 / READY_POLL_S)
     assert not server.running
     assert all(bindable(p) for p in ports.values())
 
@@ -285,7 +282,7 @@ def test_model_config_name_falls_back_to_config_pbtxt(repo: Path, ports: Dict[st
 
 SERVE = (
     "import sys; from pathlib import Path; "
-    "from safety_checker_admin.server import serve_forever; "
+    "from safety_checker_admin.serve import serve_forever; "
     "sys.exit(serve_forever(Path(sys.argv[1]), http_port=int(sys.argv[2]), grpc_port=int(sys.argv[3]), "
     "metrics_port=int(sys.argv[4]), host='127.0.0.1', model_config_name='cpu', supervise=sys.argv[5] == 'yes'))"
 )
@@ -326,9 +323,8 @@ class Serving:
         raise AssertionError(f"no {marker!r} in output {seen}; stderr: {self.process.stderr.read()}")
 
     def server_pid(self) -> int:
-        children = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children").read_text().split()
-        assert len(children) == 1, children
-        return int(children[0])
+        (child,) = child_processes(self.process.pid)
+        return child
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
@@ -341,10 +337,8 @@ def test_serve_forever_prints_urls_and_stops_on_signal(repo: Path, ports: Dict[s
     assert "models:  identity" in output
     assert connectable("127.0.0.1", ports["http_port"])
 
-    started = time.monotonic()
     serving.process.send_signal(signum)
-    assert serving.process.wait(timeout=30) == 0
-    assert time.monotonic() - started < 20
+    assert serving.process.wait(timeout=120) == 0
     assert serving.process.stdout.read() == ""  # nothing streamed after the banner
     assert "Traceback" not in serving.process.stderr.read()
     assert all(bindable(p) for p in ports.values())
@@ -354,7 +348,7 @@ def test_serve_forever_reports_server_death(repo: Path, ports: Dict[str, int]) -
     serving = Serving(repo, ports, supervise=False)  # --no-restart: the server's death ends the command
     serving.read_until("Press Ctrl-C")
     os.kill(serving.server_pid(), signal.SIGKILL)
-    assert serving.process.wait(timeout=30) != 0
+    assert serving.process.wait(timeout=120) != 0
     stderr = serving.process.stderr.read()
     assert "exited on its own" in stderr
     assert "Traceback" not in stderr

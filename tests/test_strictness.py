@@ -22,15 +22,14 @@ from tritonclient.utils import InferenceServerException
 from export import configs
 from export.models import Settings
 from export.onnx_export import reference_outputs
-from export.served import served_module
 from safety_checker_client import spec
 from safety_checker_client.client import SafetyCheckerClient
 from safety_checker_client.spec import ModelDims
+from safety_checker_served.scoring import score_all
 
 MODULES = {"grpc": grpcclient, "http": httpclient}
 
 
-score_all = served_module(spec.POSTPROCESS_MODEL, "scoring").score_all
 INVALID_ARG = {"grpc": "INVALID_ARGUMENT", "http": "400"}
 
 

@@ -102,7 +102,7 @@ def concept_scores(results: Sequence[CheckResult], name: str) -> Tuple[np.ndarra
                 f"{result.concept_set_version})"
             )
         cosines.append(np.float32(result.custom_cosines[name]))
-        adjustments.append(0.01 if any(s > 0 for s in result.special_scores) else 0.0)
+        adjustments.append(spec.SPECIAL_CARE_ADJUSTMENT if any(s > 0 for s in result.special_scores) else 0.0)
     return np.array(cosines, dtype=np.float32), np.array(adjustments, dtype=np.float64)
 
 

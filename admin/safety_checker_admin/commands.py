@@ -47,7 +47,7 @@ def add_serve(commands) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from safety_checker_admin.server import serve_forever
+    from safety_checker_admin.serve import serve_forever
 
     return serve_forever(
         args.repository,

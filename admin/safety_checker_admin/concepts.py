@@ -16,157 +16,42 @@ Only `add --text` needs torch and transformers (imported when used).
 from __future__ import annotations
 
 import argparse
-import contextlib
-import hashlib
 import json
 import math
 import sys
-import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence, TextIO
+from typing import Callable, TextIO
 
 import numpy as np
 
-from safety_checker_admin import concept_set
-from safety_checker_admin.concept_set import ConceptSet, ConceptSetError
-from safety_checker_client import spec
-from safety_checker_client.client import PROTOCOLS, CheckError, SafetyCheckerClient
-from safety_checker_client.preprocess import ImageError, load_image, preprocess
+from safety_checker_admin.concept_store import (
+    ConceptCommandError,
+    builtin_thresholds,
+    change,
+    concept_file,
+    configmap,
+    read_set,
+)
+from safety_checker_admin.concept_sync import check_server, connect, image_embeddings, wait_for_version
+from safety_checker_client.client import PROTOCOLS, SafetyCheckerClient
+from safety_checker_served import concept_set
+from safety_checker_served.concept_set import ConceptSet, ConceptSetError
 
 DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_WAIT_S = 30.0
-POLL_INTERVAL_S = 0.2
 # Default threshold of an image concept: this far below the least similar example.
 IMAGE_THRESHOLD_MARGIN = 0.02
 
 
-class ConceptCommandError(RuntimeError):
-    """A concepts command that could not do what was asked; nothing was changed unless the message says so."""
-
-
-# -- the file --------------------------------------------------------------
-def concept_file(args: argparse.Namespace) -> Path:
-    """The concept file the command works on: in --repository's postprocessor, or in --concepts-dir (the folder
-    a deployment mounts into every replica, e.g. a ConfigMap's source)."""
-    if getattr(args, "concepts_dir", None) is not None:
-        path = Path(args.concepts_dir) / spec.CUSTOM_CONCEPTS_FILENAME
-        if not path.is_file():
-            raise ConceptCommandError(
-                f"{path} does not exist: start the folder from an exported repository's set, e.g. cp "
-                f"REPOSITORY/{spec.POSTPROCESS_MODEL}/{spec.POSTPROCESS_VERSION}/{spec.CUSTOM_CONCEPTS_FILENAME} "
-                f"{args.concepts_dir}/"
-            )
-        return path
-    repository = Path(args.repository)
-    if not repository.is_dir():
-        raise ConceptCommandError(f"model repository not found: {repository}")
-    path = repository / spec.POSTPROCESS_MODEL / spec.POSTPROCESS_VERSION / spec.CUSTOM_CONCEPTS_FILENAME
-    if not path.is_file():
-        raise ConceptCommandError(
-            f"{path} does not exist: is {repository} a model repository written by `python -m export`? "
-            "(a repository exported before custom concepts existed must be exported again)"
-        )
-    return path
-
-
-def read_set(path: Path) -> ConceptSet:
-    try:
-        return concept_set.read(path)
-    except ConceptSetError as error:
-        raise ConceptCommandError(
-            f"{error}. Not modifying it: fix the file by hand (or restore it from a backup); until then the "
-            "server keeps serving the last valid set"
-        ) from None
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Serialise read-modify-write of the concept file between commands (POSIX advisory lock)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock, os.replace still keeps every write whole
-        yield
-        return
-    with open(path.parent / f".{path.name}.lock", "a+") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def builtin_thresholds(repository: Optional[Path]) -> List[float]:
-    if repository is None:
-        raise ConceptCommandError(
-            "give --threshold: the default for a phrase (the mean built-in threshold) is read from --repository"
-        )
-    path = Path(repository) / spec.POSTPROCESS_MODEL / spec.POSTPROCESS_VERSION / spec.CONCEPTS_FILENAME
-    try:
-        return [float(c["threshold"]) for c in json.loads(path.read_text())["concepts"]]
-    except (OSError, ValueError, KeyError, TypeError) as error:
-        raise ConceptCommandError(f"cannot read the built-in thresholds from {path}: {error}") from None
-
-
-# -- the server ------------------------------------------------------------
-def connect(url: str, protocol: str) -> SafetyCheckerClient:
-    return SafetyCheckerClient(url, protocol=protocol, timeout_s=60.0)
-
-
-def probe(client: SafetyCheckerClient) -> tuple:
-    """(served concept set version, image_embeds width) from a one-image request."""
-    pixels = np.zeros((1, spec.NUM_CHANNELS, spec.IMAGE_SIZE, spec.IMAGE_SIZE), dtype=np.float32)
-    try:
-        answer = client.check_batch(pixels)[0]
-    except CheckError as error:
-        raise ConceptCommandError(f"cannot reach the server: {error}") from None
-    return answer.concept_set_version, int(answer.image_embeds.shape[-1])
-
-
-def check_server(client: SafetyCheckerClient, current: ConceptSet, repository: Path) -> None:
-    """Refuse to change a set the server at --url is evidently not serving (`repository`: where the set is)."""
-    version, width = probe(client)
-    if width != current.embedding_dim:
-        raise ConceptCommandError(
-            f"the server at {client.url} serves image embeddings of width {width}, but {repository}'s concept set "
-            f"has embedding_dim {current.embedding_dim}: is the server serving {repository}?"
-        )
-    if version > current.version:
-        raise ConceptCommandError(
-            f"the server at {client.url} serves concept set version {version}, newer than {repository}'s "
-            f"version {current.version}: is the server serving {repository}?"
-        )
-
-
-def wait_for_version(client: SafetyCheckerClient, version: int, timeout_s: float, path: Path) -> None:
-    deadline = time.monotonic() + timeout_s
-    served = None
-    while True:
-        try:
-            served, _ = probe(client)
-        except ConceptCommandError:
-            served = None
-        if served is not None and served >= version:
-            return
-        if time.monotonic() >= deadline:
-            now = "did not answer" if served is None else f"still serves version {served}"
-            raise ConceptCommandError(
-                f"wrote version {version} to {path}, but after {timeout_s:g} s the server at {client.url} {now}: "
-                "check that it serves this repository, and its log for a rejected concept set"
-            )
-        time.sleep(POLL_INTERVAL_S)
-
-
-def commit(args: argparse.Namespace, path: Path, change, client: SafetyCheckerClient, out: TextIO) -> ConceptSet:
-    """Apply `change` (ConceptSet -> ConceptSet) to the file under the lock, then wait for the server."""
-    with locked(path):
-        current = read_set(path)  # again, under the lock: another command may have changed it
-        try:
-            new = change(current)
-            concept_set.write(path, new)
-        except ConceptSetError as error:
-            raise ConceptCommandError(str(error)) from None
-        except OSError as error:
-            raise ConceptCommandError(f"cannot write {path}: {error}") from None
+def commit(
+    args: argparse.Namespace,
+    path: Path,
+    edit: Callable[[ConceptSet], ConceptSet],
+    client: SafetyCheckerClient,
+    out: TextIO,
+) -> ConceptSet:
+    """Apply `edit` to the file under the lock, then wait for the server to serve the new set."""
+    new = change(path, edit)
     print(f"wrote {path} (version {new.version})", file=out, flush=True)
     if args.no_wait:
         return new
@@ -178,25 +63,6 @@ def commit(args: argparse.Namespace, path: Path, change, client: SafetyCheckerCl
         flush=True,
     )
     return new
-
-
-# -- embeddings --------------------------------------------------------------
-def image_embeddings(client: SafetyCheckerClient, files: Sequence[str]) -> tuple:
-    """(image_embeds [N, D] from the server, sha256 of each file)."""
-    images, hashes = [], []
-    for name in files:
-        try:
-            images.append(load_image(name))
-            hashes.append(hashlib.sha256(Path(name).read_bytes()).hexdigest())
-        except ImageError as error:
-            raise ConceptCommandError(str(error)) from None
-        except OSError as error:
-            raise ConceptCommandError(f"cannot read image file {name!r}: {error}") from None
-    try:
-        results = client.check_batch(preprocess(images))
-    except (CheckError, ImageError) as error:
-        raise ConceptCommandError(f"cannot embed the images: {error}") from None
-    return np.stack([r.image_embeds for r in results]).astype(np.float64), hashes
 
 
 # -- commands ------------------------------------------------------------------
@@ -320,19 +186,6 @@ def _list(args: argparse.Namespace, out: TextIO) -> int:
         for row in rows:
             print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)) + "  " + row[4], file=out)
     return 0
-
-
-def configmap(name: str, namespace: Optional[str], text: str) -> str:
-    """A ConfigMap manifest holding `text` as custom_concepts.json, byte for byte (a YAML literal block)."""
-    metadata = f"  name: {json.dumps(name)}\n" + (f"  namespace: {json.dumps(namespace)}\n" if namespace else "")
-    body = text.rstrip("\n")
-    trailing = len(text) - len(body)
-    chomping = {0: "-", 1: ""}.get(trailing, "+")  # keep exactly the file's final newlines
-    block = "".join(f"    {line}\n" if line else "\n" for line in body.split("\n")) + "\n" * max(trailing - 1, 0)
-    return (
-        f"apiVersion: v1\nkind: ConfigMap\nmetadata:\n{metadata}data:\n"
-        f"  {spec.CUSTOM_CONCEPTS_FILENAME}: |2{chomping}\n{block}"
-    )
 
 
 def _export(args: argparse.Namespace, out: TextIO) -> int:

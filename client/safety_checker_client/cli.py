@@ -1,9 +1,9 @@
-"""The `safety-checker` console command: `check` images against a running server, or `scan` many.
+"""The `safety-checker` console command: `check` images against a running server.
 
-The operator package (`pip install ./admin`) adds its own subcommands (`serve`,
-`concepts`) to the same command through the entry-point group
-`safety_checker.commands`, so the client never imports server-side code and
-one command name serves both.
+Other packages add their subcommands to the same command through the
+entry-point group `safety_checker.commands`: the scan package (`pip install
+./scan`) adds `scan`, the operator package (`pip install ./admin`) `serve`
+and `concepts`, so the client never imports them and one command serves all.
 """
 
 from __future__ import annotations
@@ -12,27 +12,35 @@ import argparse
 import json
 import sys
 from importlib.metadata import entry_points
-from typing import Dict, Iterable, Iterator, List, Optional, Sequence, TextIO, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, TextIO, Union
 
 from safety_checker_client import spec
 from safety_checker_client.client import (
     DEFAULT_URLS,
     PROTOCOLS,
-    CheckError,
+    RECORD_OUTPUTS,
     CheckResult,
+    Outcome,
     SafetyCheckerClient,
     Strictness,
     read_file,
-    refused_image,
 )
 from safety_checker_client.preprocess import ImageError, load_image
+from safety_checker_client.records import record
+
+# Each entry point is a function taking the subparsers object; it adds its
+# subcommands and sets `run` (args -> exit status) as their default.
+PLUGIN_GROUP = "safety_checker.commands"
+# The subcommands other packages add, and what installs them.
+PLUGIN_PACKAGES = {"scan": "./scan", "serve": "./admin", "concepts": "./admin"}
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="safety-checker",
         description="Check images with the safety checker served by Triton.",
-        epilog="`serve` and `concepts` come with the operator package (pip install ./admin).",
+        epilog="`scan` comes with pip install ./scan; `serve` and `concepts` with the operator package "
+        "(pip install ./admin).",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -49,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PRESET|NUMBER",
         help=f"a preset ({', '.join(spec.STRICTNESS_PRESETS)}) or an adjustment in "
         f"[-{spec.MAX_STRICTNESS_ADJUSTMENT:g}, {spec.MAX_STRICTNESS_ADJUSTMENT:g}] "
-        "(default: the server's configured preset)",
+        "(default: the server's configured preset); any other is refused for every file",
     )
     check.add_argument(
         "--deadline",
@@ -73,18 +81,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.set_defaults(run=_check)
 
-    from safety_checker_client.scan import add_parser as add_scan
-
-    add_scan(commands, _strictness)
-
     for command in _plugin_commands():
         command.load()(commands)
     return parser
-
-
-# Each entry point is a function taking the subparsers object; it adds its
-# subcommands and sets `run` (args -> exit status) as their default.
-PLUGIN_GROUP = "safety_checker.commands"
 
 
 def _plugin_commands():
@@ -95,103 +94,73 @@ def _plugin_commands():
 
 
 def _strictness(text: str) -> Strictness:
-    """A preset name as it is, anything that reads as a number as that number."""
+    """A preset name as it is, anything that reads as a number as that number; the client checks it."""
     try:
         return float(text)
     except ValueError:
         return text
 
 
-def _chunks(paths: Sequence[str], size: int) -> Iterator[Sequence[str]]:
-    for start in range(0, len(paths), size):
-        yield paths[start : start + size]
-
-
-def _emit(out: TextIO, record: dict) -> None:
-    out.write(json.dumps(record) + "\n")
+def _emit(out: TextIO, line: dict) -> None:
+    out.write(json.dumps(line) + "\n")
     out.flush()
 
 
 def check_files(paths: Sequence[str], client: SafetyCheckerClient, out: TextIO, strictness: Strictness = None) -> int:
-    """Print one JSON line per file, in order; return the number of files that got no answer.
+    """Print one record per file, in order; return the number of files that got no answer.
 
     Files are read and sent a batch at a time, so memory stays flat for any
-    number of files. A file that cannot be read, or whose batch the server did
-    not answer, gets an "error" line and never a "flagged" field. With an
-    encoded client the server decodes the files, and one it cannot decode
-    refuses its whole batch: the files of a batch refused for one image are
-    then sent one at a time, so that each gets its own answer or error.
+    number of files. A file that cannot be read, or that the server did not
+    answer, gets an "error" line and never a "flagged" field; a file the server
+    refused takes no other file of its batch down with it (`check_each`).
     """
     failures = 0
-    batch_size = client.max_batch_size
-    for chunk in _chunks(paths, batch_size):
-        loaded: List[Tuple[str, object]] = []
-        errors = {}
-        for path in chunk:
+    for start in range(0, len(paths), client.max_batch_size):
+        chunk = paths[start : start + client.max_batch_size]
+        outcomes: List[Union[Outcome, ImageError, None]] = [None] * len(chunk)
+        loaded: Dict[int, object] = {}
+        for position, path in enumerate(chunk):
             try:
-                loaded.append((path, read_file(path) if client.encoded else load_image(path)))
-            except ImageError as err:
-                errors[path] = str(err)
-        answers = _answers(client, loaded, strictness, errors)
-        for path in chunk:
-            if path in answers:
-                _emit(out, {"path": path, **answers[path].as_dict()})
-            else:
-                failures += 1
-                _emit(out, {"path": path, "error": errors[path]})
+                loaded[position] = read_file(path) if client.encoded else load_image(path)
+            except ImageError as error:
+                outcomes[position] = error
+        items = list(loaded.values())
+        try:
+            batch = items if client.encoded or not items else client.preprocess(items)
+            answers = client.check_each(batch, strictness) if items else []
+        except ImageError as error:
+            answers = [error] * len(items)
+        for position, answer in zip(loaded, answers):
+            outcomes[position] = answer
+        for path, outcome in zip(chunk, outcomes):
+            answer = outcome if isinstance(outcome, CheckResult) else None
+            failures += answer is None
+            _emit(out, record(path, answer, None if answer else outcome))
     return failures
 
 
-def _answers(
-    client: SafetyCheckerClient, loaded: List[Tuple[str, object]], strictness: Strictness, errors: Dict[str, str]
-) -> Dict[str, CheckResult]:
-    """The server's answer per path; the reason of every path without one goes into `errors`."""
-    if not loaded:
-        return {}
-    check = client.check_encoded if client.encoded else client.check
-    try:
-        results = check([item for _, item in loaded], strictness=strictness)
-        return {path: result for (path, _), result in zip(loaded, results)}
-    except (CheckError, ImageError) as err:
-        refused = isinstance(err, CheckError) and refused_image(err) is not None
-        if not (client.encoded and refused and len(loaded) > 1):
-            # A file the server refused is named, as one the client could not read is.
-            named = client.encoded and refused
-            errors.update({path: f"{path}: {err}" if named else str(err) for path, _ in loaded})
-            return {}
-    answers = {}
-    for item in loaded:
-        answers.update(_answers(client, [item], strictness, errors))
-    return answers
-
-
 def _check(args: argparse.Namespace) -> int:
-    try:
-        client = SafetyCheckerClient(
-            args.url, protocol=args.protocol, uint8=args.uint8, encoded=args.encoded, deadline_s=args.deadline
-        )
-        with client:
-            failures = check_files(args.files, client, sys.stdout, args.strictness)
-    except CheckError as err:  # the server could not even be asked for its config
-        for path in args.files:
-            _emit(sys.stdout, {"path": path, "error": str(err)})
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    client = SafetyCheckerClient(
+        args.url,
+        protocol=args.protocol,
+        uint8=args.uint8,
+        encoded=args.encoded,
+        deadline_s=args.deadline,
+        outputs=RECORD_OUTPUTS,
+    )
+    with client:
+        failures = check_files(args.files, client, sys.stdout, args.strictness)
     if failures:
         print(f"error: {failures} of {len(args.files)} images were not checked", file=sys.stderr)
         return 1
     return 0
 
 
-# The operator package's subcommands, named when it is not installed.
-OPERATOR_COMMANDS = ("serve", "concepts")
-
-
 def main(argv: Optional[Iterable[str]] = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = _parser()
-    if argv and argv[0] in OPERATOR_COMMANDS and argv[0] not in {ep.name for ep in _plugin_commands()}:
-        parser.error(f"'{argv[0]}' comes with the operator package: pip install ./admin")
+    if argv and argv[0] in PLUGIN_PACKAGES and argv[0] not in {ep.name for ep in _plugin_commands()}:
+        parser.error(f"'{argv[0]}' comes with another package: pip install {PLUGIN_PACKAGES[argv[0]]}")
     args = parser.parse_args(argv)
     return args.run(args)
 

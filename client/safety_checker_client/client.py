@@ -1,118 +1,79 @@
-"""A thin client for the served `safety_checker` ensemble, over gRPC or HTTP.
+"""A thin client for the served `safety_checker` ensembles, over gRPC or HTTP.
 
 It only ever returns a result for an image the server actually answered: any
-transport or server error raises, so a caller cannot mistake a failure for a
-"not flagged".
+transport or server error is a `CheckError`, so a caller cannot mistake a
+failure for a "not flagged".
 
-A request whose server failed (it could not be reached, it dropped the
-connection, it was overloaded or restarting: UNAVAILABLE, INTERNAL, a
-timeout) is sent again, after 0.25 s, 0.5 s, 1 s ... (at most 5 s, with
-jitter), until the deadline; then the images count as not checked
-(CheckError). A request the server refused for what it holds (INVALID_ARG,
-an unknown model) is never sent again.
+A request whose server failed (unreachable, overloaded or restarting, or it
+failed while answering: `CheckError.retryable`) is sent again, after 0.25 s,
+0.5 s, 1 s ... (at most 5 s, with jitter), until the deadline; then its
+images count as not checked. A request the server refused for what it holds
+is never sent again; `check_each` sends the other images of a batch refused
+for one image again without it, so that each gets its answer or its error.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
-import re
 import time
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from safety_checker_client import spec
+from safety_checker_client.errors import INTERNAL, CheckError
 from safety_checker_client.preprocess import ImageError, ImageLike, load_image, preprocess, preprocess_uint8
+from safety_checker_client.strictness import Strictness, StrictnessError, request_parameters
 
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 PROTOCOLS = tuple(DEFAULT_URLS)
-
-
-class CheckError(RuntimeError):
-    """The server did not answer; no image of the failed request was checked."""
-
 
 # Retries: the first wait, its growth and its cap (each wait is drawn between half and all of it).
 RETRY_FIRST_WAIT_S = 0.25
 RETRY_GROWTH = 2.0
 RETRY_MAX_WAIT_S = 5.0
-# Statuses of a server that failed (tritonclient's: gRPC status names, HTTP codes); any other is final.
-RETRYABLE_STATUSES = {
-    "StatusCode.UNAVAILABLE",
-    "StatusCode.INTERNAL",
-    "StatusCode.DEADLINE_EXCEEDED",
-    "StatusCode.UNKNOWN",
-    "StatusCode.RESOURCE_EXHAUSTED",
-    "StatusCode.ABORTED",
-    "500",
-    "502",
-    "503",
-    "504",
-}
 
-
-def retryable(error: BaseException) -> bool:
-    """Whether `error` says the server failed (send again) rather than that the request was wrong."""
-    from tritonclient.utils import InferenceServerException
-
-    if isinstance(error, InferenceServerException):
-        # No status: tritonclient refused the request itself, before sending it.
-        return str(error.status()) in RETRYABLE_STATUSES
-    return True  # connection refused, reset, timeouts: tritonclient raises several types
-
-
-Strictness = Union[str, float, None]
-"""A preset name ("weak", "normal", ...), an adjustment in [-0.1, 0.1], or None for the server's preset."""
+# What a record shows of an answer, in its order (CheckResult.as_dict, `check`'s lines, scan's report).
+ANSWER_FIELDS = (
+    "flagged",
+    "fired_concepts",
+    "concept_scores",
+    "special_scores",
+    "custom_scores",
+    "concept_set_version",
+    "strictness_adjustment",
+    "exact_scores",
+)
+ALL_OUTPUTS = tuple(t.name for t in spec.ENSEMBLE_OUTPUTS)
+# The outputs a record needs: all but the embedding and the raw cosines (most of an answer's bytes).
+RECORD_OUTPUTS = tuple(n for n in ALL_OUTPUTS if n not in (spec.IMAGE_EMBEDS.name, spec.CUSTOM_COSINES.name))
 
 
 @dataclass
 class CheckResult:
-    """The answer for one image."""
+    """The answer for one image; a field whose output was not requested is None."""
 
     flagged: bool  # a built-in concept or a custom concept fired
-    concept_scores: List[float]
-    special_scores: List[float]
-    image_embeds: np.ndarray = field(repr=False)
-    custom_scores: Dict[str, float] = field(default_factory=dict)  # custom concept name -> score
-    fired_concepts: List[str] = field(default_factory=list)  # every concept whose score is > 0
-    concept_set_version: int = 0  # the custom concept set that answered
-    strictness_adjustment: float = 0.0  # what every threshold was shifted by
-    custom_cosines: Dict[str, float] = field(default_factory=dict, repr=False)
+    concept_scores: Optional[List[float]] = None
+    special_scores: Optional[List[float]] = None
+    image_embeds: Optional[np.ndarray] = field(default=None, repr=False)
+    custom_scores: Optional[Dict[str, float]] = None  # custom concept name -> score
+    fired_concepts: Optional[List[str]] = None  # every concept whose score is > 0
+    concept_set_version: Optional[int] = None  # the custom concept set that answered
+    strictness_adjustment: Optional[float] = None  # what every threshold was shifted by
+    custom_cosines: Optional[Dict[str, float]] = field(default=None, repr=False)
     # False: answered from an int8 embedder whose error bound cannot change this decision (scores within it).
-    exact_scores: bool = True
+    exact_scores: Optional[bool] = None
 
     def as_dict(self) -> Dict[str, object]:
-        """The JSON-ready view (without the embedding and the raw cosines)."""
-        return {
-            "flagged": self.flagged,
-            "concept_scores": self.concept_scores,
-            "special_scores": self.special_scores,
-            "custom_scores": self.custom_scores,
-            "fired_concepts": self.fired_concepts,
-            "concept_set_version": self.concept_set_version,
-            "strictness_adjustment": self.strictness_adjustment,
-            "exact_scores": self.exact_scores,
-        }
+        """The JSON-ready view (without the embedding and the raw cosines), in ANSWER_FIELDS order."""
+        return {name: getattr(self, name) for name in ANSWER_FIELDS if getattr(self, name) is not None}
 
 
-def request_parameters(strictness: Strictness) -> Optional[Dict[str, object]]:
-    """The Triton request parameters that choose a strictness (None: the server's configured preset)."""
-    if strictness is None:
-        return None
-    if isinstance(strictness, str):
-        return {spec.STRICTNESS_PARAMETER: strictness}
-    if isinstance(strictness, bool) or not isinstance(strictness, (int, float)):
-        raise ValueError(f"strictness must be a preset name or a number, not {strictness!r}")
-    if not math.isfinite(strictness):  # JSON cannot carry it; the server would refuse it anyway
-        raise CheckError(
-            f"request parameter {spec.STRICTNESS_ADJUSTMENT_PARAMETER!r} = {strictness!r} must be a "
-            f"number in [-{spec.MAX_STRICTNESS_ADJUSTMENT:g}, {spec.MAX_STRICTNESS_ADJUSTMENT:g}]"
-        )
-    return {spec.STRICTNESS_ADJUSTMENT_PARAMETER: float(strictness)}
+Outcome = Union[CheckResult, CheckError]  # one image's answer, or why it has none
 
 
 def triton_module(protocol: str):
@@ -127,15 +88,15 @@ def triton_module(protocol: str):
 
 
 class SafetyCheckerClient:
-    """Sends image batches to the checker, split to fit the served max_batch_size.
+    """Sends image batches to the checker, split at `max_batch_size` (default: the contract's).
 
-    By default it sends float32 `pixel_values` to `safety_checker`. With
-    `uint8=True` it sends the resized and cropped uint8 images to
-    `safety_checker_uint8`, which normalises them on the server: a quarter of
-    the bytes on the wire, the same decisions. With `encoded=True` it sends
-    image files as they are (`check_files`, `check_encoded`) to
-    `safety_checker_images`, which decodes them with this package's own
-    preprocessing: a JPEG stays a JPEG on the wire, the same decisions.
+    By default it sends float32 `pixel_values` to `safety_checker`; with `uint8=True` uint8 images to
+    `safety_checker_uint8` (a quarter of the bytes); with `encoded=True` image files as they are to
+    `safety_checker_images`, which decodes them. The same decisions in every form.
+
+    `outputs`: the output names to request (default: all; `check`, scan and the drop-in ask for
+    RECORD_OUTPUTS); `has_nsfw_concepts` always is. `monotonic`, `sleep` and `rng` pace the retries;
+    `triton` stands in for the tritonclient module (tests pass fakes).
     """
 
     def __init__(
@@ -147,13 +108,24 @@ class SafetyCheckerClient:
         uint8: bool = False,
         encoded: bool = False,
         deadline_s: Optional[float] = None,
+        max_batch_size: Optional[int] = None,
+        outputs: Optional[Sequence[str]] = None,
+        monotonic: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: Optional[random.Random] = None,
+        triton=None,
     ) -> None:
         """`timeout_s`: how long one attempt may take. `deadline_s`: how long a request may take, retries
         included, before its images count as not checked (default: `timeout_s`; 0 sends each request once)."""
         if uint8 and encoded:
             raise ValueError("choose one input form: uint8=True or encoded=True")
+        unknown = sorted(set(outputs or ()) - set(ALL_OUTPUTS))
+        if unknown:
+            raise ValueError(f"unknown outputs {unknown}; the ensemble's are {list(ALL_OUTPUTS)}")
+        if max_batch_size is not None and max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
         self.protocol = protocol
-        self._triton = triton_module(protocol)
+        self._triton = triton or triton_module(protocol)
         self.url = url or DEFAULT_URLS[protocol]
         self.uint8 = uint8
         self.encoded = encoded
@@ -164,11 +136,15 @@ class SafetyCheckerClient:
         else:
             self.input, default_model = spec.PIXEL_VALUES, spec.ENSEMBLE_MODEL
         self.model_name = model_name or default_model
+        self.where = f"{self.model_name} at {self.url} ({protocol})"  # what its errors start with
+        self.max_batch_size = max_batch_size or spec.MAX_BATCH_SIZE
+        requested = set(outputs or ALL_OUTPUTS) | {spec.HAS_NSFW_CONCEPTS.name}
+        self.outputs = tuple(n for n in ALL_OUTPUTS if n in requested)
         self.timeout_s = timeout_s
         self.deadline_s = timeout_s if deadline_s is None else deadline_s
+        self._monotonic, self._sleep, self._rng = monotonic, sleep, rng or random.Random()
         self.attempts = 0  # requests sent so far, retries included
         self._client = self._connect()
-        self._max_batch_size: Optional[int] = None
 
     def _connect(self):
         timeout = self.timeout_s
@@ -184,23 +160,9 @@ class SafetyCheckerClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    @property
-    def max_batch_size(self) -> int:
-        """Read once from the served config, so the client follows the deployment."""
-        if self._max_batch_size is None:
-            config = self._call("get_model_config", self.model_name)
-            if self.protocol == "grpc":
-                config = {"max_batch_size": config.config.max_batch_size}
-            self._max_batch_size = int(config["max_batch_size"])
-            if self._max_batch_size < 1:
-                raise CheckError(f"model {self.model_name} does not batch (max_batch_size {self._max_batch_size})")
-        return self._max_batch_size
-
     def _call(self, method: str, *args, **kwargs):
         """The tritonclient method `method`, sent again while the server fails, until the deadline."""
-        from tritonclient.utils import InferenceServerException
-
-        started = time.monotonic()
+        started = self._monotonic()
         wait = RETRY_FIRST_WAIT_S
         tries = 0
         while True:
@@ -208,17 +170,17 @@ class SafetyCheckerClient:
             self.attempts += 1
             try:
                 return getattr(self._client, method)(*args, **kwargs)
-            except Exception as err:  # connection refused, timeouts: tritonclient raises several types
-                text = err.message() if isinstance(err, InferenceServerException) else str(err) or type(err).__name__
-                where = f"{self.model_name} at {self.url} ({self.protocol})"
-                if not retryable(err):
-                    raise CheckError(f"{where}: {text}") from err
-                pause = wait * random.uniform(0.5, 1.0)
-                elapsed = time.monotonic() - started
+            except Exception as exc:  # connection refused, timeouts: tritonclient raises several types
+                error = CheckError.from_exception(exc, self.where)
+                if not error.retryable:
+                    raise error from exc
+                pause = wait * self._rng.uniform(0.5, 1.0)
+                elapsed = self._monotonic() - started
                 if elapsed + pause >= (self.deadline_s or 0.0):
-                    detail = f" (not checked: {tries} attempts in {elapsed:.1f} s)" if tries > 1 else ""
-                    raise CheckError(f"{where}: {text}{detail}") from err
-            time.sleep(pause)
+                    if tries > 1:
+                        error = CheckError(f"{error} (not checked: {tries} attempts in {elapsed:.1f} s)", error.kind)
+                    raise error from exc
+            self._sleep(pause)
             wait = min(wait * RETRY_GROWTH, RETRY_MAX_WAIT_S)
             try:  # a fresh connection: the old one may lead to a server that is gone
                 self._client.close()
@@ -234,21 +196,53 @@ class SafetyCheckerClient:
             )
         return (preprocess_uint8 if self.uint8 else preprocess)(images, value_range=value_range)
 
-    def infer(self, batch: np.ndarray, strictness: Strictness = None) -> Dict[str, np.ndarray]:
-        """Run a batch in the client's input form, in as many requests as max_batch_size needs.
+    def _parameters(self, strictness: Strictness) -> Optional[Dict[str, object]]:
+        """The request parameters; a choice the server would refuse is refused here, in its words."""
+        try:
+            return request_parameters(strictness)
+        except StrictnessError as error:
+            raise CheckError.from_exception(error, self.where) from error
 
-        float32 pixel_values [N, 3, 224, 224] (other float dtypes are cast),
-        with `uint8=True` uint8 images [N, 224, 224, 3], or with
-        `encoded=True` image files: a sequence of bytes, or an object array
-        [N] or [N, 1] of them.
+    def infer(self, batch: np.ndarray, strictness: Strictness = None) -> Dict[str, np.ndarray]:
+        """The requested outputs for a batch, in requests of max_batch_size; any failed request fails the call.
+
+        The batch is float32 pixel_values [N, 3, 224, 224] (other float dtypes are cast), uint8 images
+        [N, 224, 224, 3] (`uint8=True`), or image files (`encoded=True`): bytes, or an object array of them.
         """
         batch = self._checked(batch)
-        parameters = request_parameters(strictness)
-        chunks = [
-            self._infer_once(batch[i : i + self.max_batch_size], parameters)
-            for i in range(0, len(batch), self.max_batch_size)
-        ]
+        parameters = self._parameters(strictness)
+        size = self.max_batch_size
+        chunks = [self._infer_once(batch[i : i + size], parameters) for i in range(0, len(batch), size)]
         return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+    def check_each(self, batch: np.ndarray, strictness: Strictness = None) -> List[Outcome]:
+        """One outcome per image of a batch (see `infer`): its CheckResult or its CheckError.
+
+        A request refused for one image (a refusal naming its index) is sent again without it, so every other
+        image still gets its answer; any other failure is that of every image of its request.
+        """
+        batch = self._checked(batch)
+        try:
+            parameters = self._parameters(strictness)
+        except CheckError as error:
+            return [error] * len(batch)
+        outcomes: List[Optional[Outcome]] = [None] * len(batch)
+        for start in range(0, len(batch), self.max_batch_size):
+            pending = list(range(start, min(start + self.max_batch_size, len(batch))))
+            while pending:
+                try:
+                    answer = self._infer_once(batch[pending], parameters)
+                except CheckError as error:
+                    if error.index is None or not 0 <= error.index < len(pending):
+                        for i in pending:
+                            outcomes[i] = error
+                        break
+                    outcomes[pending.pop(error.index)] = error
+                    continue
+                for k, i in enumerate(pending):
+                    outcomes[i] = result_from(answer, k)
+                break
+        return outcomes  # type: ignore[return-value]
 
     def _checked(self, batch: np.ndarray) -> np.ndarray:
         if self.encoded:
@@ -270,23 +264,22 @@ class SafetyCheckerClient:
             tensor.set_data_from_numpy(batch, binary_data=True)  # the bytes as they are, not base64 in JSON
         else:
             tensor.set_data_from_numpy(batch)
-        outputs = [self._triton.InferRequestedOutput(t.name) for t in spec.ENSEMBLE_OUTPUTS]
+        outputs = [self._triton.InferRequestedOutput(name) for name in self.outputs]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         if parameters:
             kwargs["parameters"] = parameters
         result = self._call("infer", self.model_name, [tensor], outputs=outputs, **kwargs)
-        answer = {t.name: result.as_numpy(t.name) for t in spec.ENSEMBLE_OUTPUTS}
+        answer = {name: result.as_numpy(name) for name in self.outputs}
         for name, value in answer.items():
             if value is None or len(value) != len(batch):
-                raise CheckError(
-                    f"{self.model_name} answered {name} for {0 if value is None else len(value)} of {len(batch)} images"
-                )
+                count = 0 if value is None else len(value)
+                raise CheckError(f"{self.where}: answered {name} for {count} of {len(batch)} images", INTERNAL)
         return answer
 
     def check_batch(self, batch: np.ndarray, strictness: Strictness = None) -> List[CheckResult]:
-        """One result per image of a batch in the client's input form (see `infer`)."""
+        """One result per image of a batch in the client's input form (see `infer`); any failure raises."""
         answer = self.infer(batch, strictness)
-        return [result_from(answer, i) for i in range(len(batch))]
+        return [result_from(answer, i) for i in range(len(answer[spec.HAS_NSFW_CONCEPTS.name]))]
 
     def check(
         self, images: Sequence[ImageLike], value_range: Tuple[float, float] = (0.0, 1.0), strictness: Strictness = None
@@ -295,10 +288,7 @@ class SafetyCheckerClient:
         return self.check_batch(self.preprocess(images, value_range), strictness)
 
     def check_encoded(self, files: Sequence[bytes], strictness: Strictness = None) -> List[CheckResult]:
-        """Check image files given as their bytes (PNG, JPEG, WebP, ...), one result each, in order.
-
-        Needs `encoded=True`: the bytes are sent untouched and decoded on the server.
-        """
+        """Check image files given as their bytes (PNG, JPEG, ...), sent untouched (`encoded=True`), in order."""
         if not self.encoded:
             raise ValueError("check_encoded sends image files: create the client with encoded=True")
         return self.check_batch(_encoded_batch(files), strictness)
@@ -306,36 +296,22 @@ class SafetyCheckerClient:
     def check_files(self, paths: Sequence[Union[str, os.PathLike]], strictness: Strictness = None) -> List[CheckResult]:
         """Check image files, one result each, in order.
 
-        With `encoded=True` each file's bytes are sent untouched (a JPEG stays
-        a JPEG) and the server decodes them; otherwise the files are decoded
-        and preprocessed here. A file that cannot be read raises ImageError;
-        with `encoded=True` one the server cannot decode fails the call with
-        CheckError naming it.
+        With `encoded=True` the server decodes each file's bytes, otherwise this client does. A file that cannot
+        be read raises ImageError; one the server refuses fails the call with a CheckError naming it.
         """
         if not self.encoded:
             return self.check([load_image(path) for path in paths], strictness=strictness)
-        files = [read_file(path) for path in paths]
-        batch = _encoded_batch(files)
+        batch = _encoded_batch([read_file(path) for path in paths])
         results = []
         for start in range(0, len(batch), self.max_batch_size):
             try:
                 results += self.check_batch(batch[start : start + self.max_batch_size], strictness)
             except CheckError as error:
-                index = refused_image(error)
-                if index is None or start + index >= len(paths):
+                if error.index is None or start + error.index >= len(paths):
                     raise
-                raise CheckError(f"{os.fspath(paths[start + index])}: {error}") from error
+                named = f"{os.fspath(paths[start + error.index])}: {error}"
+                raise CheckError(named, error.kind, error.index) from error
         return results
-
-
-# How safety_checker_images names the element it refused: "image 3: ...", its index in the request.
-_REFUSED_INDEX = re.compile(r"\bimage (\d+): ")
-
-
-def refused_image(error: CheckError) -> Optional[int]:
-    """The index of the image a refusal names ("image 3: ..."), or None when it names none."""
-    named = _REFUSED_INDEX.search(str(error))
-    return None if named is None else int(named.group(1))
 
 
 def read_file(path: Union[str, os.PathLike]) -> bytes:
@@ -362,18 +338,22 @@ def _encoded_batch(files: Union[Sequence[bytes], np.ndarray]) -> np.ndarray:
 
 
 def result_from(answer: Dict[str, np.ndarray], i: int) -> CheckResult:
-    """Image i of an ensemble answer (the output tensors by name) as a CheckResult."""
+    """Image i of an ensemble answer (the output tensors by name) as a CheckResult; absent outputs are None."""
+
+    def get(tensor: spec.TensorSpec, convert: Callable[[np.ndarray], object]):
+        return convert(answer[tensor.name][i]) if tensor.name in answer else None
+
     return CheckResult(
         flagged=bool(answer[spec.HAS_NSFW_CONCEPTS.name][i].reshape(-1)[0]),
-        concept_scores=_thousandths(answer[spec.CONCEPT_SCORES.name][i]),
-        special_scores=_thousandths(answer[spec.SPECIAL_SCORES.name][i]),
-        image_embeds=answer[spec.IMAGE_EMBEDS.name][i],
-        custom_scores=_json_text(answer[spec.CUSTOM_SCORES.name][i]),
-        fired_concepts=_json_text(answer[spec.FIRED_CONCEPTS.name][i]),
-        concept_set_version=int(answer[spec.CONCEPT_SET_VERSION.name][i].reshape(-1)[0]),
-        strictness_adjustment=float(answer[spec.STRICTNESS_ADJUSTMENT.name][i].reshape(-1)[0]),
-        custom_cosines=_json_text(answer[spec.CUSTOM_COSINES.name][i]),
-        exact_scores=bool(answer[spec.EXACT_SCORES.name][i].reshape(-1)[0]),
+        concept_scores=get(spec.CONCEPT_SCORES, _thousandths),
+        special_scores=get(spec.SPECIAL_SCORES, _thousandths),
+        image_embeds=get(spec.IMAGE_EMBEDS, lambda value: value),
+        custom_scores=get(spec.CUSTOM_SCORES, _json_text),
+        fired_concepts=get(spec.FIRED_CONCEPTS, _json_text),
+        concept_set_version=get(spec.CONCEPT_SET_VERSION, lambda value: int(value.reshape(-1)[0])),
+        strictness_adjustment=get(spec.STRICTNESS_ADJUSTMENT, lambda value: float(value.reshape(-1)[0])),
+        custom_cosines=get(spec.CUSTOM_COSINES, _json_text),
+        exact_scores=get(spec.EXACT_SCORES, lambda value: bool(value.reshape(-1)[0])),
     )
 
 

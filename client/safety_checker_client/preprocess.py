@@ -167,10 +167,15 @@ def preprocess_uint8(
     cropped = []
     for index, image in enumerate(images):
         try:
-            cropped.append(_resized_and_cropped(to_uint8_image(image, value_range)))
+            cropped.append(resize_and_crop(image, value_range))
         except ImageError as error:
             raise ImageError(f"image {index}: {error}") from error
     return np.ascontiguousarray(np.stack(cropped))
+
+
+def resize_and_crop(image: ImageLike, value_range: tuple[float, float] = ZERO_ONE) -> np.ndarray:
+    """One image as `preprocess_uint8` makes it: uint8 RGB [224, 224, 3]; ImageError says why not."""
+    return _resized_and_cropped(to_uint8_image(image, value_range))
 
 
 def normalization_table() -> np.ndarray:

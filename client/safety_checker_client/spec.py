@@ -17,6 +17,8 @@ ENSEMBLE_MODEL = "safety_checker"
 UINT8_ENSEMBLE_MODEL = "safety_checker_uint8"
 # The same checker fed the image files themselves (PNG, JPEG, WebP, ...), decoded on the server.
 IMAGES_MODEL = "safety_checker_images"
+# Its first step: image files -> the uint8 images safety_checker_uint8 takes.
+DECODE_MODEL = "safety_checker_decode"
 NORMALIZE_MODEL = "safety_checker_normalize"
 EMBEDDER_MODEL = "safety_checker_embedder"
 # The cascade (`python -m export --cascade`): an int8 embedder answers first, the fp32 one where int8 is not sure.
@@ -40,15 +42,15 @@ CUSTOM_CONCEPTS_FILENAME = "custom_concepts.json"
 # The postprocessor's version folder, where both concept files live.
 POSTPROCESS_VERSION = "1"
 
+# diffusers' rule: once a special-care concept fires, every later score of the image gets this added.
+SPECIAL_CARE_ADJUSTMENT = 0.01
+
 # -- Strictness -------------------------------------------------------------
-# A strictness adjustment is added to every score before the "> 0" test, as
-# diffusers' `adjustment` is: positive flags more, negative flags less. It
-# shifts every threshold (built-in, special-care and custom) by the same
-# amount. The presets are the values measured in diffusers PR #9068 from the
-# concept scores of 8,000 Stable Diffusion 1.5 images (~1,600 flagged); its
-# criteria: WEAK "maximum score", MEDIUM "average score that triggers the
-# Safety Checker", STRONG "average of all scores", MAX "absolute value of the
-# minimum score". "normal" is 0.0, which reproduces the reference exactly.
+# A strictness adjustment is added to every score before the "> 0" test, as diffusers' `adjustment` is:
+# positive flags more, negative less, every threshold (built-in, special-care, custom) alike. The presets
+# are diffusers PR #9068's, measured on the concept scores of 8,000 Stable Diffusion 1.5 images: WEAK
+# "maximum score", MEDIUM "average score that triggers the Safety Checker", STRONG "average of all
+# scores", MAX "absolute value of the minimum score". "normal" (0.0) reproduces the reference exactly.
 STRICTNESS_PRESETS = {
     "weak": -0.069,
     "medium": -0.0175,
@@ -150,6 +152,8 @@ IMAGE = TensorSpec("image", "BYTES", (1,))
 
 IMAGES_INPUTS = (IMAGE,)
 IMAGES_OUTPUTS = ENSEMBLE_OUTPUTS
+DECODE_INPUTS = (IMAGE,)
+DECODE_OUTPUTS = (IMAGES,)
 
 # What the server accepts, per image; each is a config parameter of the images model.
 MAX_ENCODED_BYTES = 20 * 1024 * 1024  # the file's size (20 MiB), before any base64

@@ -1,28 +1,33 @@
 """The int8/fp32 cascade: the fp32 checker's decisions at close to int8's speed.
 
-Every image of a batch goes through the int8 embedder in one call. The
-postprocessor scores each request with the int8 error bound (the export
-measured it, with a safety factor; config parameter `cosine_bound`) and says
-per image whether any cosine within that bound could change a decision
-(its `decision_certain` output, which the ensembles do not show). Only those images go through the fp32 embedder, in one
-call for the whole batch, and are scored again with a bound of 0: their answer
-is the fp32 checker's, exactly (`exact_scores` true). Every other image keeps int8's answer, whose
-decision fp32 cannot differ from and whose scores lie within the bound of
-fp32's. Request parameters (strictness) reach both postprocessor calls, and
-an error of any step (non-finite pixels, a bad parameter) answers the request.
+Every image of a batch goes through the int8 embedder in one call (which runs
+each image alone: no image's values move another's answer). The postprocessor
+scores each request with the int8 error bound (the export measured it, with a
+safety factor; config parameter `cosine_bound`) and says per image whether any
+cosine within that bound could change a decision (its `decision_certain`
+output, which the ensembles do not show). Those images, and every image whose
+pixel_values lie outside what a real image has (`pixel_range`: the bound was
+measured on such images only), go through the fp32 embedder, in one call for
+the whole batch, and are scored again with a bound of 0: their answer is the
+fp32 checker's, exactly (`exact_scores` true). Every other image keeps int8's
+answer, whose decision fp32 cannot differ from and whose scores lie within the
+bound of fp32's. Request parameters (strictness) reach both postprocessor calls. What
+the request itself is at fault for (a bad parameter, non-finite pixels) is
+refused here with INVALID_ARG, because an error that comes back through BLS
+has lost its status; an error of any step answers the request.
 
 Counted in Prometheus: safety_checker_cascade_images_total{embedder="int8"|"fp32"}.
 """
 
 import json
-import os
-import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from request_limits import RequestLimits
+from safety_checker_served.model_config import ModelConfig
+from safety_checker_served.request_limits import RequestLimits
+from safety_checker_served.scoring import nonfinite_refusal
+from safety_checker_served.strictness import Strictness
 
 
 class StepError(Exception):
@@ -35,13 +40,14 @@ class StepError(Exception):
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        (self.pixels,) = [i["name"] for i in config["input"]]
-        self.outputs = [o["name"] for o in config["output"]]
+        config = ModelConfig(args)
+        parameters = config.parameters
+        (self.pixels,) = config.inputs
+        self.outputs = config.outputs
         self.exact = self.outputs[-1]  # by position: the last output says which answers are fp32's
         self.bound = float(parameters["cosine_bound"])
         self.limits = RequestLimits(parameters)
+        self.strictness = Strictness(parameters)
         self.int8 = parameters["int8_embedder"]
         self.fp32 = parameters["fp32_embedder"]
         self.postprocessor = parameters["postprocessor"]
@@ -50,6 +56,10 @@ class TritonPythonModel:
         # What the postprocessor answers (and whether it is sure); the rest (image_embeds) comes from the embedder.
         self.scored = [name for name in self.outputs if name not in self.embedded] + [self.certain]
         self.bound_input = parameters["cosine_bound_input"]
+        self.nonfinite = parameters["nonfinite_output"]
+        # [3, 2] per channel: the pixel_values of a real image, on which int8's bound was measured.
+        low, high = np.array(json.loads(parameters["pixel_range"]), dtype=np.float32).T
+        self.low, self.high = low[:, None, None], high[:, None, None]
         # Kept on self: a MetricFamily must outlive its Metrics.
         self.family = family = pb_utils.MetricFamily(
             name="safety_checker_cascade_images_total",
@@ -75,12 +85,17 @@ class TritonPythonModel:
         for index, (batch, params) in enumerate(zip(pixels, parameters)):
             rows = slice(start, start + len(batch))
             start += len(batch)
+            refusal = nonfinite_refusal(embedded[self.nonfinite][rows])
+            if refusal is not None:
+                answers[index] = StepError(pb_utils.TritonError(refusal, pb_utils.TritonError.INVALID_ARG))
+                continue
             try:
                 answers[index] = self._score({k: v[rows] for k, v in embedded.items()}, self.bound, params)
             except StepError as failure:
                 answers[index] = failure
                 continue
-            uncertain = np.flatnonzero(~answers[index].pop(self.certain).reshape(-1))
+            sure = answers[index].pop(self.certain).reshape(-1) & self._real(batch)
+            uncertain = np.flatnonzero(~sure)
             if len(uncertain):
                 redo.append((index, uncertain))
         if redo:
@@ -105,12 +120,18 @@ class TritonPythonModel:
         return [self._response(answer) for answer in answers]
 
     def _refusal(self, request):
-        """INVALID_ARG for an unknown request parameter or too many images, before any model runs (an error
-        coming back through BLS would lose its status)."""
+        """INVALID_ARG for an unknown request parameter, too many images or a bad strictness, before any model
+        runs: an error coming back through BLS has lost its status (it is INTERNAL, which a client retries)."""
         _, problem = self.limits.parameters(request.parameters())
         if problem is None:
             problem = self.limits.images(len(pb_utils.get_input_tensor_by_name(request, self.pixels).as_numpy()))
+        if problem is None:
+            _, problem = self.strictness.of(request.parameters())
         return None if problem is None else pb_utils.TritonError(problem, pb_utils.TritonError.INVALID_ARG)
+
+    def _real(self, pixels):
+        """bool [N]: whether each image's pixel_values are all within what a real image has."""
+        return np.all((pixels >= self.low) & (pixels <= self.high), axis=(1, 2, 3))
 
     def _response(self, answer):
         if isinstance(answer, StepError):

@@ -5,49 +5,42 @@ whose pixels held NaN or Inf is refused with INVALID_ARG: in the reference such
 an image silently comes out "safe", and a guardrail must fail closed.
 
 Besides the built-in concepts (1/concepts.json, written by the export) it
-scores the operator's custom concepts (1/custom_concepts.json). That file is
-re-read while the server runs: execute() stats it first (cheap) and, when its
-inode, size or modification time changed, parses and validates it; a valid,
-newer set replaces the served one in one assignment, an invalid one is logged
-and ignored. Each execute() takes one snapshot for all of its requests, so a
-batch is answered wholly under the old or wholly under the new set.
+scores the operator's custom concepts (1/custom_concepts.json), re-read while
+the server runs when the file changes (safety_checker_served.concept_watch).
+Each execute() takes one snapshot for all of its requests, so a batch is
+answered wholly under the old or wholly under the new set.
 
 Strictness: the config's `strictness` preset, or a request's `strictness`
 (preset name) or `strictness_adjustment` (number) parameter, shifts every
-threshold; see scoring.py. Any other request parameter is refused with
-INVALID_ARG (request_limits.py), so a mistyped name never falls back to the
-default strictness.
+threshold (safety_checker_served.scoring). Any other request parameter is
+refused with INVALID_ARG (request_limits), so a mistyped name never falls back
+to the default strictness.
 
-The concept file is bounded as concept_set.py says (number of concepts, file
+The concept file is bounded as concept_set says (number of concepts, file
 size; a larger file is not even read), and so is every log line about it.
 """
 
 import json
 import os
-import sys
-import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import concept_set
-from request_limits import RequestLimits
-from scoring import certain, cosines, score_all
-from strictness import Strictness
-
-# A file rejected while it was being written in place is looked at again for this long.
-RECENT_WRITE_S = 2.0
-RETRY_INTERVAL_S = 0.25
+from safety_checker_served import concept_set
+from safety_checker_served.concept_watch import ConceptFileError, CustomConceptFile
+from safety_checker_served.model_config import ModelConfig
+from safety_checker_served.request_limits import RequestLimits
+from safety_checker_served.scoring import certain, cosines, nonfinite_refusal, score_all
+from safety_checker_served.strictness import Strictness
 
 
 class TritonPythonModel:
     def initialize(self, args):
-        config = json.loads(args["model_config"])
-        parameters = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
-        version_dir = os.path.join(args["model_repository"], args["model_version"])
+        config = ModelConfig(args)
+        parameters = config.parameters
+        version_dir = config.version_dir
         # Tensor names come from the config, by position: the order export/models.py declares.
-        *self.inputs, self.cosine_bound = [i["name"] for i in config["input"]]
+        *self.inputs, self.cosine_bound = config.inputs
         self.concept_cosines, self.special_cosines, self.nonfinite_values, self.image_embeds = self.inputs
         (
             self.flag,
@@ -60,7 +53,7 @@ class TritonPythonModel:
             self.strictness_adjustment,
             self.exact_scores,
             self.decision_certain,
-        ) = [o["name"] for o in config["output"]]
+        ) = config.outputs
         # The error bound of the cosines when a request does not send its own (the optional last input).
         self.default_bound = float(parameters["cosine_bound"])
         self.limits = RequestLimits(parameters)
@@ -75,15 +68,14 @@ class TritonPythonModel:
         self.concept_names = [c["name"] for c in metadata["concepts"]]
         self.special_names = [c["name"] for c in metadata["special_care"]]
         self.adjustment = float(metadata["special_care_adjustment"])
-        widths = {o["name"]: int(o["dims"][-1]) for o in config["output"]}
         for output, thresholds in (
             (self.concept_scores, self.concept_thresholds),
             (self.special_scores, self.special_thresholds),
         ):
-            if widths[output] != len(thresholds):
+            if config.dims(output)[-1] != len(thresholds):
                 raise pb_utils.TritonModelException(
                     f"{parameters['concepts_file']} holds {len(thresholds)} thresholds for {output}, "
-                    f"the config declares {widths[output]}"
+                    f"the config declares {config.dims(output)[-1]}"
                 )
 
         self.strictness = Strictness(parameters)
@@ -94,11 +86,14 @@ class TritonPythonModel:
             )
         self.default_strictness = self.strictness.presets[preset]
 
-        embedding_dim = int(config["input"][self.inputs.index(self.image_embeds)]["dims"][-1])
+        embedding_dim = int(config.raw["input"][self.inputs.index(self.image_embeds)]["dims"][-1])
         # A folder every replica shares (a ConfigMap volume on Kubernetes), or else the version folder.
         concepts_dir = parameters.get("custom_concepts_dir") or version_dir
         path = os.path.join(concepts_dir, parameters["custom_concepts_file"])
-        self.custom = CustomConceptFile(path, embedding_dim)
+        try:
+            self.custom = CustomConceptFile(path, embedding_dim, pb_utils.Logger)
+        except ConceptFileError as error:
+            raise pb_utils.TritonModelException(str(error)) from None
         pb_utils.Logger.log_info(
             concept_set.bounded(
                 f"strictness preset {preset!r} (adjustment {self.default_strictness:+g}); "
@@ -199,108 +194,6 @@ class TritonPythonModel:
         return (self.default_strictness if value is None else value), None
 
 
-class Snapshot:
-    """One validated custom concept set, in the form execute() uses."""
-
-    def __init__(self, concepts):
-        self.concepts = concepts
-        self.version = concepts.version
-        self.names = concepts.names
-        self.unit_embeddings = concepts.unit_embeddings()
-        self.thresholds = concepts.thresholds()
-
-
-class CustomConceptFile:
-    """The custom concept file, re-read when it changes; `snapshot` is what is served."""
-
-    def __init__(self, path, embedding_dim):
-        self.path = path
-        self.embedding_dim = embedding_dim
-        self.seen = None  # (device, inode, size, mtime_ns) of the file last looked at
-        self.rejected = None  # the message of the last rejected file, while it is the one on disk
-        self.last_try = 0.0
-        self.missing_logged = False
-        if not os.path.exists(path):
-            # A repository exported before custom concepts existed: serve none until a file appears.
-            pb_utils.Logger.log_warn(f"no custom concept set at {path}; serving none (version 0)")
-            self.snapshot = Snapshot(concept_set.empty(embedding_dim))
-            return
-        try:
-            with open(path, "rb") as handle:
-                self.seen = _signature(os.fstat(handle.fileno()))
-                text = concept_set.read_limited(handle, path)
-            loaded = concept_set.parse(text, embedding_dim=embedding_dim, origin=path)
-        except (OSError, concept_set.ConceptSetError) as error:
-            # Fail closed: without a last valid set there is nothing safe to serve.
-            raise pb_utils.TritonModelException(f"custom concept set rejected: {error}") from None
-        self.snapshot = Snapshot(loaded)
-
-    def refresh(self):
-        try:
-            stat = os.stat(self.path)
-        except OSError:
-            if not self.missing_logged:
-                pb_utils.Logger.log_warn(
-                    f"custom concept set {self.path} is missing; still serving version {self.snapshot.version}"
-                )
-                self.missing_logged = True
-            self.seen = None
-            return self.snapshot
-        self.missing_logged = False
-        signature = _signature(stat)
-        if signature == self.seen and not self._retry(stat):
-            return self.snapshot
-        self.last_try = time.monotonic()
-        try:
-            with open(self.path, "rb") as handle:
-                signature = _signature(os.fstat(handle.fileno()))
-                text = concept_set.read_limited(handle, self.path)
-            loaded = concept_set.parse(text, embedding_dim=self.embedding_dim, origin=self.path)
-            served = self.snapshot.concepts
-            if loaded.version <= served.version and not (
-                loaded.version == served.version and loaded.same_concepts(served)
-            ):
-                raise concept_set.ConceptSetError(
-                    f"{self.path}: version {loaded.version} is not newer than the served version "
-                    f'{served.version}; every change must increase "version"'
-                )
-        except (OSError, concept_set.ConceptSetError) as error:
-            self.seen = signature
-            message = concept_set.bounded(
-                f"custom concept set rejected, still serving version {self.snapshot.version}: {error}"
-            )
-            if message != self.rejected:
-                pb_utils.Logger.log_error(message)
-            self.rejected = message
-            return self.snapshot
-        self.seen = signature
-        if self.rejected is not None:
-            self.rejected = None
-            if loaded.version == self.snapshot.version:
-                pb_utils.Logger.log_info(f"custom concept set {self.path} is valid again (version {loaded.version})")
-        if loaded.version != self.snapshot.version:
-            self.snapshot = Snapshot(loaded)  # one assignment: the next execute() sees all of it
-            pb_utils.Logger.log_info(
-                concept_set.bounded(
-                    f"custom concept set version {loaded.version} loaded: {len(loaded.concepts)} concepts "
-                    f"({concept_set.listing(loaded.names)})"
-                )
-            )
-        return self.snapshot
-
-    def _retry(self, stat):
-        """A rejected file written moments ago may have been caught half-written in place: look again."""
-        return (
-            self.rejected is not None
-            and time.time() - stat.st_mtime < RECENT_WRITE_S
-            and time.monotonic() - self.last_try > RETRY_INTERVAL_S
-        )
-
-
-def _signature(stat):
-    return (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
-
-
 def _json(value):
     return json.dumps(value, separators=(",", ":")).encode()
 
@@ -311,14 +204,9 @@ def _invalid(message):
 
 def _refusal(nonfinite, concept_cos, special_cos, custom_cos):
     """The error for a request that must not get a decision, or None."""
-    counts = nonfinite.reshape(-1)
-    if np.any(counts > 0):
-        bad = np.flatnonzero(counts)
-        detail = ", ".join(f"image {i}: {counts[i]}" for i in bad[:8])
-        return pb_utils.TritonError(
-            f"pixel_values holds non-finite values (NaN or Inf) ({detail}); nothing in this request was checked",
-            pb_utils.TritonError.INVALID_ARG,
-        )
+    refusal = nonfinite_refusal(nonfinite)
+    if refusal is not None:
+        return _invalid(refusal)
     if not (np.all(np.isfinite(concept_cos)) and np.all(np.isfinite(special_cos)) and np.all(np.isfinite(custom_cos))):
         return pb_utils.TritonError("the embedder returned non-finite cosines; nothing in this request was checked")
     return None

@@ -1,0 +1,101 @@
+"""`safety-checker serve`: the bundled tritonserver, started, announced and supervised until stopped."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Optional
+
+from safety_checker_admin.admin_key import ADMIN_APIS, read_admin_key
+from safety_checker_admin.errors import ServerError
+from safety_checker_admin.server import TritonServer
+from safety_checker_admin.supervisor import Supervisor
+
+# The freshly started server's first probe may wait for a model's first batch (onnxruntime warms up).
+FIRST_PROBE_TIMEOUT_S = 60.0
+
+
+def _banner(server: TritonServer, supervisor: Optional[Supervisor], key_source: str) -> None:
+    print(f"Serving {server.repository}")
+    print(f"  HTTP:    http://{server.http_url}")
+    print(f"  gRPC:    {server.grpc_url}")
+    print(f"  metrics: {server.metrics_url}")
+    print(f"  models:  {', '.join(server.ready_models()) or '(none)'}")
+    print(f"  admin:   {', '.join(ADMIN_APIS)}: {key_source}")
+    if supervisor is None:
+        print("  watch:   none (a fault is not repaired)")
+    elif supervisor.probe_model is None:
+        print(f"  watch:   the server and its Python stubs, every {supervisor.poll_s:g} s (nothing to probe)")
+    else:
+        print(
+            f"  watch:   the server and its Python stubs, and a real inference through "
+            f"{supervisor.probe_model} every {supervisor.probe_interval_s:g} s; a fault restarts the server"
+        )
+    print(f"  log:     {server.log_path}")
+    print("Press Ctrl-C to stop.", flush=True)
+
+
+def serve_forever(
+    repository: Path,
+    *,
+    http_port: int = 8000,
+    grpc_port: int = 8001,
+    metrics_port: int = 8002,
+    host: str = "127.0.0.1",
+    model_config_name: Optional[str] = "cpu",
+    admin_key_file: Optional[Path] = None,
+    supervise: bool = True,
+    probe_interval_s: float = 2.0,
+    probe_timeout_s: float = 5.0,
+) -> int:
+    """Serve until Ctrl-C or SIGTERM (exit code 0); 1 with a one-line message on any error.
+
+    Prints where the server listens and which models are READY, then nothing
+    more on stdout. With `supervise` a `Supervisor` restores service after a
+    fault (one line on stderr for each fault and each restoration); without
+    it, the server exiting ends the command with code 1.
+    """
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    handled = (signal.SIGINT, signal.SIGTERM)
+    previous = {sig: signal.signal(sig, interrupt) for sig in handled}
+    server: Optional[TritonServer] = None
+    try:
+        admin_key, key_source = read_admin_key(admin_key_file)
+        server = TritonServer(
+            Path(repository),
+            http_port=http_port,
+            grpc_port=grpc_port,
+            metrics_port=metrics_port,
+            host=host,
+            model_config_name=model_config_name,
+            admin_key=admin_key,
+        )
+        server.start()
+        supervisor = None
+        if supervise:
+            supervisor = Supervisor(server, probe_interval_s=probe_interval_s, probe_timeout_s=probe_timeout_s)
+            first = supervisor.probe_fault(timeout_s=max(FIRST_PROBE_TIMEOUT_S, probe_timeout_s))
+            if first is not None:
+                raise ServerError(f"the freshly started server fails its {first}")
+        _banner(server, supervisor, key_source)
+        if supervisor is not None:
+            return supervisor.run()
+        code = server.wait()
+        print(f"error: {server.failure(f'tritonserver exited on its own with code {code}')}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except (ServerError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    finally:
+        for sig in handled:  # a second signal must not interrupt the orderly stop
+            signal.signal(sig, signal.SIG_IGN)
+        if server is not None:
+            server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

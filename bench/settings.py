@@ -1,0 +1,53 @@
+"""How much `python -m bench` measures: the full run (`make bench`) and the harness check (`--quick`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence, Tuple
+
+from bench.served import PerfSettings
+
+
+@dataclass(frozen=True)
+class Settings:
+    window_s: float  # in-process and load-generator windows
+    rounds: int
+    warmup_s: float
+    concurrency: Sequence[int]  # the served fp32 and int8 pixel rows (perf_analyzer)
+    images_concurrency: Sequence[int]  # the image-file rows (load generator)
+    cascade_concurrency: Sequence[int]  # the cascade, as exported and at each forced fallback
+    batches: Sequence[int]  # for the in-process candidates
+    perf: PerfSettings
+    # Bounds on the files of the scan against the served checker (sized by the served rate within them).
+    scan_files: Tuple[int, int]
+
+
+FULL = Settings(
+    window_s=15.0,
+    rounds=2,
+    warmup_s=3.0,
+    concurrency=tuple(range(1, 9)),
+    images_concurrency=(1, 4, 8),
+    cascade_concurrency=(8,),
+    batches=(1, 4),
+    perf=PerfSettings(min_requests=16, requests_per_client=4, stability_percentage=10, max_trials=6),
+    scan_files=(48, 4000),
+)
+QUICK = Settings(
+    window_s=1.0,
+    rounds=2,
+    warmup_s=0.3,
+    concurrency=(1, 2),
+    images_concurrency=(1, 2),
+    cascade_concurrency=(2,),
+    batches=(1,),
+    # --quick checks the harness, not the machine: any three passes count as stable (on a loaded machine a 10%
+    # criterion can leave every window unstable, with no CSV row to check).
+    perf=PerfSettings(min_requests=20, requests_per_client=5, stability_percentage=1000, max_trials=4),
+    scan_files=(48, 48),
+)
+# Fallback fractions the cascade is measured at, besides its own; of CASCADE_IMAGES images.
+FORCED_FALLBACKS = (0.05, 0.20)
+CASCADE_IMAGES = 20
+# Images in the scan against a tiny checker (the client's ceiling).
+CEILING_IMAGES = {"quick": 96, "full": 800}

@@ -1,0 +1,158 @@
+"""The summary: the headline numbers and ratios of a run, the last line `python -m bench` prints.
+
+Each section reads the rows it divides and adds its keys only when those rows
+were measured, so a run of a few rows (`--rows`) reports the ratios they allow
+and omits the rest; a full run holds every key.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Sequence
+
+Row = Dict[str, Any]
+
+
+class Rows:
+    """The pooled rows of a run, looked up by kind (rows without a rate are left out)."""
+
+    def __init__(self, rows: List[Row]) -> None:
+        self.rows = rows
+
+    def of(self, kind: str) -> List[Row]:
+        return [r for r in self.rows if r["kind"] == kind and r["images_per_s"] is not None]
+
+    def best(self, kind: str) -> Optional[Row]:
+        return max(self.of(kind), key=lambda r: r["images_per_s"]) if self.of(kind) else None
+
+
+def _ratios(served_rows: List[Row], reference: Row) -> Dict[str, Any]:
+    """Served over in-process, per concurrency and at worst; and the worst of each round on its own (the rounds
+    are repeated runs: how far apart their minima lie says how far the ratio can be trusted)."""
+    by_concurrency = {str(r["concurrency"]): r["images_per_s"] / reference["images_per_s"] for r in served_rows}
+    rounds = min(len(r["windows_images_per_s"]) for r in [*served_rows, reference])
+    by_round = [
+        min(r["windows_images_per_s"][k] for r in served_rows) / reference["windows_images_per_s"][k]
+        for k in range(rounds)
+    ]
+    return {
+        "by_concurrency": by_concurrency,
+        "min": min(by_concurrency.values()),
+        "min_at_concurrency": int(min(by_concurrency, key=by_concurrency.get)),
+        "min_by_round": by_round,
+        "spread": max(r["spread"] for r in [*served_rows, reference]),
+    }
+
+
+def _served_vs_in_process(key: str, rows: Rows, served_kind: str, reference_kind: str) -> Dict[str, Any]:
+    """`key` (best served over best in-process) and its ratios per concurrency; empty without both rows."""
+    served, reference = rows.best(served_kind), rows.best(reference_kind)
+    if served is None or reference is None:
+        return {}
+    ratios = _ratios(rows.of(served_kind), reference)
+    return {
+        key: served["images_per_s"] / reference["images_per_s"],
+        f"{key}_min": ratios["min"],
+        f"{key}_min_at_concurrency": ratios["min_at_concurrency"],
+        f"{key}_by_concurrency": ratios["by_concurrency"],
+        f"{key}_min_by_round": ratios["min_by_round"],
+        f"{key}_spread": ratios["spread"],
+    }
+
+
+def _over(key: str, row: Optional[Row], reference: Optional[Row]) -> Dict[str, Any]:
+    """{key: row's rate over the reference's}; empty without both."""
+    return {key: row["images_per_s"] / reference["images_per_s"]} if row and reference else {}
+
+
+def _fp32(rows: Rows) -> Dict[str, Any]:
+    diffusers, ort, triton = rows.best("baseline"), rows.best("ort"), rows.best("triton")
+    summary: Dict[str, Any] = {}
+    if diffusers:
+        summary["diffusers_images_per_s"] = diffusers["images_per_s"]
+    if ort:
+        summary["ort_images_per_s"] = ort["images_per_s"]
+        summary["ort_best_batch"] = ort["batch"]
+    if triton:
+        summary["triton_images_per_s"] = triton["images_per_s"]
+        summary["triton_best_concurrency"] = triton["concurrency"]
+    summary.update(_over("speedup_vs_diffusers", triton, diffusers))
+    summary.update(_served_vs_in_process("triton_vs_ort", rows, "triton", "ort"))
+    summary["unstable_perf_analyzer_windows"] = sum(r.get("unstable_windows", 0) for r in rows.rows)
+    return summary
+
+
+def _image_files(rows: Rows) -> Dict[str, Any]:
+    summary: Dict[str, Any] = {}
+    encoded = rows.best("triton-images")
+    if encoded:
+        summary["images_encoded_per_s"] = encoded["images_per_s"]
+        summary["encoded_best_concurrency"] = encoded["concurrency"]
+    summary.update(_over("encoded_vs_pixels", encoded, rows.best("triton")))
+    for row in rows.rows:
+        if row["kind"] == "decoder":
+            summary[f"decoded_{row['format'].lower()}_per_s_per_instance"] = row["images_per_s"]
+    return summary
+
+
+def _int8(rows: Rows) -> Dict[str, Any]:
+    int8, ort_int8 = rows.best("triton-int8"), rows.best("ort-int8")
+    summary: Dict[str, Any] = {}
+    if int8:
+        summary["triton_int8_images_per_s"] = int8["images_per_s"]
+    if ort_int8:
+        summary["ort_int8_images_per_s"] = ort_int8["images_per_s"]
+    summary.update(_over("int8_speedup_vs_diffusers", int8, rows.best("baseline")))
+    summary.update(_served_vs_in_process("triton_int8_vs_ort_int8", rows, "triton-int8", "ort-int8"))
+    return summary
+
+
+def _cascade(rows: Rows) -> Dict[str, Any]:
+    cascade = rows.best("cascade")
+    summary: Dict[str, Any] = {}
+    if cascade:
+        summary["cascade_images_per_s"] = cascade["images_per_s"]
+        summary["cascade_fallback_fraction"] = cascade["fallback_fraction"]
+    summary.update(_over("cascade_speedup_vs_diffusers", cascade, rows.best("baseline")))
+    for row in rows.of("cascade-forced"):
+        key = f"cascade_forced_{round(row['forced_fallback'] * 100)}pct"
+        summary[f"{key}_images_per_s"] = row["images_per_s"]
+        summary[f"{key}_fallback_fraction"] = row["fallback_fraction"]
+    return summary
+
+
+def _scan(rows: Rows, scan: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    if not scan:
+        return {}
+    served_scan, ceiling = scan["served"], scan["ceiling"]
+    return {
+        "scan_images_per_s": served_scan["images_per_s"],
+        **_over("scan_vs_server", served_scan, rows.best("triton")),
+        "scan_ceiling_images_per_s": ceiling["images_per_s"],
+        "scan_ceiling_images_per_client_core_s": ceiling["images_per_client_cpu_s"],
+    }
+
+
+def summarize(rows: List[Row], scan: Optional[Dict[str, Any]] = None, cpu_flags: Sequence[str] = ()) -> Dict[str, Any]:
+    """Every ratio the measured rows allow, in a fixed order."""
+    table = Rows(rows)
+    return {
+        **_fp32(table),
+        **_image_files(table),
+        **_int8(table),
+        **_cascade(table),
+        "cpu_flags": list(cpu_flags),
+        **_scan(table, scan),
+    }
+
+
+def scan_line(scan: Dict[str, Any], summary: Dict[str, Any]) -> str:
+    """What the scan runs measured, in words."""
+    served, ceiling = scan["served"], scan["ceiling"]
+    against = (
+        f" ({summary['scan_vs_server']:.2f} of perf_analyzer's best fp32 row)" if "scan_vs_server" in summary else ""
+    )
+    return (
+        f"scan: {served['images']} real-size files at {served['images_per_s']:.2f} images/s against the served "
+        f"checker{against}; against a tiny checker "
+        f"{ceiling['images_per_s']:.1f} images/s, {ceiling['images_per_client_cpu_s']:.1f} images/s per client core"
+    )
