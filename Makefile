@@ -44,7 +44,7 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements/dev.txt requirements/export.txt requirements/perf-analyzer.txt \
 		requirements/served.txt client/pyproject.toml scan/pyproject.toml dropin/pyproject.toml \
-		served/pyproject.toml admin/pyproject.toml
+		served/pyproject.toml admin/pyproject.toml gateway/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -r requirements/dev.txt

@@ -2,7 +2,8 @@
 
 In-process rows ask their worker process (bench/worker.py); the served pixel
 rows run perf_analyzer once per window (served.py); the image-file rows run the
-load generator (loadgen.py). Only the kinds the selection holds are built.
+load generator (loadgen.py), straight to Triton and through the gateway
+(gateway.py). Only the kinds the selection holds are built.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, FrozenSet, List, NamedTuple, Optional, Sequence
 
-from bench import served
+import tritonclient.grpc as grpcclient
+
+from bench import gateway, served
 from bench.harness import Harness, Worker
-from bench.inputs import decoder_photo_size, encoded_requests
+from bench.inputs import decoder_photo_size, encoded_files, encoded_requests
 from bench.loadgen import measure
 from bench.selection import Selection
 from bench.settings import Settings
@@ -25,6 +28,7 @@ PERF_KINDS = ("triton", "triton-int8", "cascade", "cascade-forced")
 STATS = (spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL, spec.ENSEMBLE_MODEL)
 CASCADE_STATS = (spec.EMBEDDER_MODEL, spec.INT8_EMBEDDER_MODEL, spec.POSTPROCESS_MODEL)
 FILES_STATS = (*STATS, spec.IMAGES_MODEL)
+GATEWAY_ROW = "gateway, the seed's route: the same files, base64 in JSON (HTTP)"
 # The in-process rows by kind, in the order each batch measures them.
 IN_PROCESS = {
     "baseline": "diffusers forward() fp32",
@@ -40,7 +44,8 @@ class Candidate:
     """One row of the table: something measured for one window at a time."""
 
     name: str
-    kind: str  # baseline | ort | ort-int8 | decoder | triton | triton-int8 | triton-images | cascade | cascade-forced
+    # baseline | ort | ort-int8 | decoder | triton | triton-int8 | triton-images | gateway | cascade | cascade-forced
+    kind: str
     window: Window
     extra: Dict[str, Any] = field(default_factory=dict)
     windows: List[Dict[str, Any]] = field(default_factory=list)
@@ -78,6 +83,8 @@ def candidates(settings: Settings, selection: Selection, built: Harness, output:
         ]
     if "triton-images" in kinds:
         rows += _image_files(settings, built)
+    if "gateway" in kinds:
+        rows += _gateway(settings, built)
     return rows
 
 
@@ -174,4 +181,33 @@ def _image_files(settings: Settings, built: Harness) -> List[Candidate]:
     return [
         Candidate("triton fp32 image files, PNG+JPEG (gRPC)", "triton-images", images_window(c), {"concurrency": c})
         for c in settings.images_concurrency
+    ]
+
+
+def _gateway(settings: Settings, built: Harness) -> List[Candidate]:
+    """The images row's files, each as the seed's callers send it, through `safety-checker gateway`."""
+    bodies = gateway.seed_bodies(encoded_files())
+    server = built.servers["fp32"]
+
+    def gateway_window(concurrency: int) -> Window:
+        def window(w: float, _: int) -> Dict[str, Any]:
+            control = grpcclient.InferenceServerClient(server.grpc_url)
+            try:
+                return gateway.measure(
+                    built.gateway.url,
+                    bodies,
+                    concurrency,
+                    w,
+                    settings.warmup_s,
+                    triton_client=control,
+                    stats_models=FILES_STATS,
+                    gateway_cpu=built.gateway.cpu_s,
+                )
+            finally:
+                control.close()
+
+        return window
+
+    return [
+        Candidate(GATEWAY_ROW, "gateway", gateway_window(c), {"concurrency": c}) for c in settings.images_concurrency
     ]

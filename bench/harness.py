@@ -20,6 +20,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 import numpy as np
 
 from bench import cascade, perf_data
+from bench.gateway import GatewayProcess
 from bench.inputs import DECODER_PHOTO, ENCODED_FORMATS, bench_pixels, cascade_images
 from bench.selection import Selection
 from bench.settings import FORCED_FALLBACKS
@@ -79,6 +80,7 @@ class Harness:
     cascade_data: Optional[Path] = None  # perf_analyzer's input data for the cascade rows
     forced: Optional[Dict[str, Any]] = None  # the cascade's critical bounds and forced-fallback copies
     int8_report: Optional[Dict[str, Any]] = None
+    gateway: Optional[GatewayProcess] = None  # `safety-checker gateway` in front of the fp32 server
 
 
 def export(checkpoint: Path, repository: Path, log: Path, *extra: str) -> None:
@@ -112,8 +114,13 @@ def harness(
     try:
         _start_servers(built, say)
         _start_workers(built, selection, logs)
+        if "gateway" in selection.kinds:
+            say("starting `safety-checker gateway` in front of the fp32 server")
+            built.gateway = GatewayProcess(built.servers["fp32"].grpc_url, logs / "gateway.log")
         yield built
     finally:
+        if built.gateway is not None:
+            built.gateway.close()
         for worker in [*built.workers.values(), *built.decoders.values()]:
             worker.close()
         for server in built.servers.values():

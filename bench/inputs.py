@@ -11,7 +11,8 @@ from fixtures.photos import PHOTOS, photo, photo_file
 from safety_checker_client import spec
 from safety_checker_client.preprocess import preprocess
 
-# What safety_checker_images is fed: every photo as PNG and as JPEG, at its own size (300x451 to 1411x1411).
+# What safety_checker_images is fed, directly and through the gateway: every photo as PNG and as JPEG, at its
+# own size (300x451 to 1411x1411).
 ENCODED_FORMATS = ("png", "jpeg")
 # What the decoder alone decodes: a 512x512 photograph.
 DECODER_PHOTO = "astronaut"
@@ -23,13 +24,14 @@ def bench_pixels() -> np.ndarray:
     return preprocess(images + [images[0][:, ::-1]])
 
 
+def encoded_files() -> List[bytes]:
+    """Every photo as each of ENCODED_FORMATS, in the order the image-file rows send them."""
+    return [photo_file(name, extension) for name in PHOTOS for extension in ENCODED_FORMATS]
+
+
 def encoded_requests() -> List[Dict[str, np.ndarray]]:
     """One request per file (batch 1), each client sending them in turn."""
-    return [
-        {spec.IMAGE.name: np.array([[photo_file(name, extension)]], dtype=object)}
-        for name in PHOTOS
-        for extension in ENCODED_FORMATS
-    ]
+    return [{spec.IMAGE.name: np.array([[data]], dtype=object)} for data in encoded_files()]
 
 
 def cascade_images() -> List[np.ndarray]:

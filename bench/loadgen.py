@@ -1,21 +1,23 @@
 """A perf_analyzer-style closed-loop load generator, in Python.
 
-Why not perf_analyzer itself: it ships in Triton's SDK container, not in the
-pip wheels this project runs on. This module reproduces its concurrency mode
-closely enough to compare candidates on one machine: `concurrency` threads,
-each with its own tritonclient connection and exactly one request outstanding
-at all times (a synchronous `infer` in a loop), a warm-up, then a fixed
-measurement window. Server-side statistics (Triton's statistics extension) are
-sampled at both window edges so the report can show what the dynamic batcher
-did: average batch size, queueing and compute time per request.
-"""
+It stays where perf_analyzer does not do the job: image files of assorted
+sizes sent raw, as the client sends them, and the gateway's HTTP routes
+(perf_analyzer asks for model metadata first; bench/gateway.py). It
+reproduces perf_analyzer's concurrency mode closely enough to compare
+candidates on one machine: `concurrency` threads (`run_clients`), each with a
+connection of its own and exactly one request outstanding at all times (a
+synchronous call in a loop), a warm-up, then a fixed measurement window.
+Server-side statistics (Triton's statistics extension) are sampled at both
+window edges so the report can show what the dynamic batcher did: average
+batch size, queueing and compute time per request."""
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 from tritonclient.utils import np_to_triton_dtype
@@ -52,6 +54,8 @@ class LoadResult:
     # Whole client cycles (send to next send) inside the window: their count and summed length.
     cycles: int = 0
     cycle_s: float = 0.0
+    # The load generator's own CPU time in the window (its process, every thread): what the client cost.
+    client_cpu_s: Optional[float] = None
 
     @property
     def images(self) -> int:
@@ -99,6 +103,7 @@ class LoadResult:
             "errors": self.errors,
             "first_error": self.first_error,
             "server": self.server,
+            "client_cpu_s": self.client_cpu_s,
         }
 
 
@@ -191,7 +196,7 @@ def stats_delta(start: Dict[str, int], end: Dict[str, int]) -> Dict[str, Optiona
     return result
 
 
-class _Recorder:
+class Recorder:
     """Thread-safe collection of (send, receive) times and errors from the workers."""
 
     def __init__(self, progress: Optional[Callable[[], None]]) -> None:
@@ -227,15 +232,19 @@ def infer_inputs(module, inputs: Inputs) -> list:
     return tensors
 
 
+Loop = Callable[[int, threading.Event, Recorder], None]  # one client: (its index, stop, where it records)
+
+
 def _worker(
     index: int,
+    stop: threading.Event,
+    recorder: Recorder,
+    *,
     module,
     url: str,
     model_name: str,
     inputs: Sequence[Inputs],
     outputs: Sequence[str],
-    stop: threading.Event,
-    recorder: _Recorder,
 ) -> None:
     """One closed loop: send, wait for the answer, send again, until `stop`; the requests in turn, starting
     at this client's index."""
@@ -261,6 +270,83 @@ def _worker(
             recorder.success(index, sent, time.perf_counter())
     finally:
         client.close()
+
+
+@dataclass
+class Run:
+    """What `run_clients` saw: every answer, the window's edges, and what `sample` read at each edge."""
+
+    recorder: Recorder
+    window_start: float
+    window_end: float
+    before: Any
+    after: Any
+    client_cpu_s: float  # this process's CPU time inside the window: the load generator's own cost
+
+    def result(self, concurrency: int, batch: int, server: Dict[str, Dict[str, Optional[float]]]) -> LoadResult:
+        """The answers completed inside the window: their count, latencies, and each client's whole cycles."""
+        inside = [
+            (client, sent, received)
+            for client, sent, received in self.recorder.completed
+            if self.window_start <= received <= self.window_end
+        ]
+        latencies = [(received - sent) * 1e3 for _, sent, received in inside]
+        cycles, cycle_s = 0, 0.0
+        for client in range(concurrency):
+            answers = sorted(received for who, _, received in inside if who == client)
+            if len(answers) >= 2:
+                cycles += len(answers) - 1
+                cycle_s += answers[-1] - answers[0]
+        first_error = self.recorder.first_error
+        return LoadResult(
+            concurrency=concurrency,
+            batch=batch,
+            requests=len(latencies),
+            window_s=self.window_end - self.window_start,
+            latencies_ms=latencies,
+            errors=self.recorder.errors,
+            first_error=first_error[1] if first_error else None,
+            server=server,
+            cycles=cycles,
+            cycle_s=cycle_s,
+            client_cpu_s=self.client_cpu_s,
+        )
+
+
+def run_clients(
+    loop: Loop,
+    concurrency: int,
+    window_s: float,
+    warmup_s: float,
+    sample: Callable[[], Any],
+    progress: Optional[Callable[[], None]] = None,
+) -> Run:
+    """`concurrency` threads each running `loop` (one request outstanding at all times), a warm-up, then one
+    window; `sample` is read at both edges of the window (the server's counters, say)."""
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, not {concurrency}")
+    if window_s <= 0:
+        raise ValueError(f"window_s must be > 0, not {window_s}")
+    recorder = Recorder(progress)
+    stop = threading.Event()
+    threads = [
+        threading.Thread(target=loop, name=f"loadgen-{i}", daemon=True, args=(i, stop, recorder))
+        for i in range(concurrency)
+    ]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(warmup_s)
+        before = sample()
+        cpu_start, window_start = time.process_time(), time.perf_counter()
+        time.sleep(window_s)
+        window_end, cpu_end = time.perf_counter(), time.process_time()
+        after = sample()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    return Run(recorder, window_start, window_end, before, after, cpu_end - cpu_start)
 
 
 def measure(
@@ -294,10 +380,6 @@ def measure(
     `progress` is called once per completed request (warm-up included, failed
     ones too), from the worker threads, one call at a time.
     """
-    if concurrency < 1:
-        raise ValueError(f"concurrency must be >= 1, not {concurrency}")
-    if window_s <= 0:
-        raise ValueError(f"window_s must be > 0, not {window_s}")
     module = triton_module(protocol)
     batch = _batch_of(inputs)
     requests = _requests(inputs)
@@ -305,54 +387,24 @@ def measure(
     control = module.InferenceServerClient(url)
     try:
         outputs = _output_names(control, model_name, protocol)
-        recorder = _Recorder(progress)
-        stop = threading.Event()
-        workers = [
-            threading.Thread(
-                target=_worker,
-                name=f"loadgen-{i}",
-                daemon=True,
-                args=(i, module, url, model_name, requests, outputs, stop, recorder),
-            )
-            for i in range(concurrency)
-        ]
-        for worker in workers:
-            worker.start()
-        try:
-            time.sleep(warmup_s)
-            stats_start = {name: stats_counters(control, name, protocol) for name in stats_models}
-            window_start = time.perf_counter()
-            time.sleep(window_s)
-            window_end = time.perf_counter()
-            stats_end = {name: stats_counters(control, name, protocol) for name in stats_models}
-        finally:
-            stop.set()
-            for worker in workers:
-                worker.join()
+        loop = functools.partial(
+            _worker, module=module, url=url, model_name=model_name, inputs=requests, outputs=outputs
+        )
+        run = run_clients(
+            loop, concurrency, window_s, warmup_s, lambda: server_counters(control, stats_models, protocol), progress
+        )
     finally:
         control.close()
+    return run.result(concurrency, batch, server_deltas(run.before, run.after))
 
-    inside = [
-        (client, sent, received)
-        for client, sent, received in recorder.completed
-        if window_start <= received <= window_end
-    ]
-    latencies = [(received - sent) * 1e3 for _, sent, received in inside]
-    cycles, cycle_s = 0, 0.0
-    for client in range(concurrency):
-        answers = sorted(received for who, _, received in inside if who == client)
-        if len(answers) >= 2:
-            cycles += len(answers) - 1
-            cycle_s += answers[-1] - answers[0]
-    return LoadResult(
-        concurrency=concurrency,
-        batch=batch,
-        requests=len(latencies),
-        window_s=window_end - window_start,
-        latencies_ms=latencies,
-        errors=recorder.errors,
-        first_error=recorder.first_error[1] if recorder.first_error else None,
-        server={name: stats_delta(stats_start[name], stats_end[name]) for name in stats_models},
-        cycles=cycles,
-        cycle_s=cycle_s,
-    )
+
+def server_counters(client, models: Sequence[str], protocol: str = "grpc") -> Dict[str, Dict[str, int]]:
+    """`stats_counters` of each of `models`, by name."""
+    return {name: stats_counters(client, name, protocol) for name in models}
+
+
+def server_deltas(
+    before: Dict[str, Dict[str, int]], after: Dict[str, Dict[str, int]]
+) -> Dict[str, Dict[str, Optional[float]]]:
+    """`stats_delta` of each model sampled by `server_counters`."""
+    return {name: stats_delta(before[name], after[name]) for name in before}

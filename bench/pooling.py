@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -11,10 +11,13 @@ from bench.candidates import PERF_KINDS, Candidate
 from bench.loadgen import LoadResult
 from safety_checker_client import spec
 
+# The rows the in-house load generator measures: image files straight to Triton, and through the gateway.
+LOADGEN_KINDS = ("triton-images", "gateway")
+
 
 def pooled_row(candidate: Candidate) -> Dict[str, Any]:
     """One row of results.json from a candidate's windows."""
-    if candidate.kind == "triton-images":
+    if candidate.kind in LOADGEN_KINDS:
         pooled = _pooled_loadgen_row(candidate)
     elif candidate.kind in PERF_KINDS:
         pooled = _pooled_perf_row(candidate)
@@ -53,17 +56,29 @@ def _pooled_loadgen_row(candidate: Candidate) -> Dict[str, Any]:
         server=served.pooled_server_stats([r.server for r in results]),
         cycles=sum(r.cycles for r in results),
         cycle_s=sum(r.cycle_s for r in results),
+        client_cpu_s=sum(r.client_cpu_s or 0.0 for r in results),
     )
     # Completions in the window, as perf_analyzer counts: with eight clients of about a second per request, a
     # window holds one or two whole cycles per client, and the cycles that fit are the short ones.
     rates = [r.completed_images_per_s for r in results]
     rate = pooled.completed_images_per_s
-    return {
+    row = {
         **pooled.as_dict(),
         "images_per_s": rate,
         "windows_images_per_s": rates,
         "spread": served.spread(rates, rate),
+        "client_cpu_ms_per_image": cpu_ms_per_image(pooled.client_cpu_s, pooled.images),
     }
+    if candidate.kind == "gateway":
+        gateway_cpu = sum(w["gateway_cpu_s"] for w in candidate.windows)
+        row["gateway_cpu_s"] = gateway_cpu
+        row["gateway_cpu_ms_per_image"] = cpu_ms_per_image(gateway_cpu, pooled.images)
+    return row
+
+
+def cpu_ms_per_image(cpu_s: float, images: int) -> Optional[float]:
+    """CPU time spent in the windows over the images completed in them; None without images."""
+    return 1e3 * cpu_s / images if images else None
 
 
 def _pooled_perf_row(candidate: Candidate) -> Dict[str, Any]:

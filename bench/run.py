@@ -7,7 +7,9 @@ spread. The served pixel rows (fp32, int8, the cascade) are measured by
 NVIDIA's perf_analyzer, one run per window (served.py), and its CSV is kept
 beside results.json. The image-file rows keep the in-house load generator
 (loadgen.py): it sends the files, each of its own size, as raw bytes the way
-the client does, each client going through them in turn. The last line on
+the client does, each client going through them in turn; and the same files,
+base64 in the seed's JSON, through `safety-checker gateway` (gateway.py), for
+gateway_vs_triton. The last line on
 stdout is one JSON object with the headline numbers. `--rows` measures a
 subset of the rows, and its summary holds the ratios they allow.
 """
@@ -33,7 +35,7 @@ from bench.machine import machine
 from bench.pooling import pooled_row
 from bench.selection import Selection
 from bench.settings import CASCADE_IMAGES, CEILING_IMAGES, FORCED_FALLBACKS, FULL, QUICK, Settings
-from bench.summary import scan_line, summarize
+from bench.summary import gateway_line, scan_line, summarize
 
 Say = Callable[[str], None]
 
@@ -76,7 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     levels = (
         ("--concurrency", "concurrency", "concurrency levels of the served fp32 and int8 pixel rows"),
-        ("--images-concurrency", "images_concurrency", "concurrency levels of the image-file rows"),
+        ("--images-concurrency", "images_concurrency", "concurrency levels of the image-file rows and the gateway row"),
         ("--cascade-concurrency", "cascade_concurrency", "concurrency levels of the cascade rows"),
         ("--batches", "batches", "batch sizes of the in-process rows"),
     )
@@ -126,6 +128,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(report.table(results))
     if scan:
         print(scan_line(scan, results["summary"]))
+    if gateway_line(results["summary"]):
+        print(gateway_line(results["summary"]))
     print(f"results: {output / 'results.json'}, perf_analyzer: {csv_file}, plot: {output / 'throughput.png'}")
     print(json.dumps(results["summary"]))
     return 0
@@ -178,7 +182,7 @@ def _results(
         "cascade_bounds": built.forced,
         "rows": rows,
         "scan": scan,
-        "summary": summarize(rows, scan, computer["cpu_flags"]),
+        "summary": summarize(rows, scan, computer["cpu_flags"], settings.gateway_goal),
     }
 
 

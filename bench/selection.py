@@ -41,6 +41,13 @@ ROWS: Dict[str, RowGroup] = {
         exports=("fp32",),
         serves=("fp32",),
     ),
+    # `safety-checker gateway` in front of the fp32 server, fed the images row's files as the seed's callers send.
+    "gateway": RowGroup(
+        "the gateway's seed route, the same files base64 in JSON (load generator; gateway_vs_triton needs images too)",
+        ("gateway",),
+        exports=("fp32",),
+        serves=("fp32",),
+    ),
     # The cascade's forced-fallback bounds are found on the int8 server.
     "cascade": RowGroup(
         "served cascade, as exported and at forced fallbacks (perf_analyzer)",

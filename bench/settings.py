@@ -7,6 +7,9 @@ from typing import Sequence, Tuple
 
 from bench.served import PerfSettings
 
+# The concurrency gateway_vs_triton compares the gateway and Triton's own encoded path at (issue 19).
+GATEWAY_CONCURRENCY = 8
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -14,12 +17,14 @@ class Settings:
     rounds: int
     warmup_s: float
     concurrency: Sequence[int]  # the served fp32 and int8 pixel rows (perf_analyzer)
-    images_concurrency: Sequence[int]  # the image-file rows (load generator)
+    images_concurrency: Sequence[int]  # the image-file rows, Triton's own and the gateway's (load generator)
     cascade_concurrency: Sequence[int]  # the cascade, as exported and at each forced fallback
     batches: Sequence[int]  # for the in-process candidates
     perf: PerfSettings
     # Bounds on the files of the scan against the served checker (sized by the served rate within them).
     scan_files: Tuple[int, int]
+    # gateway_vs_triton's goal: the gateway's images/s over Triton's own encoded path, at GATEWAY_CONCURRENCY.
+    gateway_goal: float
 
 
 FULL = Settings(
@@ -27,24 +32,26 @@ FULL = Settings(
     rounds=2,
     warmup_s=3.0,
     concurrency=tuple(range(1, 9)),
-    images_concurrency=(1, 4, 8),
+    images_concurrency=(1, 4, GATEWAY_CONCURRENCY),
     cascade_concurrency=(8,),
     batches=(1, 4),
     perf=PerfSettings(min_requests=16, requests_per_client=4, stability_percentage=10, max_trials=6),
     scan_files=(48, 4000),
+    gateway_goal=0.95,
 )
 QUICK = Settings(
     window_s=1.0,
     rounds=2,
     warmup_s=0.3,
     concurrency=(1, 2),
-    images_concurrency=(1, 2),
+    images_concurrency=(1, GATEWAY_CONCURRENCY),
     cascade_concurrency=(2,),
     batches=(1,),
     # --quick checks the harness, not the machine: any three passes count as stable (on a loaded machine a 10%
     # criterion can leave every window unstable, with no CSV row to check).
     perf=PerfSettings(min_requests=20, requests_per_client=5, stability_percentage=1000, max_trials=4),
     scan_files=(48, 48),
+    gateway_goal=0.8,  # the tiny checker: the gateway's cost per image weighs more against a cheap model
 )
 # Fallback fractions the cascade is measured at, besides its own; of CASCADE_IMAGES images.
 FORCED_FALLBACKS = (0.05, 0.20)

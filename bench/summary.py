@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
+from bench.settings import GATEWAY_CONCURRENCY
+
 Row = Dict[str, Any]
 
 
@@ -94,6 +96,38 @@ def _image_files(rows: Rows) -> Dict[str, Any]:
     return summary
 
 
+def _gateway(rows: Rows, goal: Optional[float]) -> Dict[str, Any]:
+    """The gateway's best rate, and `gateway_vs_triton`: its images/s over Triton's own encoded path (the images
+    row) at GATEWAY_CONCURRENCY, or at the highest concurrency both rows measured if they did not measure that;
+    per concurrency and per round too, with the goal and what the gateway process spent per image."""
+    summary: Dict[str, Any] = {}
+    best = rows.best("gateway")
+    if best:
+        summary["gateway_images_per_s"] = best["images_per_s"]
+        summary["gateway_best_concurrency"] = best["concurrency"]
+    through = {r["concurrency"]: r for r in rows.of("gateway")}
+    direct = {r["concurrency"]: r for r in rows.of("triton-images") if r["images_per_s"] > 0}
+    shared = sorted(set(through) & set(direct))
+    if not shared:
+        return summary
+    at = GATEWAY_CONCURRENCY if GATEWAY_CONCURRENCY in shared else shared[-1]
+    windows = zip(through[at]["windows_images_per_s"], direct[at]["windows_images_per_s"])
+    summary.update(
+        {
+            "gateway_vs_triton": through[at]["images_per_s"] / direct[at]["images_per_s"],
+            "gateway_vs_triton_concurrency": at,
+            "gateway_vs_triton_by_concurrency": {
+                str(c): through[c]["images_per_s"] / direct[c]["images_per_s"] for c in shared
+            },
+            "gateway_vs_triton_by_round": [g / t if t else None for g, t in windows],
+        }
+    )
+    if goal is not None:
+        summary["gateway_vs_triton_goal"] = goal
+    summary["gateway_cpu_ms_per_image"] = through[at].get("gateway_cpu_ms_per_image")
+    return summary
+
+
 def _int8(rows: Rows) -> Dict[str, Any]:
     int8, ort_int8 = rows.best("triton-int8"), rows.best("ort-int8")
     summary: Dict[str, Any] = {}
@@ -132,12 +166,18 @@ def _scan(rows: Rows, scan: Optional[Dict[str, Any]]) -> Dict[str, Any]:
     }
 
 
-def summarize(rows: List[Row], scan: Optional[Dict[str, Any]] = None, cpu_flags: Sequence[str] = ()) -> Dict[str, Any]:
-    """Every ratio the measured rows allow, in a fixed order."""
+def summarize(
+    rows: List[Row],
+    scan: Optional[Dict[str, Any]] = None,
+    cpu_flags: Sequence[str] = (),
+    gateway_goal: Optional[float] = None,
+) -> Dict[str, Any]:
+    """Every ratio the measured rows allow, in a fixed order; `gateway_goal`: the run's goal for gateway_vs_triton."""
     table = Rows(rows)
     return {
         **_fp32(table),
         **_image_files(table),
+        **_gateway(table, gateway_goal),
         **_int8(table),
         **_cascade(table),
         "cpu_flags": list(cpu_flags),
@@ -155,4 +195,18 @@ def scan_line(scan: Dict[str, Any], summary: Dict[str, Any]) -> str:
         f"scan: {served['images']} real-size files at {served['images_per_s']:.2f} images/s against the served "
         f"checker{against}; against a tiny checker "
         f"{ceiling['images_per_s']:.1f} images/s, {ceiling['images_per_client_cpu_s']:.1f} images/s per client core"
+    )
+
+
+def gateway_line(summary: Dict[str, Any]) -> Optional[str]:
+    """gateway_vs_triton in words, with its goal; None when the run did not measure it."""
+    if "gateway_vs_triton" not in summary:
+        return None
+    ratio, goal = summary["gateway_vs_triton"], summary.get("gateway_vs_triton_goal")
+    verdict = f" (goal >= {goal:g}: {'met' if ratio >= goal else 'missed'})" if goal is not None else ""
+    cpu = summary.get("gateway_cpu_ms_per_image")
+    spent = f"; the gateway process spent {cpu:.1f} ms of CPU per image" if cpu is not None else ""
+    return (
+        f"gateway: gateway_vs_triton {ratio:.3f} at concurrency {summary['gateway_vs_triton_concurrency']}"
+        f"{verdict}: the seed's route over Triton's own encoded path, the same files{spent}"
     )

@@ -5,13 +5,20 @@ safety_checker_admin.command_line, which the bundled server's launcher runs
 too; this writes them into the blocks of the committed files that hold them,
 and leaves every other line as it is:
 
-* docker-compose.yml: the triton service's `command`, the `restricted=`
-  line of its entrypoint (which adds the admin restriction with the key it
-  reads or draws), and the MALLOC_* entries of its `environment`;
-* deploy/kserve/servingruntime-{gpu,cpu}.yaml: the container's `args` and
-  the MALLOC_* entries of its `env`;
+* docker-compose.yml: the triton service's `command`, the lines of its
+  entrypoint from `key=` to `restricted=` (the key it reads or draws, the
+  check that refuses a short or placeholder key, the admin restriction), and
+  the MALLOC_* entries of its `environment`;
+* deploy/kserve/servingruntime-{gpu,cpu}.yaml: the container's `command` (a
+  shell that refuses a short or placeholder key before it execs
+  tritonserver), its `args` and the MALLOC_* entries of its `env`;
 * deploy/kserve/template.yaml: its object, which is servingruntime-gpu.yaml
-  without the comments.
+  without the comments;
+* the gateway's command line (safety_checker_admin.gateway_process, which
+  `safety-checker serve --gateway-port` runs too): docker-compose.yml's
+  gateway service's `command`, and the `command` of the transformer of
+  deploy/kserve/inferenceservice-s3.yaml (a shell that turns the arguments
+  KServe gives a transformer into the gateway's, then execs it).
 
 `--check` writes nothing and exits 1 if a file differs from what would be
 written; tests/test_deploy_manifests.py checks the same.
@@ -29,8 +36,8 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import yaml
 
-from safety_checker_admin import command_line
-from safety_checker_admin.admin_key import restriction
+from safety_checker_admin import command_line, gateway_process
+from safety_checker_admin.admin_key import MIN_KEY_CHARS, restriction, shell_check
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
@@ -38,13 +45,31 @@ KSERVE = ROOT / "deploy" / "kserve"
 GPU_RUNTIME = KSERVE / "servingruntime-gpu.yaml"
 CPU_RUNTIME = KSERVE / "servingruntime-cpu.yaml"
 TEMPLATE = KSERVE / "template.yaml"
+GATEWAY_SERVICE = KSERVE / "inferenceservice-s3.yaml"
 WIDTH = 100
 
 INTRO = (
     "tritonserver's command line, rendered by `python -m deploy.render` from "
     "admin/safety_checker_admin/command_line.py: change it there, not here."
 )
-KSERVE_KEY = "$(ADMIN_API_KEY)"
+KSERVE_KEY_ENV = "ADMIN_API_KEY"
+KSERVE_KEY = f"$({KSERVE_KEY_ENV})"
+KSERVE_SECRET = "safety-checker-admin-api"
+# The runtime container's command: the admin key's check, then tritonserver with the args ("$@").
+KSERVE_CHECK = [
+    *shell_check(
+        KSERVE_KEY_ENV,
+        f"in the Secret {KSERVE_SECRET}",
+        "create the Secret with a random key (openssl rand -hex 32), as docs/deploy-kserve.md shows",
+    ),
+    'exec "$@"',
+]
+KSERVE_COMMAND_NOTE = (
+    f"Refuses to start tritonserver with an admin key (the Secret {KSERVE_SECRET}) shorter than {MIN_KEY_CHARS} "
+    "characters or "
+    "a placeholder the repository printed, then runs the args below. Rendered by `python -m deploy.render` from "
+    "admin/safety_checker_admin/admin_key.py."
+)
 KSERVE_INTRO = (
     f"{INTRO} Kubernetes replaces {KSERVE_KEY} with the env var below before it starts the container, so whoever "
     "can exec into the pod can read the key on tritonserver's command line (as they can read the env var)."
@@ -57,8 +82,67 @@ COMPOSE_NOTES = {
     "tritonserver refuses an empty value, hence a name.",
 }
 COMPOSE_LOG_VERBOSE = "${TRITON_LOG_VERBOSE:-0}"
-# The entrypoint's key: $TRITON_ADMIN_KEY, or one drawn at random (`$$` is Compose's literal `$`).
-COMPOSE_KEY = "$$key"
+# The entrypoint's key: $TRITON_ADMIN_KEY, or one drawn at random; then its check and the restriction it opens.
+# Written as the shell runs them; Compose's literal `$` is `$$`.
+COMPOSE_KEY_LINES = [
+    "key=\"${TRITON_ADMIN_KEY:-$(od -An -N32 -tx1 /dev/urandom | tr -d ' \\n')}\"",
+    *shell_check(
+        "key",
+        "in TRITON_ADMIN_KEY",
+        "set TRITON_ADMIN_KEY to a random key (openssl rand -hex 32), or unset it to refuse the admin APIs to everyone",
+    ),
+    f'restricted="{restriction("$key")}"',
+]
+
+
+# The gateway: where it listens in a container, and where compose's triton service answers gRPC.
+GATEWAY_PORT = 8080  # KServe's port for a transformer, and the gateway's default
+COMPOSE_TRITON = f"triton:{command_line.DEFAULT_PORTS['gRPC']}"
+GATEWAY_INTRO = (
+    "The gateway's command line, rendered by `python -m deploy.render` from "
+    "admin/safety_checker_admin/gateway_process.py: change it there, not here."
+)
+# The transformer's command: KServe appends `--model_name NAME --predictor_host HOST --http_port PORT` (and
+# `--workers N`) to a transformer's arguments; they become the gateway's model name, Triton's host (its gRPC port
+# from TRITON_GRPC_PORT) and its port. Any other argument goes to the gateway as it is. Kubernetes expands only
+# $(VAR) in a command, so the shell's ${...} and "$@" reach it unchanged.
+TRANSFORMER_SCRIPT = [
+    'triton=""',
+    'take=""',
+    "for arg do",
+    "  shift",
+    '  case "$take" in',
+    '    host) triton="${arg%:*}" ;;',
+    '    name) set -- "$@" --model-name="$arg" ;;',
+    '    port) set -- "$@" --port="$arg" ;;',
+    "  esac",
+    '  if [ -n "$take" ]; then take=""; continue; fi',
+    '  case "$arg" in',
+    "    --predictor_host) take=host ;;",
+    "    --model_name) take=name ;;",
+    "    --http_port) take=port ;;",
+    "    --workers) take=drop ;;",
+    '    *) set -- "$@" "$arg" ;;',
+    "  esac",
+    "done",
+    'if [ -z "$triton" ]; then',
+    '  echo "error: no --predictor_host: this runs as the transformer of an InferenceService" >&2',
+    "  exit 1",
+    "fi",
+    "# The Secret safety-checker-gateway-api, when it exists, holds the Bearer token callers send.",
+    'if [ -f "$GATEWAY_API_KEY_FILE" ]; then set -- --api-key-file="$GATEWAY_API_KEY_FILE" "$@"; fi',
+]
+TRANSFORMER_NOTE = (
+    "KServe appends --model_name NAME --predictor_host HOST --http_port PORT to a transformer's arguments: the shell "
+    "below makes them the gateway's --model-name, Triton's host (gRPC port $TRITON_GRPC_PORT) and --port, and "
+    "passes any other argument on. Rendered by `python -m deploy.render` from "
+    "admin/safety_checker_admin/gateway_process.py."
+)
+
+
+def gateway_command(triton: str) -> List[str]:
+    """`safety-checker gateway` as a container runs it: every interface, the gateway's port."""
+    return ["safety-checker", "gateway", *gateway_process.arguments(triton, host="0.0.0.0", port=GATEWAY_PORT)]
 
 
 class RenderError(RuntimeError):
@@ -150,16 +234,37 @@ def compose(text: str) -> str:
         lambda i: argument_lines(["tritonserver", *args], i, INTRO, COMPOSE_NOTES),
     )
     text, count = re.subn(
-        r'^(\s*)restricted=".*"$', lambda m: f'{m.group(1)}restricted="{restriction(COMPOSE_KEY)}"', text, flags=re.M
+        r'^( *)key=".*\n(?:.*\n)*?\1restricted=".*"\n',
+        lambda m: "".join(f"{m.group(1)}{line}".rstrip() + "\n" for line in COMPOSE_KEY_LINES).replace("$", "$$"),
+        text,
+        flags=re.M,
     )
     if count != 1:
-        raise RenderError(f"{count} restricted= lines in the triton entrypoint, expected one")
+        raise RenderError(f"{count} blocks from key= to restricted= in the triton entrypoint, expected one")
 
     def malloc(indent: str) -> List[str]:
         entries = [f"{indent}{name}: {json.dumps(value)}\n" for name, value in command_line.MALLOC_ENVIRONMENT.items()]
         return comment(command_line.MALLOC_NOTE, indent) + entries
 
-    return replace_malloc(text, r"^\s+MALLOC_\w+: ", 1, malloc)
+    text = replace_malloc(text, r"^\s+MALLOC_\w+: ", 1, malloc)
+    return replace_sequence(
+        text,
+        ("services", "gateway", "command"),
+        lambda i: comment(GATEWAY_INTRO, i) + [f"{i}- {scalar(arg)}\n" for arg in gateway_command(COMPOSE_TRITON)],
+    )
+
+
+def transformer(text: str) -> str:
+    """The InferenceService's transformer `command`: KServe's arguments made the gateway's, then the gateway."""
+    exec_line = " ".join(f'"{arg}"' for arg in gateway_command("$triton:$TRITON_GRPC_PORT")) + ' "$@"'
+
+    def command(indent: str) -> List[str]:
+        script = [f"{indent}- |\n"] + [f"{indent}  {line}".rstrip() + "\n" for line in TRANSFORMER_SCRIPT]
+        script.append(f"{indent}  exec {exec_line}\n")
+        shell = [f"{indent}- /bin/sh\n", f"{indent}- -c\n"]
+        return comment(TRANSFORMER_NOTE, indent) + shell + script + [f"{indent}- kserve-transformer\n"]
+
+    return replace_sequence(text, ("spec", "transformer", "containers", "command"), command)
 
 
 def runtime(text: str, model_config_name: Optional[str]) -> str:
@@ -167,6 +272,13 @@ def runtime(text: str, model_config_name: Optional[str]) -> str:
     text = replace_sequence(
         text, ("spec", "containers", "args"), lambda i: argument_lines(["tritonserver", *args], i, KSERVE_INTRO)
     )
+
+    def command(indent: str) -> List[str]:
+        script = [f"{indent}- |\n"] + [f"{indent}  {line}".rstrip() + "\n" for line in KSERVE_CHECK]
+        shell = [f"{indent}- /bin/sh\n", f"{indent}- -c\n"]
+        return comment(KSERVE_COMMAND_NOTE, indent) + shell + script + [f"{indent}- admin-key-check\n"]
+
+    text = replace_sequence(text, ("spec", "containers", "command"), command)
 
     def malloc(indent: str) -> List[str]:
         entries = []
@@ -194,6 +306,7 @@ def rendered() -> Dict[Path, str]:
         GPU_RUNTIME: gpu,
         CPU_RUNTIME: runtime(CPU_RUNTIME.read_text(), "cpu"),
         TEMPLATE: template(TEMPLATE.read_text(), gpu),
+        GATEWAY_SERVICE: transformer(GATEWAY_SERVICE.read_text()),
     }
 
 

@@ -12,7 +12,8 @@ from typing import Optional, Sequence
 from export.checkpoint import DEFAULT_MODEL, CheckpointError, check_preprocessor, load_checkpoint
 from export.environment import DEFAULT_WHEELHOUSE, EnvironmentBuildError
 from export.graph import EmbedderGraph
-from export.models import Settings, host_decoder_instances
+from export.image_models import host_decoder_instances
+from export.models import Settings
 from export.onnx_export import DEFAULT_OPSET, DEFAULT_TOLERANCE, VerificationError, export_onnx, verify_onnx
 from export.quantize import DEFAULT_CHECK_IMAGES, compare_int8, quantize_int8, summary
 from export.repository import RepositoryError, concept_metadata, existing_custom_concepts, model_dims, write_repository

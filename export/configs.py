@@ -43,8 +43,8 @@ def _tensors(kind: str, tensors: Iterable[TensorSpec], dims: ModelDims) -> str:
     return f"{kind} [\n" + ",\n".join(entries) + "\n]\n"
 
 
-def _maps(kind: str, tensors: Iterable[TensorSpec]) -> str:
-    return "".join(f'      {kind} {{ key: "{t.name}" value: "{t.name}" }}\n' for t in tensors)
+def _maps(kind: str, tensors: Iterable[TensorSpec], renamed: Dict[str, str]) -> str:
+    return "".join(f'      {kind} {{ key: "{t.name}" value: "{renamed.get(t.name, t.name)}" }}\n' for t in tensors)
 
 
 def _steps(steps: Iterable[Step]) -> str:
@@ -52,7 +52,7 @@ def _steps(steps: Iterable[Step]) -> str:
         f"""    {{
 {_comment(step.comment, "      ")}      model_name: "{step.model}"
       model_version: -1
-{_maps("input_map", step.inputs)}{_maps("output_map", step.outputs)}    }}"""
+{_maps("input_map", step.inputs, dict(step.renamed))}{_maps("output_map", step.outputs, dict(step.renamed))}    }}"""
         for step in steps
     )
     return f"\nensemble_scheduling {{\n  step [\n{rendered}\n  ]\n}}\n"

@@ -96,12 +96,14 @@ class Variant:
 
 @dataclass(frozen=True)
 class Step:
-    """One model of an ensemble; every tensor keeps its own name, which spec keeps unique."""
+    """One model of an ensemble; every tensor keeps its own name, which spec keeps unique, unless `renamed`
+    gives the ensemble's name for one of the model's tensors (the images ensemble's per-view answers)."""
 
     model: str
     inputs: Tuple[TensorSpec, ...]
     outputs: Tuple[TensorSpec, ...]
     comment: str
+    renamed: Tuple[Tuple[str, str], ...] = ()  # (the model's tensor, the ensemble's tensor)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 `safety_checker` takes CLIP pixel_values, `safety_checker_uint8` the resized
 and cropped uint8 images, `safety_checker_images` the image files themselves;
-all three answer the same outputs, with the same decisions. In a --cascade
+all three answer the same outputs, with the same decisions (the images
+ensemble adds `view`: which view of the file answered). In a --cascade
 repository the cascade takes the place of the embedder and the postprocessor.
 """
 
@@ -24,7 +25,15 @@ _DECODE = Step(
     spec.DECODE_MODEL,
     spec.DECODE_INPUTS,
     spec.DECODE_OUTPUTS,
-    "Python: decode each image file and resize and crop it, exactly as the client does.",
+    "Python: every view of each image file (frames; not opaque: composited and alpha dropped), as the client does.",
+)
+# In the images ensemble every view is answered as one image; these are the answers' names there.
+_PER_VIEW = tuple((t.name, per_view.name) for t, per_view in zip(spec.ENSEMBLE_OUTPUTS, spec.PER_VIEW_OUTPUTS))
+_VIEWS = Step(
+    spec.VIEWS_MODEL,
+    spec.VIEWS_INPUTS,
+    spec.VIEWS_OUTPUTS,
+    "Python: each file answered by its first flagged view, else by frame 0 as a viewer shows it.",
 )
 
 _EMBED = Step(
@@ -89,20 +98,29 @@ the server normalises them. Same outputs and decisions as "{spec.ENSEMBLE_MODEL}
     )
 
 
+def _per_view(step: Step) -> Step:
+    """`step` with its answers under their per-view names."""
+    return Step(step.model, step.inputs, step.outputs, step.comment, renamed=_PER_VIEW)
+
+
 def images_ensemble(cascade: bool = False) -> ServedModel:
+    checked = (_per_view(_CASCADE),) if cascade else (_per_view(_EMBED), _per_view(_POSTPROCESS))
     return ServedModel(
         spec.IMAGES_MODEL,
         spec.IMAGES_INPUTS,
         spec.IMAGES_OUTPUTS,
-        steps=(_DECODE, _NORMALIZE, _CASCADE) if cascade else (_DECODE, _NORMALIZE, _EMBED, _POSTPROCESS),
+        steps=(_DECODE, _NORMALIZE, *checked, _VIEWS),
         variants=(
             Variant(
                 "ensemble",
                 f"""The same checker for the image files themselves: each element is one PNG,
 JPEG, WebP, GIF, BMP or TIFF file, its raw bytes or their base64 text,
-decoded on the server with the client's own preprocessing and then checked
-as "{spec.UINT8_ENSEMBLE_MODEL}" checks its images. Same outputs and decisions as
-"{spec.ENSEMBLE_MODEL}". A JSON request that needs the outputs in a fixed order names them.""",
+decoded on the server with the client's own preprocessing into every view a
+viewer or a pipeline can see (each frame; a frame that is not opaque
+composited and with its alpha dropped), each checked as "{spec.UINT8_ENSEMBLE_MODEL}"
+checks an image; a file is answered by its first flagged view, else by frame
+0 as a viewer shows it. The outputs of "{spec.ENSEMBLE_MODEL}", and `view`: which view
+answered. A JSON request that reads outputs by position names the one it reads.""",
             ),
         ),
     )

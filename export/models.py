@@ -1,8 +1,9 @@
 """One description per served model that runs code: the single source of every such config.pbtxt.
 
-The normaliser, the embedder (and the cascade's int8 one), the decoder, the
-postprocessor and the cascade, each described once in the vocabulary of
-`export.description`; the ensembles that chain them are in `export.ensembles`.
+The normaliser, the embedder (and the cascade's int8 one), the postprocessor
+and the cascade, each described once in the vocabulary of
+`export.description`; the images ensemble's own models are in
+`export.image_models`, the ensembles that chain them all in `export.ensembles`.
 `export.configs` renders every config.pbtxt from these descriptions, and
 `export.repository` writes each Python model's packed environment from its
 `requirements`; nothing about a served model is written anywhere else.
@@ -11,7 +12,6 @@ postprocessor and the cascade, each described once in the vocabulary of
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -25,7 +25,19 @@ from export.description import (
     queue,
 )
 from export.ensembles import ensemble, images_ensemble, uint8_ensemble
+from export.image_models import REFERENCE_DECODER_INSTANCES, VIEWS, decoder
 from export.parameters import ENVIRONMENT, NO_ARENA, ONNX_FILE, REQUEST_LIMITS, STRICTNESS_PARAMETERS
+from export.queues import (
+    CPU_MAX_QUEUE,
+    CPU_QUEUE_DELAY_US,
+    CPU_QUEUE_TIMEOUT_US,
+    GPU_MAX_QUEUE,
+    GPU_QUEUE_DELAY_US,
+    GPU_QUEUE_TIMEOUT_US,
+    POSTPROCESS_MAX_QUEUE,
+    POSTPROCESS_QUEUE_DELAY_US,
+    POSTPROCESS_QUEUE_TIMEOUT_US,
+)
 from safety_checker_client import spec
 from safety_checker_client.preprocess import normalization_table
 
@@ -37,36 +49,6 @@ GPU_WORKSPACE_BYTES = 4 << 30
 GPU_ENGINE_CACHE = "/trt-cache"
 # The engine cache prefix of the committed reference configs; the export writes model.onnx's digest.
 REFERENCE_ENGINE_KEY = "not-exported"
-
-# The decoder's CPU instances: one per core of the host the export runs on, unless the export is told
-# (--decoder-instances). The committed reference configs show this many.
-REFERENCE_DECODER_INSTANCES = 4
-
-
-def host_decoder_instances() -> int:
-    """One decoder per core this process may run on: the export's default --decoder-instances."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return max(1, cores or 1)
-
-
-# Dynamic batching: how long a request may wait for others to fill a batch.
-GPU_QUEUE_DELAY_US = 2000
-CPU_QUEUE_DELAY_US = 0
-POSTPROCESS_QUEUE_DELAY_US = 500
-
-# Overload: every model's queue is bounded, in requests (Triton counts requests, not images), and a request
-# that waited longer than its model's timeout is refused with UNAVAILABLE instead of piling up; the client
-# retries it with backoff. Each queued request holds its tensors: up to max_batch_size images.
-GPU_MAX_QUEUE = 64  # two full batches of single-image requests per instance
-GPU_QUEUE_TIMEOUT_US = 5_000_000
-# Sixteen: a batch job keeps up to 16 single-image requests in flight without a refusal (a queue of
-# four refused eight single-image clients: the soak in docs/robustness.md); sixteen 32-image requests
-# are 308 MB of pixel_values, and the timeout refuses whatever would wait longer than it.
-CPU_MAX_QUEUE = 16
-CPU_QUEUE_TIMEOUT_US = 30_000_000  # the full ViT-L/14 on two cores: about a second per image
-DECODER_MAX_QUEUE = 8  # requests of encoded files: eight clients beside the decoders' own
-POSTPROCESS_MAX_QUEUE = 128  # a few KB per image: room for four embedder batches of single-image requests
-POSTPROCESS_QUEUE_TIMEOUT_US = 10_000_000
 
 _NO_DELAY_GPU = queue(
     0,
@@ -352,58 +334,6 @@ images: an image with a value outside this range goes to fp32 whatever int8 says
     )
 
 
-def decoder(decoder_instances: int = REFERENCE_DECODER_INSTANCES) -> ServedModel:
-    """Image files -> uint8 images, with `decoder_instances` CPU instances (--decoder-instances)."""
-    if decoder_instances < 1:
-        raise ValueError(f"decoder instances must be at least 1, not {decoder_instances}")
-    parameters = (
-        Parameter(
-            "max_encoded_bytes",
-            str(spec.MAX_ENCODED_BYTES),
-            """Largest image file per element, in bytes (20 MiB), raw or as what its base64
-text decodes to; a larger one refuses the request.""",
-        ),
-        Parameter(
-            "max_pixels",
-            str(spec.MAX_IMAGE_PIXELS),
-            """Largest width x height per image, read from the file's header before any
-pixel is decoded: a decompression bomb is refused without decoding it.""",
-        ),
-        Parameter(
-            "formats",
-            ",".join(spec.IMAGE_FORMATS),
-            "The formats decoded (Pillow's names); anything else (SVG, PDF, ...) is refused.",
-        ),
-        *REQUEST_LIMITS,
-        ENVIRONMENT,
-    )
-    return ServedModel(
-        spec.DECODE_MODEL,
-        spec.DECODE_INPUTS,
-        spec.DECODE_OUTPUTS,
-        requirements=("pillow",),
-        variants=(
-            Variant(
-                "python",
-                f"""Image files -> the resized and cropped uint8 RGB images, the first step of
-"{spec.IMAGES_MODEL}": each element is one PNG, JPEG, WebP, GIF, BMP or TIFF
-file, its raw bytes or their base64 text (told apart by content), decoded with
-the client's own preprocessing (safety_checker_served.decoding). One element
-that cannot be checked refuses its request with INVALID_ARG naming its index.""",
-                instance_kind="KIND_CPU",
-                instance_count=decoder_instances,
-                comment_instances=f"""Decoding is CPU work: CPU instances on a GPU host too, one per core
-({decoder_instances}, rendered by the export: --decoder-instances, default the
-cores of the host it runs on).""",
-                # No batching delay (each request is decoded on its own); the queue is what is bounded: fewer
-                # requests than the embedder's, since each may carry 32 files of up to 20 MiB.
-                batching=queue(0, DECODER_MAX_QUEUE, CPU_QUEUE_TIMEOUT_US),
-                parameters=parameters,
-            ),
-        ),
-    )
-
-
 @dataclass(frozen=True)
 class Settings:
     """What one export chooses for its served models; the defaults render the committed reference configs."""
@@ -430,6 +360,7 @@ def served_models(settings: Settings = REFERENCE_SETTINGS) -> Tuple[ServedModel,
         uint8_ensemble(settings.cascade),
         images_ensemble(settings.cascade),
         decoder(settings.decoder_instances),
+        VIEWS,
         NORMALIZE,
         embedder(settings.engine_cache_key, quantized=settings.int8 and not settings.cascade),
     )

@@ -482,7 +482,10 @@ def _checked_response(model: LoadedModel, response: InferenceResponse, request: 
     wanted = request.requested_output_names() or list(configs)
     missing = [name for name in wanted if name not in produced]
     assert not missing, f"{model.name}: outputs missing from its response: {missing}"
-    images = len(request.inputs()[0].as_numpy())
+    # Triton checks an output's type and dims, not its batch size: a step of the images ensemble answers as many
+    # rows as its request's files make views (the decoder), or as it has files (the views model). One response's
+    # outputs still share their batch size.
+    images = len(produced[wanted[0]].as_numpy())
     for name in wanted:
         _check_tensor(model, produced[name], configs[name], images)
     return InferenceResponse([_carried(produced[name]) for name in wanted])

@@ -108,6 +108,7 @@ def answers(flags: Sequence[bool], names: Sequence[str]) -> Dict[str, np.ndarray
         spec.CONCEPT_SET_VERSION.name: np.zeros((n, 1), dtype=np.int64),
         spec.STRICTNESS_ADJUSTMENT.name: np.zeros((n, 1), dtype=np.float64),
         spec.EXACT_SCORES.name: np.ones((n, 1), dtype=bool),
+        spec.VIEW.name: text([{"frame": 0, "frames": 1, "transparency": None, "views": 1}] * n),
     }
     return {name: every[name] for name in names}
 
@@ -115,6 +116,11 @@ def answers(flags: Sequence[bool], names: Sequence[str]) -> Dict[str, np.ndarray
 def refusal(index: int, reason: str = "is invalid", status: str = "StatusCode.INVALID_ARGUMENT"):
     """What Triton raises for a request it refuses because of one image."""
     return InferenceServerException(f"image {index}: {reason}", status=status)
+
+
+def internal(reason: str = "the stub raised", status: str = "StatusCode.INTERNAL"):
+    """What Triton raises for a request a model failed on (finding 6: no image named, nothing says which)."""
+    return InferenceServerException(f"in ensemble 'safety_checker_images', {reason}", status=status)
 
 
 def numbers(batch: np.ndarray) -> List[int]:

@@ -8,6 +8,7 @@ resize, the crop and every conversion change pixels.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import struct
 import zlib
@@ -148,6 +149,20 @@ def png_claiming(width: int, height: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", data) + _chunk(b"IEND", b"")
 
 
+@functools.cache
+def grey_png(width: int, height: int) -> bytes:
+    """A whole, valid PNG of width x height black grey pixels: a few kilobytes however large, since zeros compress
+    (findings 5 and 6: 100x500,000 is 49 KB, 1x50,000,000 is 97 KB)."""
+    compressor = zlib.compressobj(9)
+    row = b"\x00" * (width + 1)  # filter byte, then the row
+    rows_per_piece = max(1, (1 << 20) // len(row))
+    piece = row * rows_per_piece
+    parts = [compressor.compress(piece) for _ in range(height // rows_per_piece)]
+    parts += [compressor.compress(row * (height % rows_per_piece)), compressor.flush()]
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", b"".join(parts)) + _chunk(b"IEND", b"")
+
+
 def corrupt_png() -> bytes:
     """A whole PNG whose compressed pixel data is garbage."""
     good = encode(Image.fromarray(picture(12, 64, 64)), "PNG")
@@ -180,4 +195,6 @@ def bad_elements() -> Dict[str, Tuple[bytes, str]]:
         "decompression bomb": (png_claiming(10_000, 10_000), "10000x10000 is 100000000 pixels, more than the limit"),
         "decompression bomb, as base64": (base64.b64encode(png_claiming(8_000, 8_000)), "more than the limit of"),
         "bomb past Pillow's own check": (png_claiming(20_000, 20_000), "decompression bomb"),
+        "thin and tall, within max_pixels (finding 5)": (grey_png(100, 500_000), "times as long as it is wide"),
+        "one pixel wide, within max_pixels (finding 6)": (grey_png(1, 50_000_000), "times as long as it is wide"),
     }

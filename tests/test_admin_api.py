@@ -29,6 +29,8 @@ from safety_checker_admin.admin_key import (
     ADMIN_KEY_ENV,
     ADMIN_KEY_HEADER,
     GRPC_ADMIN_KEY_HEADER,
+    MIN_KEY_CHARS,
+    PLACEHOLDER_KEYS,
     check_key,
     read_admin_key,
 )
@@ -157,8 +159,8 @@ def test_a_random_key_by_default_and_the_operators_key_otherwise(tmp_path, monke
     assert f"--grpc-restricted-protocol={restriction}" in command
     assert "--model-control-mode=none" in command
 
-    (tmp_path / "key").write_text("an-operators-key-of-some-length\n")
-    assert read_admin_key(tmp_path / "key") == ("an-operators-key-of-some-length", f"the key in {tmp_path / 'key'}")
+    (tmp_path / "key").write_text("an-operators-key-of-a-good-length\n")
+    assert read_admin_key(tmp_path / "key") == ("an-operators-key-of-a-good-length", f"the key in {tmp_path / 'key'}")
     monkeypatch.setenv(ADMIN_KEY_ENV, "another-key-from-the-environment")
     assert read_admin_key(None)[0] == "another-key-from-the-environment"
     for bad in ("short", "has space in it somewhere", "comma,in,the,key,1234567", "colon:in:the:key:1234567"):
@@ -168,6 +170,47 @@ def test_a_random_key_by_default_and_the_operators_key_otherwise(tmp_path, monke
             TritonServer(tmp_path, admin_key=bad)
     with pytest.raises(ServerError, match="cannot read the admin key file"):
         read_admin_key(tmp_path / "missing")
+
+
+# Issue 18, finding 4: nothing starts with a key anyone could know.
+SHORT_KEY = "x" * (MIN_KEY_CHARS - 1)
+GOOD_KEY = "0123456789abcdef" * 4  # what `openssl rand -hex 32` prints: 64 hex digits
+
+
+@pytest.mark.parametrize("bad", [*PLACEHOLDER_KEYS, SHORT_KEY], ids=["placeholder", "short"])
+def test_finding_4_the_admin_key_is_refused_when_short_or_a_placeholder(bad, tmp_path, monkeypatch):
+    """read_admin_key (what `safety-checker serve` calls) refuses the key from a file and from the environment,
+    naming where it came from and what to use instead, and never repeats the key."""
+    assert "REPLACE-ME-with-openssl-rand-hex-32" in PLACEHOLDER_KEYS
+    (tmp_path / "key").write_text(bad + "\n")
+    monkeypatch.setenv(ADMIN_KEY_ENV, bad)
+    for path, source in ((tmp_path / "key", str(tmp_path / "key")), (None, f"${ADMIN_KEY_ENV}")):
+        with pytest.raises(ServerError) as refused:
+            read_admin_key(path)
+        message = str(refused.value)
+        assert source in message and "openssl rand -hex 32" in message and bad not in message, message
+        assert ("placeholder" if bad in PLACEHOLDER_KEYS else f"not {MIN_KEY_CHARS}-") in message
+    with pytest.raises(ServerError, match="openssl rand -hex 32"):
+        TritonServer(tmp_path, admin_key=bad)
+    monkeypatch.setenv(ADMIN_KEY_ENV, GOOD_KEY)
+    assert read_admin_key(None)[0] == check_key(GOOD_KEY) == GOOD_KEY
+    assert check_key("k" * MIN_KEY_CHARS) == "k" * MIN_KEY_CHARS
+
+
+@pytest.mark.parametrize("bad", [*PLACEHOLDER_KEYS, SHORT_KEY], ids=["placeholder", "short"])
+def test_finding_4_serve_will_not_start_with_a_short_or_placeholder_key(bad, tmp_path):
+    """The `safety-checker serve` command line stops before tritonserver starts, with one clear line; the same
+    command with a good key starts (test_serve_restricts_admin_apis_with_the_operators_key)."""
+    (tmp_path / "admin.key").write_text(bad + "\n")
+    env = {k: v for k, v in os.environ.items() if k != ADMIN_KEY_ENV}
+    for extra, extra_env in ((["--admin-key-file", str(tmp_path / "admin.key")], {}), ([], {ADMIN_KEY_ENV: bad})):
+        result = subprocess.run(
+            [COMMAND, "serve", "--repository", str(tmp_path), "--no-restart", *extra],
+            capture_output=True, text=True, timeout=120, env={**env, **extra_env},
+        )  # fmt: skip
+        assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr
+        assert "admin key" in result.stderr and "openssl rand -hex 32" in result.stderr, result.stderr
+        assert bad not in result.stderr + result.stdout
 
 
 @pytest.mark.server

@@ -15,6 +15,7 @@ import pytest
 from conftest import ROOT
 
 from bench import selection
+from bench.candidates import GATEWAY_ROW
 
 # `python -m bench --quick` exports two repositories and serves them.
 pytestmark = [pytest.mark.server, pytest.mark.slow]
@@ -39,6 +40,8 @@ SUMMARY_KEYS = {
     "cascade_speedup_vs_diffusers",
     "cascade_forced_5pct_images_per_s",
     "cascade_forced_20pct_images_per_s",
+    "gateway_images_per_s",
+    "gateway_vs_triton",
 }
 
 
@@ -85,6 +88,12 @@ def test_last_line_is_the_summary_json(quick_run):
     assert summary["images_encoded_per_s"] == pytest.approx(encoded["images_per_s"])
     assert summary["encoded_best_concurrency"] == encoded["concurrency"]
     assert summary["encoded_vs_pixels"] == pytest.approx(encoded["images_per_s"] / best["triton"])
+    # The gateway over Triton's own encoded path, both at concurrency 8 in this run, against --quick's goal.
+    at_8 = {r["kind"]: r["images_per_s"] for r in rows if r.get("concurrency") == 8}
+    assert summary["gateway_vs_triton"] == pytest.approx(at_8["gateway"] / at_8["triton-images"])
+    assert summary["gateway_vs_triton_concurrency"] == 8 and summary["gateway_vs_triton_goal"] == 0.8
+    assert len(summary["gateway_vs_triton_by_round"]) == 2
+    assert "gateway: gateway_vs_triton " in result.stdout
 
 
 def test_scan_ran_over_real_size_files(quick_run):
@@ -111,6 +120,7 @@ def test_every_candidate_was_measured_without_errors(quick_run):
         "decoder",
         "triton",
         "triton-images",
+        "gateway",
         "triton-int8",
         "cascade",
         "cascade-forced",
@@ -119,10 +129,14 @@ def test_every_candidate_was_measured_without_errors(quick_run):
     assert [r["concurrency"] for r in triton] == [1, 2]
     assert [r["concurrency"] for r in results["rows"] if r["kind"] == "triton-int8"] == [1, 2]
     encoded = [r for r in results["rows"] if r["kind"] == "triton-images"]
-    assert [r["concurrency"] for r in encoded] == [1, 2]
-    for row in encoded:  # every request decoded on the server, then checked by the embedder
+    assert [r["concurrency"] for r in encoded] == [1, 8]
+    through_gateway = [r for r in results["rows"] if r["kind"] == "gateway"]
+    assert [r["concurrency"] for r in through_gateway] == [1, 8]
+    for row in encoded + through_gateway:  # every request decoded on the server, then checked by the embedder
         assert row["server"]["safety_checker_images"]["requests"] > 0
         assert row["server"]["safety_checker_embedder"]["executions"] > 0
+    for row in through_gateway:  # the gateway process's CPU time, read at each window's edges
+        assert row["gateway_cpu_s"] >= 0 and row["gateway_cpu_ms_per_image"] >= 0
     decoders = [r for r in results["rows"] if r["kind"] == "decoder"]
     assert sorted(r["format"] for r in decoders) == ["JPEG", "PNG"]
     for row in results["rows"]:
@@ -179,6 +193,8 @@ def test_plot_table_and_int8_report(quick_run):
     assert (output / "throughput.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "diffusers forward() fp32, batch 1" in result.stdout and "triton int8 (gRPC, perf_analyzer)" in result.stdout
     assert "triton fp32 image files, PNG+JPEG (gRPC)" in result.stdout
+    assert GATEWAY_ROW in result.stdout
+    assert "Traceback" not in (output / "logs" / "gateway.log").read_text()
     assert "decoder alone, 512x512 PNG (one instance)" in result.stdout
     report = json.loads((output / "results.json").read_text())["int8_report"]
     assert report["max_cosine_deviation"] > 0

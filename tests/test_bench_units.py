@@ -381,6 +381,10 @@ FULL_SUMMARY = [
     "encoded_vs_pixels",
     "decoded_png_per_s_per_instance",
     "decoded_jpeg_per_s_per_instance",
+    "gateway_images_per_s",
+    "gateway_best_concurrency",
+    *(f"gateway_vs_triton{k}" for k in ("", "_concurrency", "_by_concurrency", "_by_round", "_goal")),
+    "gateway_cpu_ms_per_image",
     "triton_int8_images_per_s",
     "ort_int8_images_per_s",
     "int8_speedup_vs_diffusers",
@@ -435,7 +439,7 @@ def _summary_of(chosen, settings, tmp_path):
     scan = None
     if "scan" in chosen:
         scan = {"served": {"images_per_s": 2.0}, "ceiling": {"images_per_s": 9.0, "images_per_client_cpu_s": 5.0}}
-    return summarize(rows, scan, ["avx2"])
+    return summarize(rows, scan, ["avx2"], settings.gateway_goal)
 
 
 def test_rows_parse_names_and_refuse_unknown_ones():
@@ -459,6 +463,8 @@ def test_rows_parse_names_and_refuse_unknown_ones():
         ("cascade", False, ["int8", "cascade"], ["int8", "cascade"]),
         ("scan", False, ["fp32", "tiny"], ["fp32", "tiny"]),
         ("scan", True, ["fp32"], ["fp32"]),
+        ("images,gateway", False, ["fp32"], ["fp32"]),
+        ("gateway", True, ["fp32"], ["fp32"]),
     ],
 )
 def test_a_selection_exports_and_serves_only_what_its_rows_use(rows, quick, exports, serves):
@@ -482,7 +488,9 @@ def test_a_full_run_measures_every_row_in_table_order(tmp_path):
         ("cascade-forced", 2),
         ("cascade-forced", 2),
         ("triton-images", 1),
-        ("triton-images", 2),
+        ("triton-images", 8),
+        ("gateway", 1),
+        ("gateway", 8),
     ]
     assert list(_summary_of(selection.ALL, QUICK, tmp_path)) == FULL_SUMMARY
 
@@ -523,6 +531,8 @@ def test_triton_and_images_measure_encoded_vs_pixels_at_the_levels_given(tmp_pat
         ("triton-int8,diffusers", {"int8_speedup_vs_diffusers"}, {"triton_int8_vs_ort_int8_min"}),
         ("ort-int8,triton-int8", {"triton_int8_vs_ort_int8_min"}, {"int8_speedup_vs_diffusers"}),
         ("decoder", {"decoded_png_per_s_per_instance", "decoded_jpeg_per_s_per_instance"}, {"triton_images_per_s"}),
+        ("gateway", {"gateway_images_per_s", "gateway_best_concurrency"}, {"gateway_vs_triton"}),
+        ("images,gateway", {"gateway_vs_triton", "gateway_vs_triton_goal"}, {"encoded_vs_pixels"}),
     ],
 )
 def test_a_selection_reports_the_ratios_its_rows_allow(rows, present, absent, tmp_path):

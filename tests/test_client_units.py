@@ -10,7 +10,7 @@ from typing import List
 
 import numpy as np
 import pytest
-from fake_tritonclient import FakeClock, FakeTriton, UpperBound, answers, numbers, refusal
+from fake_tritonclient import FakeClock, FakeTriton, UpperBound, answers, internal, numbers, refusal
 from tritonclient.utils import InferenceServerException
 
 from safety_checker_admin.server import free_port
@@ -176,14 +176,129 @@ def test_batches_above_max_batch_size_are_split_and_each_refusal_stays_in_its_re
     assert [isinstance(o, CheckResult) for o in outcomes] == [n != 6 for n in range(10)]
 
 
-def test_a_refusal_naming_no_image_is_every_images_error_and_nothing_is_sent_again():
+def test_a_refusal_naming_no_image_is_split_down_to_each_image_and_none_is_sent_twice():
     def answer(batch, names, kwargs):
         raise InferenceServerException("request parameter 'strictness': unknown preset", status="400")
 
     triton = FakeTriton(answer)
     outcomes = client_for(triton).check_each(uint8_batch(range(3)))
-    assert len(triton.requests) == 1
-    assert len({id(o) for o in outcomes}) == 1 and outcomes[0].kind == "refused" and outcomes[0].index is None
+    # Halves down to one image (2n - 1 requests); a request that was refused is never sent again as it was.
+    assert [numbers(batch) for batch, _, _ in triton.requests] == [[0, 1, 2], [0], [1, 2], [1], [2]]
+    assert len({id(o) for o in outcomes}) == 3  # each image its own error
+    assert all(o.kind == "refused" and o.index is None and "unknown preset" in str(o) for o in outcomes)
+
+
+def poisoned(bad: set, status: str = "StatusCode.INTERNAL"):
+    """A server that flags even numbers and fails, naming nothing, every request holding a number in `bad`."""
+
+    def answer(batch, names, kwargs):
+        values = numbers(batch)
+        if bad & set(values):
+            raise internal("the decoder failed", status)
+        return answers([v % 2 == 0 for v in values], names)
+
+    return answer
+
+
+@pytest.mark.parametrize("status", ["StatusCode.INTERNAL", "StatusCode.UNKNOWN", "500"])
+def test_an_internal_error_is_split_so_every_good_image_is_answered(status):
+    """Finding 7: one file the server fails on among good ones took all of them down."""
+    clock = FakeClock()
+    triton = FakeTriton(poisoned({5}, status))
+    outcomes = retrying_client(triton, clock, deadline_s=1, uint8=True).check_each(uint8_batch(range(8)))
+    # A batch of several is split at once, not sent whole again; the file alone is retried as the policy says.
+    assert [numbers(batch) for batch, _, _ in triton.requests] == [
+        [0, 1, 2, 3, 4, 5, 6, 7],
+        [0, 1, 2, 3],
+        [4, 5, 6, 7],
+        [4, 5],
+        [4],
+        [5],
+        [5],
+        [5],
+        [6, 7],
+    ]
+    assert clock.sleeps == [0.25, 0.5]  # only the one-image request waited
+    for number, outcome in enumerate(outcomes):
+        if number == 5:
+            assert isinstance(outcome, CheckError) and outcome.kind == "internal" and outcome.retryable
+            assert "the decoder failed" in str(outcome) and "(not checked: 3 attempts" in str(outcome)
+        else:
+            assert isinstance(outcome, CheckResult) and outcome.flagged == (number % 2 == 0)
+
+
+def test_several_failing_images_each_get_their_error_and_every_other_its_answer():
+    triton = FakeTriton(poisoned({0, 9, 10, 31}))
+    outcomes = client_for(triton, deadline_s=0).check_each(uint8_batch(range(32)))
+    assert [n for n, o in enumerate(outcomes) if isinstance(o, CheckError)] == [0, 9, 10, 31]
+    assert all(o.flagged == (n % 2 == 0) for n, o in enumerate(outcomes) if isinstance(o, CheckResult))
+    sent = [numbers(batch) for batch, _, _ in triton.requests]
+    answered_in = [batch for batch in sent if not {0, 9, 10, 31} & set(batch)]
+    assert sorted(n for batch in answered_in for n in batch) == sorted(set(range(32)) - {0, 9, 10, 31})
+    assert [batch for batch in sent if len(batch) == 1 and batch not in answered_in] == [[0], [9], [10], [31]]
+    assert len(sent) == 27  # a split per level of each failing image's halves: fewer than one request per image
+
+
+def over_the_view_limit(most: int, bad: set = frozenset()):
+    """A server that refuses, naming no image, a request of more than `most` images (as the decoder refuses one
+    whose files make more than max_views views), and refuses one holding a number in `bad`, naming it."""
+
+    def answer(batch, names, kwargs):
+        if len(batch) > most:
+            raise InferenceServerException(
+                "in ensemble 'safety_checker_images', the files of this request make more than 32 views to check "
+                "(max_views); nothing in this request was checked",
+                status="StatusCode.INVALID_ARGUMENT",
+            )
+        return refusing(set(bad))(batch, names, kwargs)
+
+    return answer
+
+
+def test_a_request_refused_as_a_whole_is_sent_again_in_halves_until_each_fits(tmp_path):
+    triton = FakeTriton(over_the_view_limit(2))
+    outcomes = client_for(triton).check_each(uint8_batch(range(7)))
+    assert [numbers(batch) for batch, _, _ in triton.requests] == [
+        [0, 1, 2, 3, 4, 5, 6],
+        [0, 1, 2],
+        [0],
+        [1, 2],
+        [3, 4, 5, 6],
+        [3, 4],
+        [5, 6],
+    ]
+    assert [o.flagged for o in outcomes] == [n % 2 == 0 for n in range(7)]
+    # check_encoded and check_files split the same way; a file refused in a half is named by its own path.
+    paths = []
+    for number in range(7):
+        paths.append(tmp_path / f"{number}.png")
+        paths[-1].write_bytes(str(number).encode())
+    encoded = client_for(FakeTriton(over_the_view_limit(2)), uint8=False, encoded=True)
+    assert [r.flagged for r in encoded.check_encoded([p.read_bytes() for p in paths])] == [n % 2 == 0 for n in range(7)]
+    refusing_five = client_for(FakeTriton(over_the_view_limit(2, {5})), uint8=False, encoded=True)
+    with pytest.raises(CheckError, match=r"5\.png: .*image 0: number 5 is invalid"):
+        refusing_five.check_files(paths)
+
+
+def test_an_unavailable_server_is_not_split_and_ends_the_call():
+    clock = FakeClock()
+    triton = FakeTriton(failing(times=1000))
+    client = retrying_client(triton, clock, deadline_s=4, uint8=True, max_batch_size=4)
+    outcomes = client.check_each(uint8_batch(range(10)))
+    assert len(triton.requests) == 5 and clock.sleeps == [0.25, 0.5, 1.0, 2.0]  # one request's retries, no more
+    assert len({id(o) for o in outcomes}) == 1 and outcomes[0].kind == "unavailable" and outcomes[0].retryable
+    # A server that fails while answering, then goes away: the split stops at the first unavailable answer.
+    calls = []
+
+    def answer(batch, names, kwargs):
+        calls.append(numbers(batch))
+        if len(calls) == 1:
+            raise internal()
+        raise InferenceServerException("failed to connect to all addresses", status="StatusCode.UNAVAILABLE")
+
+    outcomes = client_for(FakeTriton(answer), deadline_s=0).check_each(uint8_batch(range(8)))
+    assert calls == [list(range(8)), [0, 1, 2, 3]]
+    assert all(o.kind == "unavailable" for o in outcomes)
 
 
 def test_check_batch_raises_the_refusal_without_sending_again_and_check_files_names_the_file(tmp_path):
@@ -299,11 +414,16 @@ def test_only_the_requested_outputs_are_asked_for_and_the_rest_is_none():
     seen: List[List[str]] = []
     client = client_for(FakeTriton(refusing(set(), seen)), outputs=RECORD_OUTPUTS)
     (result,) = client.check_each(uint8_batch([2]))
-    assert seen[-1] == list(RECORD_OUTPUTS) and spec.IMAGE_EMBEDS.name not in seen[-1]
-    assert result.image_embeds is None and result.custom_cosines is None
-    assert list(result.as_dict()) == list(ANSWER_FIELDS)
+    pixel_only = lambda names: [n for n in names if n != spec.VIEW.name]  # `view` is an image file's
+    assert seen[-1] == pixel_only(RECORD_OUTPUTS) and spec.IMAGE_EMBEDS.name not in seen[-1]
+    assert result.image_embeds is None and result.custom_cosines is None and result.view is None
+    assert list(result.as_dict()) == pixel_only(ANSWER_FIELDS)
     (full,) = client_for(FakeTriton(refusing(set(), seen))).check_each(uint8_batch([2]))
-    assert seen[-1] == list(ALL_OUTPUTS) and full.image_embeds.shape == (4,) and full.custom_cosines == {}
+    assert seen[-1] == pixel_only(ALL_OUTPUTS) and full.image_embeds.shape == (4,) and full.custom_cosines == {}
+    files = client_for(FakeTriton(refusing(set(), seen)), uint8=False, encoded=True, outputs=RECORD_OUTPUTS)
+    (file_result,) = files.check_encoded([b"2"])
+    assert seen[-1] == list(RECORD_OUTPUTS) and list(file_result.as_dict()) == list(ANSWER_FIELDS)
+    assert file_result.view == {"frame": 0, "frames": 1, "transparency": None, "views": 1}
     lean = client_for(FakeTriton(refusing(set(), seen)), outputs=[spec.CONCEPT_SCORES.name])
     (scores,) = lean.check_each(uint8_batch([3]))
     assert seen[-1] == [spec.HAS_NSFW_CONCEPTS.name, spec.CONCEPT_SCORES.name]  # the decision always comes
@@ -327,6 +447,7 @@ def test_the_batch_size_is_the_contracts_without_asking_the_server():
 def test_a_record_has_every_answer_field_or_an_error_and_never_flagged():
     result = CheckResult(True, [0.01] * 17, [-0.1] * 3, custom_scores={}, fired_concepts=["concept_00"])
     result.concept_set_version, result.strictness_adjustment, result.exact_scores = 0, 0.0, True
+    result.view = {"frame": 1, "frames": 2, "transparency": "dropped", "views": 4}
     good = record("a.png", result, size=3, sha256="ab")
     assert list(good) == ["path", "size", "sha256", *ANSWER_FIELDS, "error"] and answered(good)
     refused = record("b.png", error=CheckError("safety_checker_images at h:1 (grpc): image 2: bad", "refused", 2))

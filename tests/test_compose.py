@@ -43,7 +43,7 @@ KNOBS = {
 
 
 def _clean_env():
-    return {k: v for k, v in os.environ.items() if k not in KNOBS and not k.startswith("TRITON_")}
+    return {k: v for k, v in os.environ.items() if k not in KNOBS and not k.startswith(("TRITON_", "GATEWAY_"))}
 
 
 def _run_config(argv):
@@ -174,7 +174,7 @@ def test_compose_config_is_valid():
     assert proc.returncode == 0, (
         f"`docker-compose -f docker-compose.yml config` failed (exit {proc.returncode}):\n{proc.stderr}"
     )
-    assert {"triton", "export"} <= set(yaml.safe_load(proc.stdout)["services"])
+    assert {"triton", "export", "gateway"} <= set(yaml.safe_load(proc.stdout)["services"])
 
 
 def test_triton_uses_ngc_py3_image():
@@ -296,3 +296,69 @@ def test_tensorrt_engine_cache_is_a_volume_at_the_configured_path():
     (source,) = [s for s, t, _ in _volumes(triton) if posixpath.normpath(t) == GPU_ENGINE_CACHE]
     assert not _is_host_path(source), source
     assert source in (_config().get("volumes") or {}), _config().get("volumes")
+
+
+# --- the gateway service ----------------------------------------------------
+
+
+def _pins(path):
+    """{name: version} of the `name==version` lines of a requirements file and the files it includes (-r)."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line.startswith("-r "):
+            pins.update(_pins(path.parent / line[3:].strip()))
+        elif "==" in line:
+            name, version = line.split("==", 1)
+            pins[re.sub(r"\[.*\]", "", name).strip().lower()] = version.strip()
+    return pins
+
+
+def test_gateway_runs_the_gateway_against_the_triton_service():
+    gateway = _service("gateway")
+    text = _command_text(gateway)
+    assert text.split()[:2] == ["safety-checker", "gateway"], text
+    (triton,) = re.findall(r"--triton=(\S+)", text)
+    host, port = triton.rsplit(":", 1)
+    assert host == "triton"
+    (grpc,) = re.findall(r"--grpc-port=(\d+)", _command_text(_service("triton")))
+    assert port == grpc, "the gateway speaks gRPC to triton's gRPC port"
+    (listen,) = re.findall(r"--port=(\d+)", text)
+    assert "--host=0.0.0.0" in text.split(), "reachable through the published port"
+    assert int(listen) in _target_ports(gateway)
+    deps = gateway.get("depends_on")
+    assert deps["triton"].get("condition") == "service_healthy", deps
+    test = " ".join(gateway["healthcheck"]["test"])
+    assert f"127.0.0.1:{listen}/v2/health/ready" in test, test
+
+
+def test_gateway_image_is_built_from_the_repository():
+    build = _service("gateway")["build"]
+    context = Path(build["context"]) if isinstance(build, dict) else Path(build)
+    assert context.resolve() == ROOT.resolve(), context
+    dockerfile = ROOT / "deploy" / "gateway" / "Dockerfile"
+    assert posixpath.normpath(build["dockerfile"]).endswith("deploy/gateway/Dockerfile"), build
+    text = dockerfile.read_text()
+    sources = [s for line in re.findall(r"^COPY (.+)$", text, re.M) for s in line.split()[:-1]]
+    assert {"client", "gateway"} <= set(sources), sources
+    ignore = (dockerfile.parent / "Dockerfile.dockerignore").read_text().splitlines()
+    for source in sources:
+        assert (ROOT / source).exists(), source
+        assert f"!{source}" in ignore, f"{source} is left out of the build context"
+    assert re.search(r"^USER 1000$", text, re.M), "KServe's runtimes run as uid 1000, non-root"
+    assert re.search(r"^FROM python:3\.\d+-slim$", text, re.M)
+    # The image holds what make setup installs: every constraint is requirements/dev.txt's pin.
+    constraints = _pins(dockerfile.parent / "requirements.txt")
+    dev = _pins(ROOT / "requirements" / "dev.txt")
+    assert {"tritonclient", "starlette", "uvicorn", "httpx", "prometheus-client"} <= set(constraints)
+    assert {name: dev.get(name) for name in constraints} == constraints
+    image = _service("gateway")["image"]
+    assert image == "safety-checker-gateway:0.1.0", image
+
+
+def test_gateway_key_is_asked_only_when_set():
+    gateway = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["gateway"]
+    assert "GATEWAY_API_KEY" in gateway["environment"] and gateway["environment"]["GATEWAY_API_KEY"] is None
+    script = gateway["entrypoint"][2]
+    assert "--api-key-file=/tmp/gateway-api-key" in script and "umask 077" in script
+    assert 'exec "$$@"' in script

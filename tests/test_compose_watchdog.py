@@ -28,6 +28,8 @@ import pytest
 import yaml
 from conftest import ROOT, awaited_log
 
+from safety_checker_admin.admin_key import MIN_KEY_CHARS, PLACEHOLDER_KEYS
+from safety_checker_admin.errors import ServerError
 from safety_checker_admin.procfs import command_line, descendants, running
 from safety_checker_admin.server import TritonServer, free_port
 from safety_checker_client import spec
@@ -110,6 +112,22 @@ def test_admin_apis_take_the_operators_key_or_nobodys(repository, ports, monkeyp
         keys = re.findall(r"--http-restricted-api=\S+:admin-key=(\S+)", " ".join(command_line(triton)))
         assert len(keys) == 1 and re.fullmatch(r"[0-9a-f]{64}", keys[0]), keys  # random, and never printed
         assert keys[0] not in server.log_path.read_text()
+
+
+@pytest.mark.parametrize("bad", [*PLACEHOLDER_KEYS, "k" * (MIN_KEY_CHARS - 1)], ids=["placeholder", "short"])
+def test_finding_4_the_entrypoint_refuses_a_short_or_placeholder_key(repository, ports, monkeypatch, bad):
+    """Issue 18, finding 4: with TRITON_ADMIN_KEY a placeholder or too short, the container stops before
+    tritonserver starts, with one line naming the variable and what to do; a good key starts it
+    (test_admin_apis_take_the_operators_key_or_nobodys)."""
+    monkeypatch.setenv("TRITON_ADMIN_KEY", bad)
+    server = container(repository, ports)
+    with pytest.raises(ServerError, match="exited with code 1"):
+        server.start(timeout_s=120)
+    (line,) = server.log_path.read_text().splitlines()  # the check's line, and nothing from a tritonserver
+    assert line.startswith("error: the admin key in TRITON_ADMIN_KEY "), line
+    assert "openssl rand -hex 32" in line and "unset it" in line and bad not in line
+    assert ("placeholder" if bad in PLACEHOLDER_KEYS else f"has {len(bad)} characters, not {MIN_KEY_CHARS}-") in line
+    assert status(ports["http"], "/v2/health/ready") == 0
 
 
 def test_the_watchdog_gives_up_after_two_failed_probes_within_a_bound():

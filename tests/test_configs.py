@@ -57,7 +57,8 @@ def test_committed_configs_are_the_rendered_reference_configs():
 
 
 def test_image_files_are_decoded_on_cpu_instances_in_every_configuration():
-    from export.models import REFERENCE_DECODER_INSTANCES, Settings
+    from export.image_models import REFERENCE_DECODER_INSTANCES
+    from export.models import Settings
 
     for decoders in (REFERENCE_DECODER_INSTANCES, 3):
         rendered = configs.render_all(spec.REFERENCE_DIMS, Settings(decoder_instances=decoders))
@@ -66,12 +67,18 @@ def test_image_files_are_decoded_on_cpu_instances_in_every_configuration():
         config = _parse(rendered[Path(spec.DECODE_MODEL, "config.pbtxt")])
         assert config.backend == "python" and config.max_batch_size == spec.MAX_BATCH_SIZE
         assert [i.name for i in config.input] == [spec.IMAGE.name] and config.input[0].dims == [1]
-        assert [(o.name, list(o.dims)) for o in config.output] == [(spec.IMAGES.name, list(spec.IMAGES.dims))]
+        assert [(o.name, list(o.dims)) for o in config.output] == [
+            (spec.IMAGES.name, list(spec.IMAGES.dims)),
+            (spec.VIEWS.name, [3]),
+        ]
         assert [g.kind for g in config.instance_group] == [config.instance_group[0].KIND_CPU]
         assert [g.count for g in config.instance_group] == [decoders]
         assert config.parameters["max_encoded_bytes"].string_value == str(20 * 1024 * 1024)
         assert config.parameters["max_pixels"].string_value == str(spec.MAX_IMAGE_PIXELS)
-        # The images model is an ensemble: the decoder, then the uint8 path.
+        assert config.parameters["max_aspect_ratio"].string_value == str(spec.MAX_ASPECT_RATIO)
+        assert config.parameters["max_frames"].string_value == str(spec.MAX_FRAMES)
+        assert config.parameters["max_views"].string_value == str(spec.MAX_BATCH_SIZE)
+        # The images model is an ensemble: the decoder, the uint8 path on every view, one answer per file.
         images = _parse(rendered[Path(spec.IMAGES_MODEL, "config.pbtxt")])
         assert images.platform == "ensemble"
         assert [step.model_name for step in images.ensemble_scheduling.step] == [
@@ -79,10 +86,14 @@ def test_image_files_are_decoded_on_cpu_instances_in_every_configuration():
             spec.NORMALIZE_MODEL,
             spec.EMBEDDER_MODEL,
             spec.POSTPROCESS_MODEL,
+            spec.VIEWS_MODEL,
         ]
-    # Same outputs, in the same order, as the pixel ensemble.
+        # Every view's answer goes to the views step under its per-view name.
+        (postprocess,) = [s for s in images.ensemble_scheduling.step if s.model_name == spec.POSTPROCESS_MODEL]
+        assert dict(postprocess.output_map)[spec.HAS_NSFW_CONCEPTS.name] == f"per_view_{spec.HAS_NSFW_CONCEPTS.name}"
+    # The pixel ensemble's outputs, in the same order, and then `view`.
     pixel = _parsed(Path(spec.ENSEMBLE_MODEL, "config.pbtxt"))
-    assert [(o.name, o.data_type, list(o.dims)) for o in pixel.output] == [
+    assert [(o.name, o.data_type, list(o.dims)) for o in pixel.output] + [(spec.VIEW.name, 13, [1])] == [
         (o.name, o.data_type, list(o.dims)) for o in _parsed(Path(spec.IMAGES_MODEL, "config.pbtxt")).output
     ]
 

@@ -39,7 +39,6 @@ SCHEMA_FILES = {
     ("serving.kserve.io/v1beta1", "InferenceService"): "inferenceservice.v1beta1.json",
     ("serving.kserve.io/v1alpha1", "ServingRuntime"): "servingruntime.v1alpha1.json",
     ("v1", "ConfigMap"): "configmap.v1.json",
-    ("v1", "Secret"): "secret.v1.json",
     ("template.openshift.io/v1", "Template"): "template.v1.json",
     ("keda.sh/v1alpha1", "ScaledObject"): "scaledobject.v1alpha1.json",
 }
@@ -378,7 +377,7 @@ def test_gpu_and_cpu_runtimes_differ_only_where_they_must():
 def test_admin_apis_are_restricted_with_the_key_from_the_secret(name):
     container = kserve_container(load(name))
     parsed = flags(container["args"])
-    secret = load("admin-api-secret.yaml")
+    secret_name, secret_key = created_secret()
     env = {e["name"]: e for e in container["env"]}
     for flag in ("http-restricted-api", "grpc-restricted-protocol"):
         apis, header, value = restricted(one(parsed, flag))
@@ -389,8 +388,7 @@ def test_admin_apis_are_restricted_with_the_key_from_the_secret(name):
         match = re.fullmatch(r"\$\((\w+)\)", value)
         assert match, f"--{flag}: the key must come from an env var, not be written into the manifest: {value!r}"
         reference = env[match.group(1)]["valueFrom"]["secretKeyRef"]
-        assert reference["name"] == secret["metadata"]["name"]
-        assert reference["key"] in secret.get("stringData", {}) or reference["key"] in secret.get("data", {})
+        assert (reference["name"], reference["key"]) == (secret_name, secret_key)
 
 
 @pytest.mark.parametrize("name", RUNTIMES)
@@ -537,10 +535,99 @@ def test_concept_configmap_is_an_empty_valid_concept_set():
     assert json.loads(text)["format_version"] == concept_set.FORMAT_VERSION
 
 
-def test_admin_secret_is_a_placeholder():
-    secret = load("admin-api-secret.yaml")
-    assert secret["type"] == "Opaque"
-    assert secret["stringData"]["key"].startswith("REPLACE-ME")
+# -- the gateway as the InferenceService's transformer (issue 19) --------------------------------------------
+def transformer_container() -> Dict[str, Any]:
+    containers = load("inferenceservice-s3.yaml")["spec"]["transformer"]["containers"]
+    assert [c["name"] for c in containers] == ["kserve-container"], "one container, named as KServe expects"
+    return containers[0]
+
+
+def test_the_seed_services_url_goes_through_the_gateway_transformer():
+    """KServe routes an InferenceService's URL to its transformer: the one named safety-checker, the name the seed
+    runtime's callers use, puts the gateway there, talking gRPC to the predictor's runtime."""
+    isvc = load("inferenceservice-s3.yaml")
+    assert isvc["metadata"]["name"] == "safety-checker"
+    container = transformer_container()
+    script = container["command"][2]
+    assert container["command"][:2] == ["/bin/sh", "-c"]
+    assert re.search(r'^exec "safety-checker" "gateway" .*"\$@"$', script, re.M), script
+    for appended in ("--predictor_host", "--model_name", "--http_port"):
+        assert f"    {appended}) take=" in script, f"KServe's {appended} is not taken"
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    runtime = kserve_container(load("servingruntime-gpu.yaml"))
+    assert env["TRITON_GRPC_PORT"] == one(flags(runtime["args"]), "grpc-port")
+    assert {p["containerPort"]: p["name"] for p in runtime["ports"]}[int(env["TRITON_GRPC_PORT"])] == "h2c"
+    (port,) = container["ports"]
+    assert (port["containerPort"], port.get("protocol", "TCP")) == (render.GATEWAY_PORT, "TCP")
+    assert '"--port=8080"' in script
+    ready, live = container["readinessProbe"]["httpGet"], container["livenessProbe"]["httpGet"]
+    assert (ready["path"], ready["port"]) == ("/v2/health/ready", render.GATEWAY_PORT)
+    assert (live["path"], live["port"]) == ("/v2/health/live", render.GATEWAY_PORT)
+    security = container["securityContext"]
+    assert security["runAsNonRoot"] is True and security["runAsUser"] == 1000
+    assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["gateway"]
+    assert container["image"] == re.fullmatch(r"\$\{GATEWAY_IMAGE:-([^}]+)\}", compose["image"]).group(1)
+
+
+def test_the_transformers_key_comes_from_an_optional_secret_no_manifest_holds():
+    transformer = load("inferenceservice-s3.yaml")["spec"]["transformer"]
+    container = transformer_container()
+    key_file = next(e["value"] for e in container["env"] if e["name"] == "GATEWAY_API_KEY_FILE")
+    (mount,) = [m for m in container["volumeMounts"] if key_file.startswith(m["mountPath"] + "/")]
+    assert mount.get("readOnly") is True
+    (volume,) = [v for v in transformer["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["optional"] is True, "without the Secret the gateway asks no key"
+    assert key_file == f"{mount['mountPath']}/key"
+    assert volume["secret"]["secretName"] not in {load(p.name)["metadata"]["name"] for p in manifest_files()}
+    guide = (ROOT / "docs" / "deploy-kserve.md").read_text()
+    assert f"kubectl create secret generic {volume['secret']['secretName']}" in guide
+
+
+# Issue 18, finding 4: the guides make the admin key's Secret at install, with a random key; nothing ships one.
+KEY_DOCS = [ROOT / "README.md", ROOT / "docs" / "deploy-kserve.md", DEPLOY / "README.md"]
+CREATE_SECRET = re.compile(
+    r"kubectl create secret generic (?P<name>[-a-z0-9]+)(?: -n \S+)? \\?\s*"
+    r'--from-literal=(?P<key>\w+)="\$\(openssl rand -hex 32\)"'
+)
+
+
+def created_secret() -> Tuple[str, str]:
+    """The Secret's name and key as every guide creates it (one command, the same in each)."""
+    made = {(m["name"], m["key"]) for doc in KEY_DOCS for m in CREATE_SECRET.finditer(doc.read_text())}
+    assert len(made) == 1, f"the guides create the admin key's Secret as {made}"
+    return made.pop()
+
+
+def test_finding_4_the_guides_generate_the_admin_key_at_install():
+    for doc in KEY_DOCS:
+        text = doc.read_text()
+        assert CREATE_SECRET.search(text), f"{doc.name} does not create the Secret with `openssl rand -hex 32`"
+        assert "admin-api-secret.yaml" not in text, f"{doc.name} still applies the placeholder Secret"
+    assert created_secret() == ("safety-checker-admin-api", "key")
+
+
+def shipped_text_files() -> List[Path]:
+    """What an operator reads or applies: the deploy folder, the docs, the README and the compose file."""
+    files = [ROOT / "README.md", ROOT / "docker-compose.yml", *sorted((ROOT / "docs").rglob("*.md"))]
+    files += sorted(p for p in (ROOT / "deploy").rglob("*") if p.is_file() and p.suffix in (".md", ".yaml", ".yml"))
+    return files
+
+
+def test_finding_4_no_manifest_or_doc_ships_a_placeholder_key():
+    """No manifest is a Secret (a key in a manifest is a key in the repository), and a placeholder key shows up
+    only where the start-up check refuses it: as a `case` pattern of the rendered shell lines."""
+    from safety_checker_admin.admin_key import PLACEHOLDER_KEYS
+
+    assert not (DEPLOY / "admin-api-secret.yaml").exists()
+    assert all(load(p.name)["kind"] != "Secret" for p in manifest_files())
+    for path in shipped_text_files():
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            for placeholder in PLACEHOLDER_KEYS:
+                for found in re.finditer(re.escape(placeholder), line):
+                    refused = re.match(r"\) problem=", line[found.end() :])
+                    assert refused, f"{path.relative_to(ROOT)}:{number} holds the placeholder key {placeholder}"
+    assert any("REPLACE-ME" in line for line in (DEPLOY / "servingruntime-gpu.yaml").read_text().splitlines())
 
 
 def test_readme_has_a_paragraph_for_every_manifest():
@@ -621,8 +708,8 @@ def _broken(name: str, change) -> List[str]:
         ),
         ("scaledobject.yaml", lambda d: d["spec"].pop("scaleTargetRef"), "'scaleTargetRef' is a required property"),
         ("concepts-configmap.yaml", lambda d: d["data"].__setitem__("custom concepts.json", "{}"), "does not match"),
-        ("admin-api-secret.yaml", lambda d: d.__setitem__("stringdata", {"key": "x"}), "unknown field 'stringdata'"),
-        ("admin-api-secret.yaml", lambda d: d.__setitem__("apiVersion", "v2"), "no schema for apiVersion 'v2'"),
+        ("concepts-configmap.yaml", lambda d: d.__setitem__("datta", {"key": "x"}), "unknown field 'datta'"),
+        ("concepts-configmap.yaml", lambda d: d.__setitem__("apiVersion", "v2"), "no schema for apiVersion 'v2'"),
     ],
 )
 def test_validation_fails_on_a_broken_copy(name, change, expected):

@@ -7,9 +7,10 @@ and nothing else: the three ports (free ones, so tests never collide), the
 backend directory (the launcher adds `--backend-directory`: the wheel keeps
 its backends elsewhere than the NGC image, and a prefix for the Python
 backend's shared memory, so that a killed server's is removed), and `$(ADMIN_API_KEY)`, which the
-kubelet expands from the Secret and is expanded here from the same Secret
-manifest. The paths stay as written: each server runs in a private mount
-namespace (`unshare`) whose /mnt holds the exported repository at
+kubelet expands from the Secret and is expanded here from a key made as the
+guides make the Secret's. The runtime's `command` (the admin key's check,
+then the args) wraps the server as it does in the container. The paths stay
+as written: each server runs in a private mount namespace (`unshare`) whose /mnt holds the exported repository at
 /mnt/models and a folder laid out exactly like a ConfigMap volume at
 /mnt/concepts. The GPU runtime's arguments differ only in the model config
 name (its embedder needs the onnxruntime backend, which the wheel lacks); the
@@ -21,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import subprocess
@@ -39,6 +41,8 @@ import yaml
 from conftest import ROOT, run_export
 from tritonclient.utils import InferenceServerException
 
+from safety_checker_admin.admin_key import MIN_KEY_CHARS, PLACEHOLDER_KEYS
+from safety_checker_admin.errors import ServerError
 from safety_checker_admin.procfs import child_processes, running
 from safety_checker_admin.server import TritonServer, free_port
 from safety_checker_client import spec
@@ -61,8 +65,20 @@ def manifest(name: str) -> dict:
     return yaml.safe_load((DEPLOY / name).read_text())
 
 
+# The Secret's key, made as the guides make it at install (`openssl rand -hex 32`): no manifest holds one.
+SECRET_KEY = secrets.token_hex(32)
+
+
 def secret_key() -> str:
-    return manifest("admin-api-secret.yaml")["stringData"]["key"]
+    return SECRET_KEY
+
+
+def key_check(key: str) -> List[str]:
+    """The CPU runtime's container `command` (the admin key's check, then `exec "$@"`), under the env var the
+    kubelet sets from the Secret: what runs before the args."""
+    (container,) = manifest("servingruntime-cpu.yaml")["spec"]["containers"]
+    (variable,) = [e["name"] for e in container["env"] if "secretKeyRef" in e.get("valueFrom", {})]
+    return ["env", f"{variable}={key}", *container["command"]]
 
 
 def runtime_arguments(ports: Dict[str, int]) -> List[str]:
@@ -78,6 +94,32 @@ def runtime_arguments(ports: Dict[str, int]) -> List[str]:
         out.append(arg.replace("$(ADMIN_API_KEY)", secret_key()))
     assert f"--model-repository={MODELS}" in out
     return out
+
+
+@pytest.mark.parametrize("bad", [*PLACEHOLDER_KEYS, "k" * (MIN_KEY_CHARS - 1)], ids=["placeholder", "short"])
+def test_finding_4_the_runtime_refuses_to_start_with_a_short_or_placeholder_key(bad, tmp_path):
+    """Issue 18, finding 4: the runtime's command stops the container before tritonserver starts when the Secret's
+    key is a placeholder or too short, with one line that names the Secret and how to make a key; with a good key it
+    runs the args (test_runtime_arguments_load_and_answer_with_admin_apis_restricted starts the server so)."""
+    ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
+    server = TritonServer(
+        tmp_path,
+        http_port=ports["http"],
+        grpc_port=ports["grpc"],
+        metrics_port=ports["metrics"],
+        arguments=runtime_arguments(ports),
+        wrapper=key_check(bad),
+    )
+    with pytest.raises(ServerError) as refused:
+        server.start(timeout_s=120)
+    log = server.log_path.read_text()
+    assert "exited with code 1" in str(refused.value)
+    (line,) = log.splitlines()  # the check's line, and nothing from a tritonserver
+    assert line.startswith("error: the admin key in the Secret safety-checker-admin-api "), line
+    assert "openssl rand -hex 32" in line and bad not in line
+    assert ("placeholder" if bad in PLACEHOLDER_KEYS else f"has {len(bad)} characters, not {MIN_KEY_CHARS}-") in line
+    started = subprocess.run([*key_check(secret_key()), "echo", "tritonserver ran"], capture_output=True, text=True)
+    assert (started.returncode, started.stdout, started.stderr) == (0, "tritonserver ran\n", "")
 
 
 def configmap_volume(directory: Path, files: Dict[str, str], stamp: str) -> None:
@@ -115,7 +157,7 @@ def replica(repository: Path, concepts: Path) -> TritonServer:
         grpc_port=ports["grpc"],
         metrics_port=ports["metrics"],
         arguments=runtime_arguments(ports),
-        wrapper=namespace(repository, concepts),
+        wrapper=[*key_check(secret_key()), *namespace(repository, concepts)],
     )
 
 
@@ -244,6 +286,62 @@ def test_two_replicas_follow_one_configmap_swap_under_load(deployed, parity_set,
         # Answers on one connection arrive in order, so each thread sees 1 ... 1 2 ... 2: once over, never back.
         assert answers[0] == 1 and answers[-1] == 2, (thread, answers[:3], answers[-3:])
         assert answers == sorted(answers), (thread, [b for a, b in zip(answers, answers[1:]) if a != b])
+
+
+def transformer(grpc_port: int, http_port: int, key_file: Path) -> subprocess.Popen:
+    """The InferenceService's transformer: its `command` with the arguments KServe appends to a transformer's
+    (`--model_name`, `--predictor_host`, `--http_port`), under its env; substituted: the ports and the key's path,
+    and this venv's bin for the image's PATH (where `safety-checker` is)."""
+    (container,) = manifest("inferenceservice-s3.yaml")["spec"]["transformer"]["containers"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    env.update(TRITON_GRPC_PORT=str(grpc_port), GATEWAY_API_KEY_FILE=str(key_file))
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])
+    kserve = ["--model_name", "safety-checker", "--predictor_host", "127.0.0.1", "--http_port", str(http_port)]
+    return subprocess.Popen([*container["command"], *kserve], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+def test_the_transformer_answers_the_seed_body_in_front_of_the_runtime(deployed, encoded_files, tmp_path):
+    """Issue 19: the seed runtime's callers reach the checker unchanged through the transformer, which speaks
+    gRPC to the runtime's own command line: the studio's body with its Bearer token gets Triton's decision."""
+    import base64
+
+    import requests
+    from gateway_fixtures import studio_body
+
+    concepts = tmp_path / "concepts"
+    configmap_volume(concepts, {spec.CUSTOM_CONCEPTS_FILENAME: concept_file(1, [], 16)}, "2026_11_30_12_00_00.1")
+    key = secrets.token_hex(16)
+    (tmp_path / "key").write_text(key + "\n")  # as a Secret volume holds it
+    name = next(n for n in sorted(encoded_files) if n.endswith(".png") and not n.startswith(("animated", "hidden")))
+    image = encoded_files[name].read_bytes()
+    port = free_port()
+    with replica(deployed, concepts) as server:
+        with SafetyCheckerClient(server.grpc_url, encoded=True) as client:
+            (expected,) = client.check_encoded([image])
+        gateway = transformer(server.ports["gRPC"], port, tmp_path / "key")
+        try:
+            url = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if requests.get(url + "/v2/health/ready", timeout=5).status_code == 200:
+                        break
+                except requests.ConnectionError:
+                    assert gateway.poll() is None, gateway.stdout.read().decode()
+                assert time.monotonic() < deadline, "the transformer did not get ready"
+                time.sleep(0.2)
+            body = studio_body(base64.b64encode(image).decode())
+            infer = url + "/v2/models/safety-checker/infer"
+            headers = {"Content-Type": "application/json", "Authorization": f"Bearer {key}"}
+            answer = requests.post(infer, data=body, headers=headers, timeout=120)
+            assert answer.status_code == 200, answer.text
+            assert answer.json()["model_name"] == "safety-checker"
+            assert answer.json()["outputs"][0]["data"] == [expected.flagged]
+            assert requests.post(infer, data=body, headers={"Authorization": "Bearer x"}, timeout=60).status_code == 401
+        finally:
+            gateway.terminate()
+            output = gateway.communicate(timeout=30)[0].decode()
+    assert "Traceback" not in output and key not in output, output
 
 
 def test_concepts_export_emits_the_configmap(tmp_path):

@@ -24,7 +24,7 @@ from export.parameters import ENVIRONMENT_FILENAME
 from safety_checker_admin.server import TritonServer, free_port
 from safety_checker_client import spec
 from safety_checker_client.client import SafetyCheckerClient
-from safety_checker_client.preprocess import decode_image
+from safety_checker_client.preprocess import open_image
 
 OWN = environment.this_python()
 
@@ -144,7 +144,7 @@ def test_a_repository_serves_from_its_environments_alone(bare_repository, bare_s
         with SafetyCheckerClient(triton.grpc_url, encoded=True) as client:
             files = client.check_files(paths)
         with SafetyCheckerClient(triton.grpc_url) as client:
-            pixels = client.check([decode_image(p.read_bytes(), str(p)) for p in paths])
+            pixels = client.check([open_image(p) for p in paths])  # frame 0, composited: what answers here
     assert [r.flagged for r in files] == [r.flagged for r in pixels]
     for got, want in zip(files, pixels):
         assert got.concept_scores == want.concept_scores and np.array_equal(got.image_embeds, want.image_embeds)

@@ -20,7 +20,8 @@ from export import configs
 from export.cli import main
 from export.environment import default_targets
 from export.graph import EmbedderGraph
-from export.models import Settings, host_decoder_instances
+from export.image_models import host_decoder_instances
+from export.models import Settings
 from export.onnx_export import VerificationError, export_onnx, verify_onnx
 from export.parameters import ENVIRONMENT_FILENAME
 from export.repository import MODEL_FOLDERS

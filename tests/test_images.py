@@ -13,7 +13,9 @@ with its index, and the next request is answered.
 from __future__ import annotations
 
 import base64
+import io
 import json
+import re
 import urllib.error
 import urllib.request
 
@@ -28,7 +30,7 @@ from tritonclient.utils import InferenceServerException
 
 from safety_checker_client import spec
 from safety_checker_client.client import CheckError, SafetyCheckerClient, result_from
-from safety_checker_client.preprocess import load_image, preprocess
+from safety_checker_client.preprocess import ImageError, decode_image, load_image, open_image, preprocess
 
 PROTOCOLS = pytest.mark.parametrize("protocol", ["grpc", "http"])
 MODULES = {"grpc": grpcclient, "http": httpclient}
@@ -50,9 +52,10 @@ def names(encoded_files):
 
 @pytest.fixture(scope="module")
 def pixel_answers(server, encoded_files, names):
-    """What the client's pixel_values path answers for every file (decoded and preprocessed by the client)."""
+    """What the client's pixel_values path answers for every file's first frame, composited (decoded and
+    preprocessed by the client; `check_files` refuses a file that is more than that picture)."""
     with SafetyCheckerClient(server.grpc_url) as client:
-        return client.check_files([encoded_files[n] for n in names])
+        return client.check([open_image(encoded_files[n]) for n in names])
 
 
 @pytest.fixture(scope="module")
@@ -74,10 +77,15 @@ def reference(reference_checker, encoded_files, names):
 
 
 def assert_same(got, want):
-    """Every field of every answer, the embedding bit for bit."""
+    """Every field of every answer, the embedding bit for bit; `view` only where both sides answer one (the pixel
+    path checks the one image it is given, a file's answer says which of its views answered)."""
     assert len(got) == len(want)
     for g, w in zip(got, want):
-        assert g.as_dict() == w.as_dict()
+        g_fields, w_fields = g.as_dict(), w.as_dict()
+        if w.view is None:
+            assert g.view is None or g.view["views"] >= 1
+            g_fields.pop("view", None), w_fields.pop("view", None)
+        assert g_fields == w_fields
         assert np.array_equal(g.image_embeds, w.image_embeds)
 
 
@@ -89,7 +97,7 @@ def raw_infer(server, protocol, elements, parameters=None, model=spec.IMAGES_MOD
         tensor = module.InferInput(spec.IMAGE.name, list(batch.shape), "BYTES")
         tensor.set_data_from_numpy(batch)
         result = client.infer(model, [tensor], parameters=parameters)
-        return {t.name: result.as_numpy(t.name) for t in spec.ENSEMBLE_OUTPUTS}
+        return {t.name: result.as_numpy(t.name) for t in spec.IMAGES_OUTPUTS}
     finally:
         client.close()
 
@@ -152,7 +160,7 @@ def test_raw_bytes_and_base64_give_identical_answers(server, encoded_files, name
     as_text = raw_infer(server, "grpc", [base64.b64encode(f) for f in files])
     http_binary = raw_infer(server, "http", files)
     outputs = {o["name"]: o for o in post_json(server, spec.IMAGES_MODEL, kserve_body(files))["outputs"]}
-    for tensor in spec.ENSEMBLE_OUTPUTS:
+    for tensor in spec.IMAGES_OUTPUTS:
         assert np.array_equal(raw[tensor.name], as_text[tensor.name]), tensor.name
         assert np.array_equal(raw[tensor.name], http_binary[tensor.name]), tensor.name
         json_data = np.array(outputs[tensor.name]["data"]).reshape(raw[tensor.name].shape)
@@ -160,6 +168,63 @@ def test_raw_bytes_and_base64_give_identical_answers(server, encoded_files, name
             assert json_data.tolist() == [[v.decode() for v in row] for row in raw[tensor.name]], tensor.name
         else:
             np.testing.assert_array_equal(json_data.astype(raw[tensor.name].dtype), raw[tensor.name], tensor.name)
+
+
+# -- Every view a viewer or a pipeline can see (issue 18, findings 1 and 2) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shown_and_hidden(server, encoded_files, names, pixel_answers):
+    """(a still picture the tiny checker flags, a same-size one it passes), both as the pixel path answers them."""
+    stills = [n for n in names if n.endswith(".png") and not n.startswith(("animated", "hidden"))]
+    flagged = next(n for n, r in zip(names, pixel_answers) if r.flagged and n in stills)
+    passed = next(n for n, r in zip(names, pixel_answers) if not r.flagged and n in stills)
+    shown = load_image(encoded_files[flagged]).convert("RGB")
+    return shown, load_image(encoded_files[passed]).convert("RGB").resize(shown.size)
+
+
+def encoded_answer(server, data: bytes):
+    with SafetyCheckerClient(server.grpc_url, encoded=True) as client:
+        (result,) = client.check_encoded([data])
+    return result
+
+
+def test_an_apngs_animation_is_checked_beyond_its_default_image(server, shown_and_hidden):
+    """Finding 1: a passing default image, and a flagged frame that a browser shows: flagged, by that frame."""
+    flagged, passed = shown_and_hidden
+    with SafetyCheckerClient(server.grpc_url) as client:
+        assert [r.flagged for r in client.check([passed, flagged])] == [False, True]
+    buffer = io.BytesIO()
+    passed.save(buffer, "PNG", save_all=True, append_images=[flagged], default_image=True)
+    result = encoded_answer(server, buffer.getvalue())
+    assert result.flagged and result.view == {"frame": 1, "frames": 2, "transparency": None, "views": 2}
+
+
+def test_content_under_transparency_is_checked_as_a_pipeline_sees_it(server, shown_and_hidden):
+    """Finding 2: a flagged picture saved with alpha 0 composites to white, and is itself what load_image gives
+    a pipeline: flagged, by the view with its alpha dropped."""
+    flagged, _ = shown_and_hidden
+    hidden = flagged.convert("RGBA")
+    hidden.putalpha(0)
+    buffer = io.BytesIO()
+    hidden.save(buffer, "PNG")
+    result = encoded_answer(server, buffer.getvalue())
+    with pytest.raises(ImageError, match="hides colour under transparency"):  # the pixel path checks one picture
+        decode_image(buffer.getvalue(), "hidden.png")
+    with SafetyCheckerClient(server.grpc_url) as client:  # that picture, composited, is white
+        (white,) = client.check([open_image(io.BytesIO(buffer.getvalue()))])
+    # Flagged whatever white is (this tiny random checker may flag it): by white first, else by what it hides.
+    first = "composited" if white.flagged else "dropped"
+    assert result.flagged and result.view == {"frame": 0, "frames": 1, "transparency": first, "views": 2}
+
+
+def test_a_still_opaque_file_is_one_view(server, shown_and_hidden):
+    flagged, passed = shown_and_hidden
+    for picture, flag in ((flagged, True), (passed, False)):
+        buffer = io.BytesIO()
+        picture.save(buffer, "PNG")
+        result = encoded_answer(server, buffer.getvalue())
+        assert result.flagged is flag and result.view == {"frame": 0, "frames": 1, "transparency": None, "views": 1}
 
 
 # -- The KServe runtime's request ----------------------------------------------------------------------
@@ -182,7 +247,7 @@ def test_kserve_style_body_naming_the_decision_gets_it_as_the_first_output(serve
         assert answer["model_name"] == spec.IMAGES_MODEL
         everything = post_json(server, spec.IMAGES_MODEL, kserve_body([encoded_files[name].read_bytes()]))
         outputs = {o["name"]: o for o in everything["outputs"]}
-        assert sorted(outputs) == sorted(t.name for t in spec.ENSEMBLE_OUTPUTS)
+        assert sorted(outputs) == sorted(t.name for t in spec.IMAGES_OUTPUTS)
         assert outputs[spec.HAS_NSFW_CONCEPTS.name]["data"] == first["data"]
 
 
@@ -213,7 +278,7 @@ def test_an_ensemble_answers_in_its_own_order(server):
 )
 def test_strictness_parameters_work_as_on_the_pixel_ensemble(server, encoded_files, names, parameters):
     chosen = [encoded_files[n] for n in names[:6]]
-    pixels = preprocess([load_image(p) for p in chosen])
+    pixels = preprocess([open_image(p) for p in chosen])
     want = raw_pixels(server, pixels, parameters)
     got = raw_infer(server, "grpc", [p.read_bytes() for p in chosen], parameters)
     for tensor in spec.ENSEMBLE_OUTPUTS:
@@ -252,6 +317,8 @@ def test_bad_strictness_is_refused_with_the_pixel_ensembles_words(server, protoc
 # -- Bad input -------------------------------------------------------------------------------------------
 
 BAD = bad_elements()
+# What a refusal must never hold: a traceback, a server path, a Python exception's type.
+LEAKS = re.compile(r"Traceback|File \"|\.py\b|site-packages|/tmp/|/work/|\b[A-Z][A-Za-z]*(Error|Exception)\b")
 BAD["file over 20 MiB"] = (
     b"\x89PNG\r\n\x1a\n" + bytes(spec.MAX_ENCODED_BYTES - 7),
     "more than the limit of 20971520 bytes",
@@ -274,6 +341,7 @@ def test_bad_element_refuses_the_request_naming_it_and_the_next_request_is_answe
     message = caught.value.message()
     assert message.startswith(f"{IN_ENSEMBLE}image 2: ") and reason in message, message
     assert "nothing in this request was checked" in message
+    assert not LEAKS.search(message), message
     assert INVALID_ARG[protocol] in str(caught.value.status()), caught.value.status()
     answer = raw_infer(server, protocol, good)
     assert_same([result_from(answer, i) for i in range(3)], pixel_answers[:3])
@@ -328,7 +396,7 @@ def test_client_names_the_file_the_server_refused(server, encoded_files, names, 
 
 @pytest.mark.slow
 def test_exported_repository_sizes_the_decoders_to_this_host(repository):
-    from export.models import host_decoder_instances
+    from export.image_models import host_decoder_instances
 
     text = (repository / spec.DECODE_MODEL / "config.pbtxt").read_text()
     assert int(text.split("instance_group")[1].split("count:")[1].split()[0]) == host_decoder_instances()

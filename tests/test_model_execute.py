@@ -49,6 +49,7 @@ PYTHON_MODELS = (
     spec.INT8_EMBEDDER_MODEL,
     spec.POSTPROCESS_MODEL,
     spec.CASCADE_MODEL,
+    spec.VIEWS_MODEL,
 )
 EMBEDDERS = (spec.EMBEDDER_MODEL, spec.INT8_EMBEDDER_MODEL)
 # A cascade export renders every Python model (the postprocessor's cosine_bound is the cascade's to send).
@@ -152,7 +153,29 @@ def good_inputs(repo: Repository, model: str, count: int, seed: int = 0) -> Dict
         return {spec.IMAGES.name: rng.integers(0, 256, (count, *spec.IMAGES.dims), dtype=np.uint8)}
     if model == spec.POSTPROCESS_MODEL:
         return cosines(repo, rng, count)
+    if model == spec.VIEWS_MODEL:
+        return per_view_answers(rng, [[(0, 0, False)]] * count)
     return {spec.PIXEL_VALUES.name: pixels(repo, seed, count)}
+
+
+def per_view_answers(rng: np.random.Generator, files: Sequence[Sequence[tuple]]) -> Dict[str, np.ndarray]:
+    """What the views model takes: a made-up answer per view (random scores; each view flagged as its tuple
+    says) and the decoder's `views`, for files given as lists of (frame, alpha dropped, flagged)."""
+    rows = [(index, frame, dropped, flag) for index, views in enumerate(files) for frame, dropped, flag in views]
+    count = len(rows)
+    dtypes = {"FP32": np.float32, "FP64": np.float64, "INT64": np.int64}
+    inputs: Dict[str, np.ndarray] = {}
+    for tensor in spec.PER_VIEW_OUTPUTS:
+        shape = (count, *tensor.resolve(DIMS))
+        if tensor.datatype == "BYTES":
+            inputs[tensor.name] = np.array([[json.dumps([i]).encode()] for i in range(count)], dtype=object)
+        elif tensor.datatype == "BOOL":
+            inputs[tensor.name] = rng.random(shape) < 0.5
+        else:
+            inputs[tensor.name] = rng.standard_normal(shape).astype(dtypes[tensor.datatype])
+    inputs[spec.PER_VIEW_OUTPUTS[0].name] = np.array([[flag] for *_, flag in rows], dtype=bool)
+    inputs[spec.VIEWS.name] = np.array([row[:3] for row in rows], dtype=np.int32).reshape(-1, 3)
+    return inputs
 
 
 def cosines(repo: Repository, rng: np.random.Generator, count: int) -> Dict[str, np.ndarray]:
@@ -359,7 +382,8 @@ def test_decode_gives_each_request_the_clients_uint8_images(repo):
     )
     for request, response in zip(requests, responses):
         expected = preprocess_uint8([open_image(io.BytesIO(files[f])) for f, _ in request])
-        assert_same(answers(response), {spec.IMAGES.name: expected})
+        views = np.array([(i, 0, 0) for i in range(len(request))], dtype=np.int32)  # still and opaque: one view each
+        assert_same(answers(response), {spec.IMAGES.name: expected, spec.VIEWS.name: views})
 
 
 @pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # silenced at initialize, for good
@@ -827,3 +851,177 @@ def test_cascade_answers_the_batch_mates_of_a_request_with_infinite_pixels(repo)
     infinite[0, 0, 0, 0] = np.inf
     response, fp32 = cascade_and_fp32(repo, infinite)
     assert broken_promises(answers(response), fp32, repo.int8_bound) == []
+
+
+# -- safety_checker_views ----------------------------------------------------------------------------------
+def test_views_answer_each_file_by_its_first_flagged_view(repo):
+    """Every answer of a file's chosen view, copied; a file with a flagged view is flagged by the first of them,
+    one without by its first view; `view` says which."""
+    files = [
+        [(0, False, False), (1, False, True), (2, False, True)],  # an animation whose second frame is flagged
+        [(0, False, False), (0, True, True)],  # content under transparency: flagged once its alpha is dropped
+        [(0, False, False)],  # a still, opaque picture
+        [(0, False, True), (0, True, False), (1, False, False)],  # flagged as shown, in its first frame
+    ]
+    inputs = per_view_answers(np.random.default_rng(7), files)
+    (response,) = repo.model(spec.VIEWS_MODEL).execute([fake_triton.request(inputs)])
+    got = answers(response)
+    rows = [1, 4, 5, 6]
+    for tensor, per_view in zip(spec.ENSEMBLE_OUTPUTS, spec.PER_VIEW_OUTPUTS):
+        assert np.array_equal(got[tensor.name], inputs[per_view.name][rows]), tensor.name
+    assert got[spec.HAS_NSFW_CONCEPTS.name].reshape(-1).tolist() == [True, True, False, True]
+    assert [json.loads(v) for v in got[spec.VIEW.name].reshape(-1)] == [
+        {"frame": 1, "frames": 3, "transparency": None, "views": 3},
+        {"frame": 0, "frames": 1, "transparency": "dropped", "views": 2},
+        {"frame": 0, "frames": 1, "transparency": None, "views": 1},
+        {"frame": 0, "frames": 2, "transparency": "composited", "views": 3},
+    ]
+
+
+# -- issue 18: a concept file never takes the server down (finding 8); one failing request alone ------------------
+REJECTED = "safety_checker_concept_set_rejected_total"
+NESTED = b"[" * 100000 + b"]" * 100000  # deeper than json's parser (and a message's repr) can go
+
+
+def test_finding_8_a_concept_file_that_breaks_the_parser_keeps_the_last_good_set_and_is_counted(
+    repo, tmp_path, monkeypatch
+):
+    """Any error while reading the custom concept file (RecursionError, UnicodeDecodeError, MemoryError, a version
+    past 2**53 - 1) keeps the set served: every answer still uses it, the log says why (no traceback), and the
+    postprocessor's counter counts each file once, however often it is looked at."""
+    folder = postprocess_folder(repo, tmp_path)
+    model = fake_triton.Server().load(spec.POSTPROCESS_MODEL, folder, python_config(spec.POSTPROCESS_MODEL))
+    path = folder / "1" / spec.CUSTOM_CONCEPTS_FILENAME
+    inputs = cosines(repo, np.random.default_rng(18), 2)
+    served_set(repo, model, inputs, repo.custom)
+    before, start = fake_triton.metric_value(REJECTED), len(fake_triton.LOG)
+    newest = json.loads(concept_writer.dumps(repo.custom))
+    for count, bad in enumerate(
+        [
+            NESTED,
+            b"\xff\xfe" + concept_writer.dumps(repo.custom).encode(),
+            json.dumps(dict(newest, version=2**63)).encode(),
+            json.dumps(dict(newest, version=2**53)).encode(),
+        ],
+        1,
+    ):
+        path.write_bytes(bad)
+        served_set(repo, model, inputs, repo.custom)
+        served_set(repo, model, inputs, repo.custom)
+        assert fake_triton.metric_value(REJECTED) - before == count
+    errors = logged("ERROR", start)
+    assert len(errors) == 4
+    assert all(e.startswith("custom concept set rejected, still serving version 3: ") for e in errors)
+    assert "nested too deeply" in errors[0] and "not UTF-8" in errors[1] and "2**53 - 1" in errors[2]
+    assert not any("Traceback" in e or "RecursionError" in e for e in errors)
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError()
+
+    concept_writer.write(path, repo.custom.with_threshold("dots", 0.2))
+    with monkeypatch.context() as patched:  # whatever the parser raises, not only what it is known to
+        patched.setattr(concept_set, "parse", out_of_memory)
+        served_set(repo, model, inputs, repo.custom)
+    assert fake_triton.metric_value(REJECTED) - before == 5 and "MemoryError" in logged("ERROR", start)[-1]
+
+    exact = dict(newest, version=2**53 - 1)  # the largest version there is: served, and answered exactly
+    path.write_text(json.dumps(exact))
+    largest = concept_set.parse(json.dumps(exact), DIMS.projection_dim)
+    served_set(repo, model, inputs, largest)
+    (response,) = model.execute([fake_triton.request(inputs)])
+    assert answers(response)[spec.CONCEPT_SET_VERSION.name].reshape(-1).tolist() == [2**53 - 1] * 2
+    assert fake_triton.metric_value(REJECTED) - before == 5
+
+
+@pytest.mark.parametrize("custom", [NESTED, b"\xff\xfe{}"], ids=["nested", "not-utf8"])
+def test_finding_8_at_load_a_file_with_no_valid_set_stops_the_model_with_a_clear_message(repo, tmp_path, custom):
+    """Fail closed: with nothing safe to serve the postprocessor does not load, and says why in one line."""
+    folder = postprocess_folder(repo, tmp_path, custom)
+    with pytest.raises(fake_triton.TritonModelException) as refused:
+        fake_triton.Server().load(spec.POSTPROCESS_MODEL, folder, python_config(spec.POSTPROCESS_MODEL))
+    message = str(refused.value)
+    assert message.startswith("custom concept set rejected: ") and "\n" not in message
+    assert ("nested too deeply" if custom == NESTED else "not UTF-8") in message
+    assert "Traceback" not in message and "RecursionError" not in message and len(message) < 2000
+
+
+SENTINEL = 0.0625  # a value the test puts into one request: the patched step raises on it
+
+
+def unexpected(where: str):
+    """What an unexpected error must never show: its type, a path, a traceback, the values."""
+    return RuntimeError(f"Traceback: boom in /opt/tritonserver/models/{where}/model.py at 0x7f00")
+
+
+def assert_failed_alone(response: fake_triton.InferenceResponse, start: int) -> None:
+    code, message = refusal(response)
+    assert code == fake_triton.TritonError.INTERNAL
+    for leak in ("Traceback", "/", "RuntimeError", "boom", "0x7f00"):
+        assert leak not in message, message
+    (logged_error,) = [m for m in logged("ERROR", start) if "unexpectedly" in m]
+    assert "RuntimeError" in logged_error and "boom" not in logged_error and "/" not in logged_error
+
+
+def test_postprocess_fails_only_the_request_an_unexpected_error_comes_from(repo, monkeypatch):
+    model = repo.load(spec.POSTPROCESS_MODEL)
+    scorer = type(model.instance)._scored.__globals__
+    real = scorer["score_all"]
+
+    def score_all(concept_cos, *rest):
+        if np.any(concept_cos == SENTINEL):
+            raise unexpected("safety_checker_postprocess")
+        return real(concept_cos, *rest)
+
+    monkeypatch.setitem(scorer, "score_all", score_all)
+    batch = [cosines(repo, np.random.default_rng(seed), n) for seed, n in ((20, 2), (21, 1), (22, 3))]
+    batch[1][spec.CONCEPT_COSINES.name][0, 4] = SENTINEL
+    start = len(fake_triton.LOG)
+    responses = model.execute([fake_triton.request(inputs) for inputs in batch])
+    assert_failed_alone(responses[1], start)
+    for index in (0, 2):  # answered as if alone
+        (want,) = scored_batch(repo, [batch[index]], [0.0])
+        assert_scored(answers(responses[index]), want)
+
+
+def test_the_onnx_runner_fails_only_the_request_an_unexpected_error_comes_from(repo, monkeypatch):
+    embedder = repo.load(spec.EMBEDDER_MODEL)
+    run = embedder.instance._run
+
+    def failing_run(batch):
+        if np.any(batch == SENTINEL):
+            raise unexpected("safety_checker_embedder")
+        return run(batch)
+
+    monkeypatch.setattr(embedder.instance, "_run", failing_run)
+    batches = [pixels(repo, 0, 2), pixels(repo, 2, 1), pixels(repo, 3, 2)]
+    batches[1][0, 1, 2, 3] = SENTINEL
+    start = len(fake_triton.LOG)
+    responses = embedder.execute([fake_triton.request({spec.PIXEL_VALUES.name: b}) for b in batches])
+    assert_failed_alone(responses[1], start)
+    session = repo.session(spec.EMBEDDER_MODEL)
+    for index in (0, 2):
+        want = dict(zip(EMBEDDED, session.run(EMBEDDED, {spec.PIXEL_VALUES.name: batches[index]})))
+        assert_same(answers(responses[index]), want)
+
+
+def test_the_cascade_fails_only_the_request_an_unexpected_error_comes_from(repo, monkeypatch):
+    bound = 0.01
+    cascade = repo.load(spec.CASCADE_MODEL, Settings(cascade=True, cosine_bound=bound))
+    embed = cascade.instance._embed
+
+    def failing_embed(model, batch):
+        if np.any(batch == SENTINEL):
+            raise unexpected("safety_checker_cascade")
+        return embed(model, batch)
+
+    monkeypatch.setattr(cascade.instance, "_embed", failing_embed)
+    batches = [pixels(repo, 0, 2), pixels(repo, 2, 1), pixels(repo, 3, 3)]
+    batches[1][0, 0, 0, 0] = SENTINEL
+    before, start = counted(), len(fake_triton.LOG)
+    responses = cascade.execute([fake_triton.request({spec.PIXEL_VALUES.name: b}) for b in batches])
+    assert_failed_alone(responses[1], start)
+    for index in (0, 2):
+        (want,) = cascade_answers(repo, [batches[index]], [0.0], bound)
+        assert_scored(answers(responses[index]), want)
+    after = counted()
+    assert after["int8"] + after["fp32"] - before["int8"] - before["fp32"] == 5  # the answered images, once each

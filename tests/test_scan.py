@@ -167,7 +167,7 @@ def test_csv_over_http_with_uint8_says_the_same(server, tree, tree_scan, tmp_pat
     assert result.returncode == 1
     lines = report.read_text().splitlines()
     assert lines[0] == "path,size,sha256,flagged,fired_concepts,concept_scores,special_scores,custom_scores," + (
-        "concept_set_version,strictness_adjustment,exact_scores,error"
+        "concept_set_version,strictness_adjustment,exact_scores,view,error"
     )
     assert len(lines) == len(records) + 1
     assert {r["path"]: r.get("flagged") for r in read_report(str(report))} == {
@@ -355,3 +355,63 @@ def test_a_server_killed_mid_scan_loses_no_image(server, repository, tmp_path):
     # The other server was up all along, so every image got its answer there.
     assert process.returncode == 0, err
     assert all("flagged" in r for r in records)
+
+
+# -- issue 18 ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_finding_7_one_file_the_server_fails_on_takes_no_good_file_down(server, tmp_path, protocol):
+    """`scan --encoded`, one batch: seven good PNGs and a 1x50,000,000 PNG (97 KB) the server fails on. The
+    batch is split until every good file has its answer; the bad one gets an error line, never `flagged`."""
+    from image_files import grey_png
+
+    folder = tmp_path / "files"
+    good = write_synthetic(folder, 7, seed=18)
+    bad = folder / "thin.png"
+    bad.write_bytes(grey_png(1, 50_000_000))
+    report = tmp_path / "report.jsonl"
+    url = server.grpc_url if protocol == "grpc" else server.http_url
+    result = scan(str(folder), "--url", url, "--protocol", protocol, "--encoded", "--batch-size", "8",
+                  "--report", str(report))  # fmt: skip
+    assert result.returncode == 1, result.stderr  # an error line, no flagged image
+    records = {r["path"]: r for r in read_report(str(report))}
+    assert sorted(records) == sorted(map(str, [*good, bad]))
+    for path in good:
+        record = records[str(path)]
+        assert "flagged" in record and not record.get("error"), record
+        assert record["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert records[str(bad)]["error"] and "flagged" not in records[str(bad)]
+    assert "Traceback" not in records[str(bad)]["error"] and ".py" not in records[str(bad)]["error"]
+    assert re.search(r"scanned 8 files: 7 images checked, \d+ flagged, 1 errors", result.stdout + result.stderr)
+
+
+NOT_UTF8 = b"\xff\xfe.png"
+
+
+@pytest.mark.parametrize("extension", [".jsonl", ".csv"])
+def test_finding_10_a_name_that_is_not_utf8_through_scan_html_report_and_resume(server, tmp_path, extension):
+    """Files named b"\xff\xfe.png" (an image) and b"\xff\xfe-notes.png" (not one) among others: the HTML page is
+    written and shows the names with U+FFFD, the report holds paths that open the files, and --resume reads them
+    back and checks no answered file twice."""
+    folder = tmp_path / "files"
+    (other,) = write_synthetic(folder, 1, seed=10)
+    odd, notes = (os.fsencode(folder) + b"/" + name for name in (NOT_UTF8, b"\xff\xfe-notes.png"))
+    with open(odd, "wb") as handle:
+        handle.write(other.read_bytes())
+    with open(notes, "wb") as handle:
+        handle.write(b"not an image\n")
+    page, report = tmp_path / "page.html", tmp_path / f"report{extension}"
+    first = scan(str(folder), "--url", server.grpc_url, "--html", str(page), "--report", str(report))
+    assert first.returncode == 1, first.stderr  # the file that is not an image
+    assert "scanned 3 files: 2 images checked" in first.stdout + first.stderr
+    html = page.read_text(encoding="utf-8")
+    assert "\ufffd\ufffd-notes.png</b>" in html and "\udcff" not in html  # its error line names it
+    records = read_report(str(report))
+    assert sorted(os.fsencode(r["path"]) for r in records) == sorted([odd, notes, os.fsencode(other)])
+    assert all(os.path.isfile(r["path"]) for r in records)
+    assert sorted(os.fsencode(r["path"]) for r in records if "flagged" in r) == sorted([odd, os.fsencode(other)])
+    resumed = scan(str(folder), "--url", server.grpc_url, "--resume", "--report", str(report), "--html", str(page))
+    assert resumed.returncode == 1, resumed.stderr
+    assert "this run: 0 images checked" in resumed.stdout + resumed.stderr
+    answered_paths = [os.fsencode(r["path"]) for r in read_report(str(report)) if "flagged" in r]
+    assert sorted(answered_paths) == sorted([odd, os.fsencode(other)])  # nothing answered twice
+    assert "\ufffd\ufffd-notes.png</b>" in page.read_text(encoding="utf-8")

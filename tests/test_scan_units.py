@@ -17,6 +17,7 @@ import pytest
 from fake_tritonclient import FakeTriton, answers, numbers, refusal
 from PIL import Image
 
+from safety_checker_client import spec
 from safety_checker_client.client import RECORD_OUTPUTS, CheckResult, SafetyCheckerClient
 from safety_checker_client.records import answered, record
 from safety_checker_scan import cli as scan_cli
@@ -135,8 +136,10 @@ def test_every_item_gets_exactly_one_line_round_robin_over_servers():
     assert result.tally.per_concept == {"concept_00": 50}
     assert all(server.requests >= 8 for server in servers.values())  # 34 requests shared round-robin
     assert sorted(n for s in servers.values() for n in s.seen) == list(range(100))
-    # Only what the report shows is requested: not the embeddings, not the raw cosines.
-    assert all(names == list(RECORD_OUTPUTS) for s in servers.values() for names in s.outputs)
+    # Only what the report shows is requested: not the embeddings, not the raw cosines (nor `view`, which only the
+    # images ensemble answers).
+    pixel_outputs = [name for name in RECORD_OUTPUTS if name != spec.VIEW.name]
+    assert all(names == pixel_outputs for s in servers.values() for names in s.outputs)
 
 
 def test_a_failing_server_loses_nothing_its_images_go_to_another():
@@ -270,6 +273,7 @@ def test_report_round_trip_and_a_partial_last_line(tmp_path, extension):
         concept_set_version=3,
         strictness_adjustment=0.01,
         exact_scores=False,
+        view={"frame": 1, "frames": 2, "transparency": None, "views": 2},
     )
     good = record("a.png", answer, size=10, sha256="ab" * 32)
     bad = record("b.png", error="cannot read 'b.png'", size=None, sha256=None)
@@ -369,3 +373,70 @@ def test_unreachable_server_fails_closed(tree, tmp_path):
 def test_usage_error_helper_accepts_good_arguments():
     args = argparse.Namespace(resume=True, report="r.csv", strictness="strong", timeout=10.0)
     assert scan_cli._usage_error(args) is None
+
+
+def test_finding_3_encoded_reports_the_hash_of_the_bytes_it_sent_though_the_file_was_replaced(tmp_path):
+    """Issue 18, finding 3: `scan --encoded` sends exactly the bytes it hashed. Each file is replaced right after it
+    was read and hashed; the server must get the bytes read (not the file read again), so the report's sha256 and
+    verdict are both of those bytes."""
+    import hashlib
+
+    paths = []
+    for number in range(6):
+        path = tmp_path / f"image-{number}.png"
+        path.write_bytes(str(number * 2).encode())  # even: flagged by the fake server
+        paths.append(path)
+    server = FakeServer("a:1")
+
+    def prepare_then_replace(item: Item, mode: str) -> Item:
+        prepared = prepare(item, mode)
+        Path(item.path).write_bytes(str(int(Path(item.path).read_bytes()) + 1).encode())  # odd: not flagged
+        return prepared
+
+    out = io.StringIO()
+    scanner = Scanner(
+        ScanOptions(urls=["a:1"], mode="encoded", workers=2, concurrency=2, batch_size=4),
+        ReportWriter(out, ".jsonl", header=False, owned=False),
+        make_client=lambda url: server.client(url, "encoded"),
+        monotonic=lambda: 0.0,
+        prepare=prepare_then_replace,
+    )
+    scanner.run([Item(str(path)) for path in paths])
+    records = {r["path"]: r for r in map(json.loads, out.getvalue().splitlines())}
+    received = {hashlib.sha256(bytes(element)).hexdigest(): bytes(element) for element in server.sent}
+    assert sorted(received.values()) == sorted(str(n * 2).encode() for n in range(6))
+    for number, path in enumerate(paths):
+        line = records[str(path)]
+        assert line["sha256"] in received, "the report vouches for bytes the server never saw"
+        assert received[line["sha256"]] == str(number * 2).encode() and line["flagged"] is True
+        assert line["size"] == len(str(number * 2))
+
+
+NOT_UTF8 = b"\xff\xfe.png"
+
+
+@pytest.mark.parametrize("extension", [".jsonl", ".csv"])
+def test_finding_10_a_name_that_is_not_utf8_survives_the_report_and_resume_reads_it_back(tmp_path, extension):
+    """Issue 18, finding 10: a file name that is not UTF-8 (Python's surrogate-escaped str) is written to either
+    report and read back as the same path, so --resume finds the file; what a person reads shows U+FFFD."""
+    import os
+
+    from safety_checker_scan.report import shown
+
+    image = save(Path(os.fsdecode(bytes(tmp_path) + b"/" + NOT_UTF8)), 4)
+    name = str(image)
+    assert "\udcff" in name and os.path.isfile(name)
+    answer = CheckResult(flagged=False, concept_scores=[-0.2] * 17, special_scores=[-0.1] * 3, image_embeds=None)
+    path = tmp_path / f"report{extension}"
+    writer = ReportWriter.open(str(path), resume=False)
+    writer.write(record(name, answer, size=10, sha256="cd" * 32))
+    writer.write(record(name + ".gone", error=f"cannot read {name + '.gone'!r}", size=None, sha256=None))
+    writer.close()
+    if extension == ".jsonl":
+        path.read_text(encoding="utf-8")  # JSON's escapes (\\udcff): valid UTF-8 text, read back to the same str
+    else:
+        assert b"/" + NOT_UTF8 + b"," in path.read_bytes()  # the name's own bytes, as the file system has them
+    first, second = read_report(str(path))
+    assert first["path"] == name and os.path.isfile(first["path"]) and second["path"] == name + ".gone"
+    assert answered(first) and not answered(second)
+    assert shown(name).endswith("/\ufffd\ufffd.png") and shown(name).encode("utf-8")

@@ -9,6 +9,7 @@ operator package installed as without it.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 
@@ -43,12 +44,28 @@ def add_serve(commands) -> None:
         default=5.0,
         help="seconds a health probe may wait while the server uses no CPU before it counts as hung",
     )
+    serve.add_argument(
+        "--gateway-port",
+        type=int,
+        metavar="PORT",
+        help="also run the gateway (pip install ./gateway) on this port of --host, in front of the server's gRPC "
+        "port: the KServe runtime's /v2/models/safety-checker/infer and OpenAI's /v1/moderations (docs/gateway.md)",
+    )
+    serve.add_argument(
+        "--gateway-api-key-file",
+        type=Path,
+        metavar="FILE",
+        help="the gateway requires 'Authorization: Bearer <the file's text>' (default: no key)",
+    )
     serve.set_defaults(run=_serve)
 
 
 def _serve(args: argparse.Namespace) -> int:
     from safety_checker_admin.serve import serve_forever
 
+    if args.gateway_api_key_file is not None and args.gateway_port is None:
+        print("error: --gateway-api-key-file needs --gateway-port", file=sys.stderr)
+        return 2
     return serve_forever(
         args.repository,
         http_port=args.http_port,
@@ -60,6 +77,8 @@ def _serve(args: argparse.Namespace) -> int:
         supervise=args.supervise,
         probe_interval_s=args.probe_interval,
         probe_timeout_s=args.probe_timeout,
+        gateway_port=args.gateway_port,
+        gateway_api_key_file=args.gateway_api_key_file,
     )
 
 

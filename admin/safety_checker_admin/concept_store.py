@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
@@ -80,6 +81,26 @@ def change(path: Path, edit: Callable[[ConceptSet], ConceptSet]) -> ConceptSet:
         current = read_set(path)  # again, under the lock: another command may have changed it
         try:
             new = edit(current)
+            concept_writer.write(path, new)
+        except ConceptSetError as error:
+            raise ConceptCommandError(str(error)) from None
+        except OSError as error:
+            raise ConceptCommandError(f"cannot write {path}: {error}") from None
+    return new
+
+
+def restore(path: Path, older: ConceptSet, served_version: int) -> ConceptSet:
+    """`older`'s concepts written to `path` as a version newer than the file's and `served_version` (a server takes
+    only a newer version), under the lock. A file that does not validate is replaced: a rollback is what mends it."""
+    with locked(path):
+        try:
+            current = concept_set.read(path, older.embedding_dim)
+        except ConceptSetError:
+            current = concept_set.empty(older.embedding_dim)
+        if current.version < served_version:
+            current = dataclasses.replace(current, version=served_version)
+        try:
+            new = current.restored(older)
             concept_writer.write(path, new)
         except ConceptSetError as error:
             raise ConceptCommandError(str(error)) from None

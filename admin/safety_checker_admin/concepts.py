@@ -8,7 +8,9 @@ version, or fails with a clear error after --wait-timeout seconds.
 
 A file that does not validate (edited by hand into invalid JSON, say) is
 never modified: the command names the problem and where it is, and the
-server keeps serving the last valid set meanwhile.
+server keeps serving the last valid set meanwhile. `restore FILE` rolls back:
+it publishes an older file's concepts as the next version (a server takes
+only newer versions), and also mends a file that does not validate.
 
 Only `add --text` needs torch and transformers (imported when used).
 """
@@ -31,8 +33,9 @@ from safety_checker_admin.concept_store import (
     concept_file,
     configmap,
     read_set,
+    restore,
 )
-from safety_checker_admin.concept_sync import check_server, connect, image_embeddings, wait_for_version
+from safety_checker_admin.concept_sync import check_server, connect, image_embeddings, served, wait_for_version
 from safety_checker_client.client import PROTOCOLS, SafetyCheckerClient
 from safety_checker_served import concept_set
 from safety_checker_served.concept_set import ConceptSet, ConceptSetError
@@ -53,6 +56,13 @@ def commit(
     """Apply `edit` to the file under the lock, then wait for the server to serve the new set."""
     new = change(path, edit)
     print(f"wrote {path} (version {new.version})", file=out, flush=True)
+    return confirm(args, path, new, client, out)
+
+
+def confirm(
+    args: argparse.Namespace, path: Path, new: ConceptSet, client: SafetyCheckerClient, out: TextIO
+) -> ConceptSet:
+    """Wait for the server to serve `new` (unless --no-wait)."""
     if args.no_wait:
         return new
     wait_for_version(client, new.version, args.wait_timeout, path)
@@ -162,6 +172,30 @@ def _set_threshold(args: argparse.Namespace, out: TextIO) -> int:
         check_server(client, current, path)
         commit(args, path, lambda s: s.with_threshold(args.name, args.threshold), client, out)
     print(f"concept {args.name!r} now has threshold {args.threshold:g}", file=out)
+    return 0
+
+
+def _restore(args: argparse.Namespace, out: TextIO) -> int:
+    path = concept_file(args)
+    try:
+        older = concept_set.read(args.file)
+    except ConceptSetError as error:
+        raise ConceptCommandError(f"{error}; nothing was restored") from None
+    with connect(args.url, args.protocol) as client:
+        version, width = served(client)
+        if width != older.embedding_dim:
+            raise ConceptCommandError(
+                f"{args.file} has embedding_dim {older.embedding_dim}, the server at {client.url} serves image "
+                f"embeddings of width {width}; nothing was restored"
+            )
+        new = restore(path, older, version)
+        print(
+            f"wrote {path} (version {new.version}): the {len(new.concepts)} concepts of {args.file} "
+            f"(version {older.version}): {concept_set.listing(new.names)}",
+            file=out,
+            flush=True,
+        )
+        confirm(args, path, new, client, out)
     return 0
 
 
@@ -306,6 +340,17 @@ def add_parser(commands) -> None:
     threshold.add_argument("--name", required=True)
     threshold.add_argument("--threshold", required=True, type=float)
 
+    restoring = actions.add_parser(
+        "restore",
+        help="roll back: publish an older concept file's concepts as the next version",
+        description="Publish the concepts of FILE (an earlier custom_concepts.json, e.g. a backup or a ConfigMap's "
+        "source in version control) as the next version: a server takes only a newer version, so a rollback is a "
+        "new version with the old concepts. A file in place that does not validate is replaced.",
+    )
+    restoring.add_argument("file", type=Path, metavar="FILE", help="the concept file to restore")
+    _set_location(restoring)
+    _server_arguments(restoring)
+
     export = actions.add_parser(
         "export",
         help="print the concept set as a Kubernetes ConfigMap for every replica to mount",
@@ -350,6 +395,7 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         "list": _list,
         "remove": _remove,
         "set-threshold": _set_threshold,
+        "restore": _restore,
         "export": _export,
         "calibrate": _calibrate,
     }[args.action]

@@ -14,6 +14,7 @@ import time
 from typing import Callable, List, Optional, Tuple
 
 from safety_checker_admin.errors import ServerError
+from safety_checker_admin.gateway_process import GatewayProcess
 from safety_checker_admin.probe import load_health_probe
 from safety_checker_admin.server import TritonServer
 
@@ -47,6 +48,11 @@ class Supervisor:
     health check, /v2/health/ready included, fails: not-ready. More than
     `max_restarts` restarts within `restart_window_s` means a fault a restart
     does not cure (a model that no longer loads): the supervisor gives up.
+
+    A `gateway` beside the server is watched at every poll too: one that has
+    exited is started again on its own (tritonserver is left alone, and the
+    gateway's gRPC channel reconnects to a restarted server by itself), under
+    the same bound on restarts, counted apart.
     """
 
     def __init__(
@@ -63,9 +69,12 @@ class Supervisor:
         probe: Optional[Probe] = None,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        gateway: Optional[GatewayProcess] = None,
     ) -> None:
-        """`probe`: sends the inference (default: the `probe` of the repository's health_probe.py)."""
+        """`probe`: sends the inference (default: the `probe` of the repository's health_probe.py); `gateway`: the
+        gateway started beside the server, if any."""
         self.server = server
+        self.gateway = gateway
         self.poll_s = poll_s
         self.probe_interval_s = probe_interval_s
         self.probe_timeout_s = probe_timeout_s
@@ -83,6 +92,7 @@ class Supervisor:
         self.probe_model: Optional[str] = probe_model if probed else None
         self.probe: Optional[Probe] = probe or (None if self.health_probe is None else self.health_probe.probe)
         self._restarts: List[float] = []
+        self._gateway_restarts: List[float] = []
 
     # -- detection --------------------------------------------------------------
     def process_fault(self) -> Optional[str]:
@@ -112,18 +122,23 @@ class Supervisor:
         return f"health probe: {message}"
 
     # -- restoration --------------------------------------------------------------
+    def _may_restart(self, history: List[float], reason: str) -> bool:
+        """Whether one more restart is allowed (and then counted in `history`), or restarts no longer help."""
+        now = self._monotonic()
+        history[:] = [t for t in history if now - t < self.restart_window_s]
+        if len(history) >= self.max_restarts:
+            self.report(
+                f"error: {reason}; {len(history)} restarts within {self.restart_window_s:g} s did not cure it, "
+                "giving up"
+            )
+            return False
+        history.append(now)
+        return True
+
     def restart(self, reason: str) -> bool:
         """Kill and start the server again; False once restarts no longer help."""
-        while True:
+        while self._may_restart(self._restarts, reason):
             now = self._monotonic()
-            self._restarts = [t for t in self._restarts if now - t < self.restart_window_s]
-            if len(self._restarts) >= self.max_restarts:
-                self.report(
-                    f"error: {reason}; {len(self._restarts)} restarts within {self.restart_window_s:g} s did not "
-                    "cure it, giving up"
-                )
-                return False
-            self._restarts.append(now)
             self.report(f"fault: {reason}; restarting tritonserver (requests in flight get errors)")
             self.server.kill()
             try:
@@ -137,11 +152,36 @@ class Supervisor:
                 f"(log: {self.server.log_path})"
             )
             return True
+        return False
+
+    def gateway_fault(self) -> Optional[str]:
+        """Why the gateway cannot answer; None when it runs (or there is none)."""
+        if self.gateway is None or self.gateway.running:
+            return None
+        return f"the gateway exited with code {self.gateway.return_code}"
+
+    def restart_gateway(self, reason: str) -> bool:
+        """Start the gateway again; False once restarts no longer help."""
+        while self._may_restart(self._gateway_restarts, reason):
+            self.report(f"fault: {reason}; restarting the gateway")
+            self.gateway.stop()
+            try:
+                self.gateway.start()
+            except ServerError as error:
+                reason = f"the gateway's restart failed: {error}"
+                self._sleep(min(2.0 ** len(self._gateway_restarts), MAX_BACKOFF_S))
+                continue
+            self.report(f"restored: the gateway answers again (log: {self.gateway.log_path})")
+            return True
+        return False
 
     def run(self) -> int:
         """Watch until interrupted (KeyboardInterrupt goes to the caller); 1 when restarts no longer help."""
         next_probe = self._monotonic() + self.probe_interval_s
         while True:
+            gateway = self.gateway_fault()
+            if gateway is not None and not self.restart_gateway(gateway):
+                return 1
             reason = self.process_fault()
             if reason is None and self._monotonic() >= next_probe:
                 reason = self.probe_fault()

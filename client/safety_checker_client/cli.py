@@ -32,7 +32,7 @@ from safety_checker_client.records import record
 # subcommands and sets `run` (args -> exit status) as their default.
 PLUGIN_GROUP = "safety_checker.commands"
 # The subcommands other packages add, and what installs them.
-PLUGIN_PACKAGES = {"scan": "./scan", "serve": "./admin", "concepts": "./admin"}
+PLUGIN_PACKAGES = {"scan": "./scan", "serve": "./admin", "concepts": "./admin", "gateway": "./gateway"}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="safety-checker",
         description="Check images with the safety checker served by Triton.",
         epilog="`scan` comes with pip install ./scan; `serve` and `concepts` with the operator package "
-        "(pip install ./admin).",
+        "(pip install ./admin); `gateway` with pip install ./gateway.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
 

@@ -8,12 +8,15 @@ A request whose server failed (unreachable, overloaded or restarting, or it
 failed while answering: `CheckError.retryable`) is sent again, after 0.25 s,
 0.5 s, 1 s ... (at most 5 s, with jitter), until the deadline; then its
 images count as not checked. A request the server refused for what it holds
-is never sent again; `check_each` sends the other images of a batch refused
-for one image again without it, so that each gets its answer or its error.
+is never sent again as it was: `check_each` sends a batch refused for one
+image again without it, and splits in halves a batch that failed otherwise
+(a refusal naming no image, an internal error), so that every image that can
+be answered is and each failing one gets its own error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -24,7 +27,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from safety_checker_client import spec
-from safety_checker_client.errors import INTERNAL, CheckError
+from safety_checker_client.errors import INTERNAL, UNAVAILABLE, CheckError
 from safety_checker_client.preprocess import ImageError, ImageLike, load_image, preprocess, preprocess_uint8
 from safety_checker_client.strictness import Strictness, StrictnessError, request_parameters
 
@@ -46,8 +49,9 @@ ANSWER_FIELDS = (
     "concept_set_version",
     "strictness_adjustment",
     "exact_scores",
+    "view",
 )
-ALL_OUTPUTS = tuple(t.name for t in spec.ENSEMBLE_OUTPUTS)
+ALL_OUTPUTS = tuple(t.name for t in spec.IMAGES_OUTPUTS)  # the pixel ensembles answer all but `view`
 # The outputs a record needs: all but the embedding and the raw cosines (most of an answer's bytes).
 RECORD_OUTPUTS = tuple(n for n in ALL_OUTPUTS if n not in (spec.IMAGE_EMBEDS.name, spec.CUSTOM_COSINES.name))
 
@@ -67,6 +71,7 @@ class CheckResult:
     custom_cosines: Optional[Dict[str, float]] = field(default=None, repr=False)
     # False: answered from an int8 embedder whose error bound cannot change this decision (scores within it).
     exact_scores: Optional[bool] = None
+    view: Optional[Dict[str, object]] = None  # an image file's: which of its frames and views answered
 
     def as_dict(self) -> Dict[str, object]:
         """The JSON-ready view (without the embedding and the raw cosines), in ANSWER_FIELDS order."""
@@ -127,8 +132,7 @@ class SafetyCheckerClient:
         self.protocol = protocol
         self._triton = triton or triton_module(protocol)
         self.url = url or DEFAULT_URLS[protocol]
-        self.uint8 = uint8
-        self.encoded = encoded
+        self.uint8, self.encoded = uint8, encoded
         if encoded:
             self.input, default_model = spec.IMAGE, spec.IMAGES_MODEL
         elif uint8:
@@ -139,9 +143,9 @@ class SafetyCheckerClient:
         self.where = f"{self.model_name} at {self.url} ({protocol})"  # what its errors start with
         self.max_batch_size = max_batch_size or spec.MAX_BATCH_SIZE
         requested = set(outputs or ALL_OUTPUTS) | {spec.HAS_NSFW_CONCEPTS.name}
-        self.outputs = tuple(n for n in ALL_OUTPUTS if n in requested)
-        self.timeout_s = timeout_s
-        self.deadline_s = timeout_s if deadline_s is None else deadline_s
+        served = spec.IMAGES_OUTPUTS if encoded else spec.ENSEMBLE_OUTPUTS
+        self.outputs = tuple(t.name for t in served if t.name in requested)
+        self.timeout_s, self.deadline_s = timeout_s, timeout_s if deadline_s is None else deadline_s
         self._monotonic, self._sleep, self._rng = monotonic, sleep, rng or random.Random()
         self.attempts = 0  # requests sent so far, retries included
         self._client = self._connect()
@@ -160,19 +164,18 @@ class SafetyCheckerClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _call(self, method: str, *args, **kwargs):
-        """The tritonclient method `method`, sent again while the server fails, until the deadline."""
-        started = self._monotonic()
-        wait = RETRY_FIRST_WAIT_S
-        tries = 0
+    def _infer(self, *args, retry_internal: bool = True, **kwargs):
+        """tritonclient's infer, sent again while the server fails, until the deadline; an internal error is
+        raised at once unless `retry_internal` (check_each splits a batch instead of sending it whole again)."""
+        started, wait, tries = self._monotonic(), RETRY_FIRST_WAIT_S, 0
         while True:
             tries += 1
             self.attempts += 1
             try:
-                return getattr(self._client, method)(*args, **kwargs)
+                return self._client.infer(*args, **kwargs)
             except Exception as exc:  # connection refused, timeouts: tritonclient raises several types
                 error = CheckError.from_exception(exc, self.where)
-                if not error.retryable:
+                if not error.retryable or (error.kind == INTERNAL and not retry_internal):
                     raise error from exc
                 pause = wait * self._rng.uniform(0.5, 1.0)
                 elapsed = self._monotonic() - started
@@ -182,18 +185,14 @@ class SafetyCheckerClient:
                     raise error from exc
             self._sleep(pause)
             wait = min(wait * RETRY_GROWTH, RETRY_MAX_WAIT_S)
-            try:  # a fresh connection: the old one may lead to a server that is gone
+            with contextlib.suppress(Exception):  # a fresh connection: the old one may lead to a server that is gone
                 self._client.close()
-            except Exception:
-                pass
             self._client = self._connect()
 
     def preprocess(self, images: Sequence[ImageLike], value_range: Tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
         """The batch this client sends for `images`: uint8 images or float32 pixel_values."""
         if self.encoded:
-            raise ValueError(
-                "encoded=True sends image files as they are: use check_files(paths) or check_encoded(file_bytes)"
-            )
+            raise ValueError("encoded=True sends files as they are: use check_files(paths) or check_encoded(files)")
         return (preprocess_uint8 if self.uint8 else preprocess)(images, value_range=value_range)
 
     def _parameters(self, strictness: Strictness) -> Optional[Dict[str, object]]:
@@ -218,8 +217,10 @@ class SafetyCheckerClient:
     def check_each(self, batch: np.ndarray, strictness: Strictness = None) -> List[Outcome]:
         """One outcome per image of a batch (see `infer`): its CheckResult or its CheckError.
 
-        A request refused for one image (a refusal naming its index) is sent again without it, so every other
-        image still gets its answer; any other failure is that of every image of its request.
+        A request refused for one image (a refusal naming its index) is sent again without it; one that failed
+        otherwise (a refusal naming no image, an internal error) is sent again as two halves, and so on down to
+        one image, whose failure is its own. An unavailable server is not split: the images it left unanswered
+        share its error (each half would wait for it until the deadline again).
         """
         batch = self._checked(batch)
         try:
@@ -227,21 +228,24 @@ class SafetyCheckerClient:
         except CheckError as error:
             return [error] * len(batch)
         outcomes: List[Optional[Outcome]] = [None] * len(batch)
-        for start in range(0, len(batch), self.max_batch_size):
-            pending = list(range(start, min(start + self.max_batch_size, len(batch))))
-            while pending:
-                try:
-                    answer = self._infer_once(batch[pending], parameters)
-                except CheckError as error:
-                    if error.index is None or not 0 <= error.index < len(pending):
-                        for i in pending:
-                            outcomes[i] = error
-                        break
-                    outcomes[pending.pop(error.index)] = error
-                    continue
-                for k, i in enumerate(pending):
-                    outcomes[i] = result_from(answer, k)
-                break
+        size = self.max_batch_size
+        parts = [list(range(start, min(start + size, len(batch)))) for start in range(0, len(batch), size)]
+        while parts:
+            part = parts.pop(0)
+            try:
+                answer = self._infer_once(batch[part], parameters, retry_internal=len(part) == 1)
+            except CheckError as error:
+                named = error.index is not None and 0 <= error.index < len(part)
+                if error.kind == UNAVAILABLE:
+                    return [error if outcome is None else outcome for outcome in outcomes]
+                if named or len(part) == 1:
+                    outcomes[part.pop(error.index if named else 0)] = error
+                    parts[:0] = [part] if part else []
+                else:
+                    parts[:0] = [part[: len(part) // 2], part[len(part) // 2 :]]
+                continue
+            for k, i in enumerate(part):
+                outcomes[i] = result_from(answer, k)
         return outcomes  # type: ignore[return-value]
 
     def _checked(self, batch: np.ndarray) -> np.ndarray:
@@ -258,7 +262,7 @@ class SafetyCheckerClient:
             raise ValueError("no images to check")
         return np.ascontiguousarray(batch, dtype=np.uint8 if self.uint8 else np.float32)
 
-    def _infer_once(self, batch: np.ndarray, parameters: Optional[Dict[str, object]] = None) -> Dict[str, np.ndarray]:
+    def _infer_once(self, batch: np.ndarray, parameters: Optional[dict], retry_internal=True) -> Dict[str, np.ndarray]:
         tensor = self._triton.InferInput(self.input.name, list(batch.shape), self.input.datatype)
         if self.protocol == "http":
             tensor.set_data_from_numpy(batch, binary_data=True)  # the bytes as they are, not base64 in JSON
@@ -268,7 +272,7 @@ class SafetyCheckerClient:
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         if parameters:
             kwargs["parameters"] = parameters
-        result = self._call("infer", self.model_name, [tensor], outputs=outputs, **kwargs)
+        result = self._infer(self.model_name, [tensor], outputs=outputs, retry_internal=retry_internal, **kwargs)
         answer = {name: result.as_numpy(name) for name in self.outputs}
         for name, value in answer.items():
             if value is None or len(value) != len(batch):
@@ -288,30 +292,31 @@ class SafetyCheckerClient:
         return self.check_batch(self.preprocess(images, value_range), strictness)
 
     def check_encoded(self, files: Sequence[bytes], strictness: Strictness = None) -> List[CheckResult]:
-        """Check image files given as their bytes (PNG, JPEG, ...), sent untouched (`encoded=True`), in order."""
+        """Check image files given as their bytes (PNG, JPEG, ...), sent untouched (`encoded=True`), in order;
+        a batch the server refuses is split as in `check_each`, and the first file left without an answer raises."""
         if not self.encoded:
             raise ValueError("check_encoded sends image files: create the client with encoded=True")
-        return self.check_batch(_encoded_batch(files), strictness)
+        return _every_answer(self.check_each(_encoded_batch(files), strictness))
 
     def check_files(self, paths: Sequence[Union[str, os.PathLike]], strictness: Strictness = None) -> List[CheckResult]:
         """Check image files, one result each, in order.
 
-        With `encoded=True` the server decodes each file's bytes, otherwise this client does. A file that cannot
-        be read raises ImageError; one the server refuses fails the call with a CheckError naming it.
+        With `encoded=True` the server decodes each file's bytes (as `check_encoded`), otherwise this client does.
+        A file that cannot be read raises ImageError; one left without an answer, a CheckError naming it.
         """
         if not self.encoded:
             return self.check([load_image(path) for path in paths], strictness=strictness)
-        batch = _encoded_batch([read_file(path) for path in paths])
-        results = []
-        for start in range(0, len(batch), self.max_batch_size):
-            try:
-                results += self.check_batch(batch[start : start + self.max_batch_size], strictness)
-            except CheckError as error:
-                if error.index is None or start + error.index >= len(paths):
-                    raise
-                named = f"{os.fspath(paths[start + error.index])}: {error}"
-                raise CheckError(named, error.kind, error.index) from error
-        return results
+        return _every_answer(self.check_each(_encoded_batch([read_file(path) for path in paths]), strictness), paths)
+
+
+def _every_answer(outcomes: List[Outcome], paths: Optional[Sequence[Union[str, os.PathLike]]] = None) -> list:
+    """The results of `check_each`, or the first image's error (naming its file, given `paths`)."""
+    for i, outcome in enumerate(outcomes):
+        if isinstance(outcome, CheckError):
+            if paths is None:
+                raise outcome
+            raise CheckError(f"{os.fspath(paths[i])}: {outcome}", outcome.kind, outcome.index) from outcome
+    return outcomes
 
 
 def read_file(path: Union[str, os.PathLike]) -> bytes:
@@ -354,6 +359,7 @@ def result_from(answer: Dict[str, np.ndarray], i: int) -> CheckResult:
         strictness_adjustment=get(spec.STRICTNESS_ADJUSTMENT, lambda value: float(value.reshape(-1)[0])),
         custom_cosines=get(spec.CUSTOM_COSINES, _json_text),
         exact_scores=get(spec.EXACT_SCORES, lambda value: bool(value.reshape(-1)[0])),
+        view=get(spec.VIEW, _json_text),
     )
 
 

@@ -27,7 +27,7 @@ from typing import IO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from safety_checker_client.spec import IMAGE_SIZE
+from safety_checker_client.spec import IMAGE_SIZE, MAX_ASPECT_RATIO
 
 # The feature extractor config of CompVis/stable-diffusion-safety-checker.
 SHORTEST_EDGE = IMAGE_SIZE
@@ -60,13 +60,16 @@ class ImageError(ValueError):
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open and fully decode an image file, upright as its EXIF tag says.
+    """Open and fully decode an image file, upright as its EXIF tag says: the one picture the pixel path checks.
 
     Decoding everything here makes truncated or corrupt files fail at once,
     with the path in the message, instead of somewhere inside `preprocess`.
     The EXIF orientation is applied as transformers' and diffusers'
     `load_image` do, so the checker sees the picture a person would see.
     The mode is kept: `to_uint8_image` converts it as CLIPImageProcessor does.
+    A file that is more than one picture (an animation, or colour under
+    transparency that a pipeline's convert("RGB") would show) is refused:
+    only the server, given the file itself (`encoded`), checks all it holds.
     """
     return _opened(path, os.fspath(path))
 
@@ -78,31 +81,46 @@ def decode_image(data: bytes, name: str) -> Image.Image:
 
 def _opened(source, name: str) -> Image.Image:
     try:
-        return open_image(source)
+        image = open_image(source, max_aspect_ratio=MAX_ASPECT_RATIO, one_picture=True)
     except ImageError as error:
         raise ImageError(f"cannot read image file {name!r}: {error}") from error
+    if image.mode in ("RGBA", "RGBa", "LA", "La", "PA") or "transparency" in image.info:
+        if not np.array_equal(resize_and_crop(image), resize_and_crop(image.convert("RGB"))):
+            raise ImageError(f"{name!r} hides colour under transparency: {_WHOLE_FILE}")
+    return image
+
+
+_WHOLE_FILE = "the pixel path checks one picture; send the file itself (--encoded) to have the server check all of it"
 
 
 def open_image(
     file: str | os.PathLike | IO[bytes],
     max_pixels: int | None = None,
     formats: Sequence[str] | None = None,
+    max_aspect_ratio: float | None = None,
+    one_picture: bool = False,
 ) -> Image.Image:
-    """`load_image` for a path or an open binary file, with limits: what the server decodes files with.
+    """The first frame of an image file (GIF, WebP, APNG: as Pillow opens it), upright, with limits.
 
-    The first frame of an animated image (GIF, WebP, APNG) is the image, as
-    Pillow opens it. `max_pixels` refuses an image whose width x height, as
-    its header states, is larger, before any pixel is decoded, so a
-    decompression bomb costs nothing. `formats` are the Pillow format names
-    tried (None: every format Pillow reads). Any failure raises ImageError.
+    Refused from the header, before any pixel is decoded: width x height over
+    `max_pixels` (a decompression bomb costs nothing), a longer side over
+    `max_aspect_ratio` times the shorter (it would grow huge resized to a 224
+    shortest side), more than one frame when `one_picture`. `formats` are
+    the Pillow format names tried (None: every format Pillow reads). Any
+    failure raises ImageError.
     """
     try:
         with Image.open(file, formats=formats) as image:
-            if max_pixels is not None and image.width * image.height > max_pixels:
+            width, height, frames = image.width, image.height, getattr(image, "n_frames", 1)
+            if max_pixels is not None and width * height > max_pixels:
                 raise ImageError(
-                    f"{image.width}x{image.height} is {image.width * image.height} pixels, more than the "
+                    f"{width}x{height} is {width * height} pixels, more than the "
                     f"limit of {max_pixels} (checked from the {image.format} header, nothing was decoded)"
                 )
+            if max_aspect_ratio is not None and max(width, height) > max_aspect_ratio * max(1, min(width, height)):
+                raise ImageError(f"{width}x{height} is more than {max_aspect_ratio:g} times as long as it is wide")
+            if one_picture and frames > 1:
+                raise ImageError(f"an animation of {frames} frames: {_WHOLE_FILE}")
             image.load()
             return ImageOps.exif_transpose(image)
     except ImageError:
@@ -113,7 +131,7 @@ def open_image(
         known = f" ({', '.join(formats)})" if formats else ""
         raise ImageError(f"not an image file in a format the checker reads{known}") from error
     except Exception as error:  # Pillow raises many types for corrupt files: OSError, SyntaxError, struct.error, ...
-        raise ImageError(str(error) or type(error).__name__) from error
+        raise ImageError(f"corrupt or truncated image file{': ' if str(error) else ''}{error}") from error
 
 
 def to_uint8_image(image: ImageLike, value_range: tuple[float, float] = ZERO_ONE) -> Image.Image:
@@ -152,11 +170,8 @@ def preprocess(images: Sequence[ImageLike] | np.ndarray, value_range: tuple[floa
 def preprocess_uint8(
     images: Sequence[ImageLike] | np.ndarray, value_range: tuple[float, float] = ZERO_ONE
 ) -> np.ndarray:
-    """Resize and crop only: uint8 RGB [N, 224, 224, 3], what the uint8 ensemble takes.
-
-    `normalize` of this is exactly `preprocess`, so the server can do the last
-    step and the wire carries a quarter of the bytes.
-    """
+    """Resize and crop only: uint8 RGB [N, 224, 224, 3], what the uint8 ensemble takes; `normalize` of this is
+    exactly `preprocess`, so the server can do the last step and the wire carries a quarter of the bytes."""
     if isinstance(images, np.ndarray) and images.ndim != 4:
         raise ImageError(
             f"a batch array must be 4-D (N, H, W, C) or (N, C, H, W), got shape {images.shape}; "
@@ -179,12 +194,8 @@ def resize_and_crop(image: ImageLike, value_range: tuple[float, float] = ZERO_ON
 
 
 def normalization_table() -> np.ndarray:
-    """float32 [256, 3]: the normalised value of every uint8 level in every channel.
-
-    Rescaling and normalising act on each value alone, so this table holds the
-    whole step; the served normaliser is a lookup in it, bit-identical to
-    CLIPImageProcessor by construction.
-    """
+    """float32 [256, 3]: every uint8 level normalised, per channel. Each value is normalised alone, so this table is
+    the whole step: the served normaliser is a lookup in it, bit-identical to CLIPImageProcessor by construction."""
     levels = np.arange(256, dtype=np.uint8)
     scaled = (levels.astype(np.float64) * RESCALE_FACTOR).astype(np.float32)
     return (scaled[:, None] - IMAGE_MEAN) / IMAGE_STD

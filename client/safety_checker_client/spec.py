@@ -11,14 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Tuple, Union
 
-# Triton model names.
+# Triton model names: the checker fed CLIP pixels, uint8 images (a quarter of the bytes), or image files.
 ENSEMBLE_MODEL = "safety_checker"
-# The same checker fed uint8 images (4x less on the wire than float32 pixels).
 UINT8_ENSEMBLE_MODEL = "safety_checker_uint8"
-# The same checker fed the image files themselves (PNG, JPEG, WebP, ...), decoded on the server.
 IMAGES_MODEL = "safety_checker_images"
-# Its first step: image files -> the uint8 images safety_checker_uint8 takes.
-DECODE_MODEL = "safety_checker_decode"
+DECODE_MODEL = "safety_checker_decode"  # the images ensemble's first step: files -> uint8 images
 NORMALIZE_MODEL = "safety_checker_normalize"
 EMBEDDER_MODEL = "safety_checker_embedder"
 # The cascade (`python -m export --cascade`): an int8 embedder answers first, the fp32 one where int8 is not sure.
@@ -33,13 +30,11 @@ MAX_BATCH_SIZE = 32
 IMAGE_SIZE = 224
 NUM_CHANNELS = 3
 
-# The ONNX file inside the embedder's and the normaliser's version folders.
+# Files of the version folders: the embedder's and the normaliser's ONNX file; the postprocessor's thresholds
+# and concept metadata, and the operator's own concepts (re-read by the running server when it changes).
 ONNX_FILENAME = "model.onnx"
-# The thresholds and concept metadata inside the postprocessor's version folder.
 CONCEPTS_FILENAME = "concepts.json"
-# The operator's own concepts, next to them; re-read by the running server when it changes.
 CUSTOM_CONCEPTS_FILENAME = "custom_concepts.json"
-# The postprocessor's version folder, where both concept files live.
 POSTPROCESS_VERSION = "1"
 
 # diffusers' rule: once a special-care concept fires, every later score of the image gets this added.
@@ -51,13 +46,7 @@ SPECIAL_CARE_ADJUSTMENT = 0.01
 # are diffusers PR #9068's, measured on the concept scores of 8,000 Stable Diffusion 1.5 images: WEAK
 # "maximum score", MEDIUM "average score that triggers the Safety Checker", STRONG "average of all
 # scores", MAX "absolute value of the minimum score". "normal" (0.0) reproduces the reference exactly.
-STRICTNESS_PRESETS = {
-    "weak": -0.069,
-    "medium": -0.0175,
-    "normal": 0.0,
-    "strong": 0.015,
-    "max": 0.074,
-}
+STRICTNESS_PRESETS = {"weak": -0.069, "medium": -0.0175, "normal": 0.0, "strong": 0.015, "max": 0.074}
 DEFAULT_STRICTNESS = "normal"
 # The largest |adjustment| a request may ask for.
 MAX_STRICTNESS_ADJUSTMENT = 0.1
@@ -109,9 +98,8 @@ HAS_NSFW_CONCEPTS = TensorSpec("has_nsfw_concepts", "BOOL", (1,))
 CONCEPT_SCORES = TensorSpec("concept_scores", "FP32", ("num_concepts",))
 SPECIAL_SCORES = TensorSpec("special_scores", "FP32", ("num_special",))
 IMAGE_EMBEDS = TensorSpec("image_embeds", "FP32", ("projection_dim",))
-# One JSON text per image: the names of every concept whose score is > 0, in
-# order: built-in ones as "concept_NN", special-care ones as "special_care_N"
-# (these never flag an image on their own), then custom ones by name.
+# One JSON text per image: the names of every concept whose score is > 0: built-in ones as "concept_NN",
+# special-care ones as "special_care_N" (which never flag an image on their own), then custom ones by name.
 FIRED_CONCEPTS = TensorSpec("fired_concepts", "BYTES", (1,))
 # One JSON object per image: custom concept name -> score, scored like the built-in ones.
 CUSTOM_SCORES = TensorSpec("custom_scores", "BYTES", (1,))
@@ -126,18 +114,8 @@ STRICTNESS_ADJUSTMENT = TensorSpec("strictness_adjustment", "FP64", (1,))
 EXACT_SCORES = TensorSpec("exact_scores", "BOOL", (1,))
 
 ENSEMBLE_INPUTS = (PIXEL_VALUES,)
-ENSEMBLE_OUTPUTS = (
-    HAS_NSFW_CONCEPTS,
-    CONCEPT_SCORES,
-    SPECIAL_SCORES,
-    IMAGE_EMBEDS,
-    FIRED_CONCEPTS,
-    CUSTOM_SCORES,
-    CUSTOM_COSINES,
-    CONCEPT_SET_VERSION,
-    STRICTNESS_ADJUSTMENT,
-    EXACT_SCORES,
-)
+ENSEMBLE_OUTPUTS = (HAS_NSFW_CONCEPTS, CONCEPT_SCORES, SPECIAL_SCORES, IMAGE_EMBEDS, FIRED_CONCEPTS, CUSTOM_SCORES)
+ENSEMBLE_OUTPUTS += (CUSTOM_COSINES, CONCEPT_SET_VERSION, STRICTNESS_ADJUSTMENT, EXACT_SCORES)
 
 # -- uint8 ensemble: resized and cropped RGB images, normalised on the server --
 IMAGES = TensorSpec("images", "UINT8", (IMAGE_SIZE, IMAGE_SIZE, NUM_CHANNELS))
@@ -146,18 +124,33 @@ UINT8_ENSEMBLE_INPUTS = (IMAGES,)
 UINT8_ENSEMBLE_OUTPUTS = ENSEMBLE_OUTPUTS
 
 # -- Encoded images: the files themselves, decoded on the server ---------------
-# One encoded image file per batch element: its raw bytes (gRPC, HTTP's binary
-# tensor extension) or the base64 text of those bytes (a JSON request).
+# One encoded image file per batch element: its raw bytes (gRPC, HTTP's binary tensor extension) or the base64
+# text of those bytes (a JSON request).
 IMAGE = TensorSpec("image", "BYTES", (1,))
-
+# One JSON object per image: which of the file's views answered, e.g. {"frame": 3, "frames": 12,
+# "transparency": "dropped", "views": 13}: every frame is checked, a frame with transparency twice (composited
+# onto white, and with its alpha dropped, as a pipeline's convert("RGB") sees it); the first flagged view
+# answers, else frame 0 as a viewer composites it. "transparency" is null for an opaque frame.
+VIEW = TensorSpec("view", "BYTES", (1,))
 IMAGES_INPUTS = (IMAGE,)
-IMAGES_OUTPUTS = ENSEMBLE_OUTPUTS
-DECODE_INPUTS = (IMAGE,)
-DECODE_OUTPUTS = (IMAGES,)
+IMAGES_OUTPUTS = (*ENSEMBLE_OUTPUTS, VIEW)
 
-# What the server accepts, per image; each is a config parameter of the images model.
+# The decoder's views: per row, the image's index in its request, the frame, and 1 where its alpha was dropped.
+VIEWS = TensorSpec("views", "INT32", (3,))
+DECODE_INPUTS = (IMAGE,)
+DECODE_OUTPUTS = (IMAGES, VIEWS)
+# The images ensemble's last step reduces the views' answers to one per image.
+VIEWS_MODEL = "safety_checker_views"
+PER_VIEW_OUTPUTS = tuple(TensorSpec(f"per_view_{t.name}", t.datatype, t.dims) for t in ENSEMBLE_OUTPUTS)
+VIEWS_INPUTS = (*PER_VIEW_OUTPUTS, VIEWS)
+VIEWS_OUTPUTS = IMAGES_OUTPUTS
+
+# What the server accepts, per image; each is a config parameter of the decoder.
 MAX_ENCODED_BYTES = 20 * 1024 * 1024  # the file's size (20 MiB), before any base64
 MAX_IMAGE_PIXELS = 50_000_000  # width x height, read from the file's header before any pixel is decoded
+# Longest side over shortest, read from the header: resized to a 224 shortest side, an image stays this long.
+MAX_ASPECT_RATIO = 16
+MAX_FRAMES = 16  # frames of an animation; one with more is refused, never cut short
 # Formats the server opens (Pillow's names); anything else (SVG, PDF, PSD, ...) is refused.
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 
@@ -182,15 +175,5 @@ DECISION_CERTAIN = TensorSpec("decision_certain", "BOOL", (1,))
 # postprocessor uses its config's bound; the cascade sends it per request.
 COSINE_BOUND = TensorSpec("cosine_bound", "FP64", (1,), optional=True)
 POSTPROCESS_INPUTS = (CONCEPT_COSINES, SPECIAL_COSINES, NONFINITE_VALUES, IMAGE_EMBEDS, COSINE_BOUND)
-POSTPROCESS_OUTPUTS = (
-    HAS_NSFW_CONCEPTS,
-    CONCEPT_SCORES,
-    SPECIAL_SCORES,
-    FIRED_CONCEPTS,
-    CUSTOM_SCORES,
-    CUSTOM_COSINES,
-    CONCEPT_SET_VERSION,
-    STRICTNESS_ADJUSTMENT,
-    EXACT_SCORES,
-    DECISION_CERTAIN,
-)
+# The ensemble's outputs but the embedding, which the embedder gives, and whether the decisions are certain.
+POSTPROCESS_OUTPUTS = tuple(t for t in ENSEMBLE_OUTPUTS if t is not IMAGE_EMBEDS) + (DECISION_CERTAIN,)

@@ -24,7 +24,7 @@ from safety_checker_client.client import DEFAULT_URLS, PROTOCOLS
 from safety_checker_client.records import answered
 from safety_checker_scan.files import Item, expand, path_key
 from safety_checker_scan.progress import Progress
-from safety_checker_scan.report import ReportWriter, read_report, report_format
+from safety_checker_scan.report import ReportWriter, read_report, report_format, shown
 from safety_checker_scan.scanner import (
     DEFAULT_BATCH_SIZE,
     DEFAULT_CONCURRENCY,
@@ -265,7 +265,7 @@ def run(args: argparse.Namespace) -> int:
         except OSError as error:
             print(f"error: cannot write {args.html}: {error}", file=sys.stderr)
             result.file_errors += 1
-    for line in summary_lines(total, result, args.report, args.html):
+    for line in summary_lines(total, result, args.report and shown(args.report), args.html and shown(args.html)):
         print(line, file=human)
     human.flush()
 

@@ -123,6 +123,6 @@ def prepare(item: Item, mode: str) -> Item:
         item.data = (pixels if mode == "uint8" else normalize(pixels))[0]
     except ImageError as error:
         item.error = str(error)
-    except Exception as error:  # Pillow raises more than it documents on hostile files; never "not flagged"
-        item.error = f"cannot read image file {item.path!r}: {type(error).__name__}: {error}"
+    except Exception:  # Pillow raises more than it documents on hostile files; never "not flagged"
+        item.error = f"cannot read image file {item.path!r}: corrupt or truncated image file"
     return item

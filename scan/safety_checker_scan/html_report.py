@@ -3,7 +3,8 @@
 Everything is inside the file (styles, a few lines of script, the histogram as
 inline SVG, thumbnails as data URIs), so it can be mailed or archived and
 opens offline. Flagged images are shown blurred; a click (or Enter on the
-focused thumbnail) reveals one, a second click blurs it again.
+focused thumbnail) reveals one, a second click blurs it again. A file name
+that is not UTF-8 shows its other bytes as U+FFFD: the page is always UTF-8.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import tempfile
 from typing import List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageOps
+
+from safety_checker_scan.report import shown
 
 THUMBNAIL_SIZE = 192  # px, the longer side
 MAX_THUMBNAILS = 2000  # beyond this the page would grow past ~15 MB; the rest are listed by path
@@ -250,7 +253,7 @@ def render(
             out.append(f"<li>... and {len(tally.error_lines) - MAX_ERROR_LINES} more (see the report)</li>")
         out.append("</ul></details></section>")
     out.append(f"<script>{SCRIPT}</script></body></html>")
-    return "\n".join(out) + "\n"
+    return shown("\n".join(out) + "\n")
 
 
 def write_page(path: str, tally, result, options, report: Optional[str] = None) -> str:

@@ -3,6 +3,13 @@
 Each line is written and flushed as its answer arrives (and a file is
 fsynced every second), so an interrupted scan loses nothing; `read_report`
 reads back every complete line, for `--resume`.
+
+A file name need not be UTF-8 (Python holds its other bytes as lone
+surrogates, PEP 383). The report keeps such a path usable, the name's exact
+bytes: JSON lines write them as the escapes `\\udcXX` (JSON's own syntax,
+which Python, and so `--resume`, reads back as the same path); CSV writes the
+bytes themselves. What a person reads (the summary, the HTML page) shows them
+as U+FFFD (`shown`).
 """
 
 from __future__ import annotations
@@ -21,8 +28,17 @@ from safety_checker_client.client import ANSWER_FIELDS
 REPORT_FIELDS = ("path", "size", "sha256", *ANSWER_FIELDS, "error")  # size in bytes
 REPORT_FORMATS = (".jsonl", ".csv")
 # CSV columns holding JSON text (lists and objects), and those holding true/false.
-_JSON_COLUMNS = ("fired_concepts", "concept_scores", "special_scores", "custom_scores")
+_JSON_COLUMNS = ("fired_concepts", "concept_scores", "special_scores", "custom_scores", "view")
 _BOOLEAN_COLUMNS = ("flagged", "exact_scores")
+
+
+def shown(text: str) -> str:
+    """`text` for a person to read: the bytes of a file name that are not UTF-8 (lone surrogates) as U+FFFD."""
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to (one read from a report, say)
+        data = text.encode("utf-8", "surrogatepass")
+    return data.decode("utf-8", "replace")
 
 
 def report_format(path: str) -> str:
@@ -55,7 +71,8 @@ class ReportWriter:
             _drop_partial_last_line(path)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
-        out = open(path, "w" if fresh else "a", newline="" if kind == ".csv" else None, encoding="utf-8")
+        newline = "" if kind == ".csv" else None
+        out = open(path, "w" if fresh else "a", newline=newline, encoding="utf-8", errors="surrogateescape")
         return cls(out, kind, header=fresh, owned=True)
 
     def write(self, record: Dict[str, object]) -> None:
@@ -139,7 +156,8 @@ def read_report(path: str) -> List[Dict[str, object]]:
         return []
     kind = report_format(path)
     records: List[Dict[str, object]] = []
-    with open(path, newline="" if kind == ".csv" else None, encoding="utf-8") as handle:
+    newline = "" if kind == ".csv" else None
+    with open(path, newline=newline, encoding="utf-8", errors="surrogateescape") as handle:
         if kind == ".csv":
             text = handle.read()
             if not text.endswith("\n"):

@@ -6,7 +6,7 @@ with `concept_writer`, which parses what it writes first, so the writer and
 the server accept exactly the same files. It needs the standard library and
 NumPy only.
 
-`custom_concepts.json` (in safety_checker_postprocess/1/):
+`custom_concepts.json` (in safety_checker_postprocess/1/; docs/concepts.md):
 
     {
       "format_version": 1,
@@ -17,12 +17,11 @@ NumPy only.
         {
           "name": "stripes",
           "category": "pattern",
-          "source": {"kind": "images", "sha256": ["<64 hex digits>", ...]},
+          "source": {"kind": "images", "sha256": ["<64 hex digits>", ...]},   # or {"kind": "text", "text": ...}
           "embedding": [0.0123, ...],    # embedding_dim floats, L2-normalised
           "threshold": 0.8,              # cosine threshold in [-1, 1]
           "created": "2026-01-31"
-        },
-        {"name": "gore", "source": {"kind": "text", "text": "a photo of gore"}, ...}
+        }
       ]
     }
 
@@ -60,13 +59,12 @@ _TOP_KEYS = {"format_version", "version", "embedding_dim", "updated", "concepts"
 _CONCEPT_KEYS = {"name", "category", "source", "embedding", "threshold", "created"}
 
 # Limits, checked by parse() and read(), so by the CLI and by the server alike: a set beyond them is never
-# written and never served (the server keeps the last valid set). 1,000 concepts of the published checker
-# (768 floats each) take about 10 MB; every answer carries each concept's score and cosine (about 75 bytes
-# per concept and image).
+# written and never served (the server keeps the last valid set). Sizes: docs/concepts.md.
 MAX_CONCEPTS = 1000
 MAX_FILE_BYTES = 16 * 1024 * 1024
 MAX_SOURCE_IMAGES = 1000  # sha256 hashes of one concept's example images
 MAX_TEXT_CHARS = 1000  # a text source's phrase
+MAX_VERSION = 2**53 - 1  # JSON's exact integers: every reader, and Triton's INT64 output, gets it back as written
 # Messages (and so every log line about a concept set) are cut at this length, lists of names at this many.
 MAX_MESSAGE_CHARS = 600
 LISTED_NAMES = 20
@@ -177,6 +175,11 @@ class ConceptSet:
         check_threshold(threshold)
         return self._next(tuple(replace(c, threshold=float(threshold)) if c.name == name else c for c in self.concepts))
 
+    def restored(self, older: ConceptSet) -> ConceptSet:
+        """`older`'s concepts as the next version (checked against this set's embedding_dim): a rollback, since a
+        server takes only a newer version."""
+        return self._next(older.concepts)
+
     def _next(self, concepts: Tuple[CustomConcept, ...]) -> ConceptSet:
         changed = ConceptSet(
             version=self.version + 1,
@@ -259,7 +262,7 @@ def check_threshold(threshold: Any, where: str = "threshold") -> float:
 # -- reading -----------------------------------------------------------------
 def parse(text: Union[str, bytes], embedding_dim: Optional[int] = None, origin: str = FILENAME) -> ConceptSet:
     """Validate a whole file; ConceptSetError names the first problem (and, for bad JSON, its line and column)."""
-    size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8"))
+    size = len(text) if isinstance(text, bytes) else len(text.encode("utf-8", "surrogatepass"))
     if size > MAX_FILE_BYTES:
         raise ConceptSetError(f"{origin} takes {size} bytes, more than the {MAX_FILE_BYTES} a concept set may")
     if isinstance(text, bytes):
@@ -268,17 +271,15 @@ def parse(text: Union[str, bytes], embedding_dim: Optional[int] = None, origin: 
         except UnicodeDecodeError as error:
             raise ConceptSetError(f"{origin} is not UTF-8 text: {error}") from None
     try:
-        data = json.loads(text, parse_constant=_reject_constant)
+        return _concept_set(json.loads(text, parse_constant=_reject_constant), embedding_dim)
     except json.JSONDecodeError as error:
         raise ConceptSetError(
             f"{origin} is not valid JSON: line {error.lineno} column {error.colno}: {error.msg}"
         ) from None
-    except ValueError as error:  # NaN / Infinity
+    except ValueError as error:  # what _concept_set found; NaN / Infinity; an integer of too many digits
         raise ConceptSetError(f"{origin}: {error}") from None
-    try:
-        return _concept_set(data, embedding_dim)
-    except ConceptSetError as error:
-        raise ConceptSetError(f"{origin}: {error}") from None
+    except RecursionError:  # "[" * 100000: deeper than the parser's (or a message's repr's) stack
+        raise ConceptSetError(f"{origin}: its arrays or objects are nested too deeply to be read") from None
 
 
 def read(path: Union[str, os.PathLike], embedding_dim: Optional[int] = None) -> ConceptSet:
@@ -320,8 +321,8 @@ def _concept_set(data: Any, embedding_dim: Optional[int]) -> ConceptSet:
     if data["format_version"] != FORMAT_VERSION or isinstance(data["format_version"], bool):
         raise ConceptSetError(f"format_version {_quote(data['format_version'])} is not {FORMAT_VERSION}")
     version = data["version"]
-    if isinstance(version, bool) or not isinstance(version, int) or version < 0:
-        raise ConceptSetError(f"version must be a whole number >= 0, got {_quote(version)}")
+    if isinstance(version, bool) or not isinstance(version, int) or not 0 <= version <= MAX_VERSION:
+        raise ConceptSetError(f"version must be a whole number in [0, 2**53 - 1], got {_quote(version)}")
     dim = data["embedding_dim"]
     if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
         raise ConceptSetError(f"embedding_dim must be a whole number >= 1, got {_quote(dim)}")
@@ -427,9 +428,8 @@ def _source(source: Any, where: str) -> Dict[str, Any]:
     return {"kind": "images", "sha256": list(hashes)}
 
 
-# The forms `date.isoformat()` and `datetime.isoformat()` write. Python 3.11's
-# fromisoformat also takes "20261128", "2026-W48" or a "Z" suffix, which the
-# NGC 24.10 Python backend (3.10) refuses: a file the CLI accepted would then
+# The forms `date.isoformat()` and `datetime.isoformat()` write. Python 3.11's fromisoformat also takes "20261128",
+# "2026-W48" or a "Z" suffix, which the NGC 24.10 Python backend (3.10) refuses: a file the CLI accepted would then
 # stop the server from loading it. So the accepted forms are pinned here.
 _ISO_DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _ISO_DATETIME = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{3}|\.\d{6})?([+-]\d{2}:\d{2})?")

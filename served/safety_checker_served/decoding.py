@@ -1,19 +1,33 @@
-"""Encoded image files -> the checker's uint8 images, with the client's own preprocessing.
+"""Encoded image files -> the checker's uint8 images: every view of each file a person or a pipeline can see.
 
 Each batch element is one image file: its raw bytes, or the base64 text of
 them (what a JSON request carries). They are told apart by content: a file of
 a supported format starts with that format's signature (PNG, JPEG, GIF,
 RIFF/WEBP, BM, II*/MM*), bytes no base64 text starts with; any other element
-that is ASCII text is read as base64. Then the file is opened with the
-client's `open_image` and resized and cropped with its `resize_and_crop`,
-so the pixels equal, bit for bit, what the client computes from the same
-file; the ensemble's normaliser then applies the client's own rescaling.
+that is ASCII text is read as base64.
+
+A file has one view per frame (an animated GIF, WebP or PNG has several: the
+APNG default image too, since a viewer without APNG shows it), and a frame
+that is not opaque has two: composited onto white, as a viewer and the client
+(CLIPImageProcessor) show it, and with its alpha dropped, as
+`diffusers.utils.load_image` and any `.convert("RGB")` hand it to a
+pipeline. Each view is made with the client's own EXIF handling and
+`resize_and_crop`, so frame 0 composited equals, bit for bit, what the client
+computes from the same file; the ensemble's normaliser then applies the
+client's own rescaling, and its last step reports each file by its first
+flagged view.
 
 Every element is checked against the limits before its pixels are decoded:
-its size (raw, or what its base64 text decodes to), its width x height from
-the image header (a decompression bomb is refused without decoding it), the
-format. The first element that fails refuses the whole request
-(`ImageRefused`), naming its index and the reason.
+its size (raw, or what its base64 text decodes to), the format, and from the
+image header its width x height (a decompression bomb costs nothing) and its
+aspect ratio (a thin, tall image would grow huge when resized to a 224
+shortest side). An animation with more frames than `max_frames` is refused,
+never cut short; a request whose files make more views than `max_views` (the
+steps after the decoder take at most that many images) is refused as a whole
+(`RequestRefused`): sent one file at a time, each fits. The first element
+that fails refuses the request (`ImageRefused`), naming its index and the
+reason; a file Pillow fails on in any way is refused so, never with a
+traceback or an exception's type.
 
 Importable without Triton: the benchmark times `decode` in-process.
 """
@@ -21,12 +35,13 @@ Importable without Triton: the benchmark times `decode` in-process.
 import base64
 import binascii
 import io
-from typing import NamedTuple, Sequence, Tuple
+import itertools
+from typing import List, NamedTuple, Sequence, Tuple
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from safety_checker_client.preprocess import ImageError, open_image, resize_and_crop
+from safety_checker_client.preprocess import ImageError, resize_and_crop
 
 # The signature each supported format's files start with (Pillow's format names).
 SIGNATURES = {
@@ -37,8 +52,8 @@ SIGNATURES = {
     "BMP": (b"BM",),
     "TIFF": (b"II*\x00", b"MM\x00*"),
 }
-# Failures open_image already names (not an image of these formats, a bomb); any other one means a broken file.
-_NAMED_FAILURES = (UnidentifiedImageError, Image.DecompressionBombError)
+# Modes whose pixels carry alpha; any other mode is transparent only through a colour key ("transparency").
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _TEXT = frozenset(range(0x20, 0x7F)) | frozenset(b"\t\n\r\x0b\x0c")
 
 
@@ -46,6 +61,15 @@ class Limits(NamedTuple):
     max_encoded_bytes: int
     max_pixels: int
     formats: Tuple[str, ...]
+    max_aspect_ratio: float
+    max_frames: int
+    max_views: int
+
+
+class View(NamedTuple):
+    frame: int
+    alpha_dropped: bool
+    image: np.ndarray  # uint8 [224, 224, 3]
 
 
 class ImageRefused(ValueError):
@@ -57,6 +81,10 @@ class ImageRefused(ValueError):
         self.reason = reason
 
 
+class RequestRefused(ValueError):
+    """The request as a whole cannot be checked (its files make too many views); each file alone can be."""
+
+
 def limits_from(parameters: dict) -> Limits:
     """The limits from the model config's `parameters` (string values, as Triton passes them)."""
     formats = tuple(f.strip().upper() for f in parameters["formats"].split(",") if f.strip())
@@ -65,9 +93,18 @@ def limits_from(parameters: dict) -> Limits:
         raise ValueError(
             f"config parameter formats: {', '.join(unknown)} not supported (any of {', '.join(SIGNATURES)})"
         )
-    limits = Limits(int(parameters["max_encoded_bytes"]), int(parameters["max_pixels"]), formats)
-    if limits.max_encoded_bytes < 1 or limits.max_pixels < 1 or not formats:
-        raise ValueError(f"config parameters max_encoded_bytes, max_pixels and formats must be positive: {limits}")
+    limits = Limits(
+        int(parameters["max_encoded_bytes"]),
+        int(parameters["max_pixels"]),
+        formats,
+        float(parameters["max_aspect_ratio"]),
+        int(parameters["max_frames"]),
+        int(parameters["max_views"]),
+    )
+    if min(limits.max_encoded_bytes, limits.max_pixels, limits.max_frames) < 1 or limits.max_aspect_ratio < 1:
+        raise ValueError(f"config parameters of the decoder's limits must be positive: {limits}")
+    if limits.max_views < 2 * limits.max_frames:
+        raise ValueError(f"max_views must hold every view of one file (2 x max_frames): {limits}")
     return limits
 
 
@@ -116,29 +153,90 @@ def file_bytes(element: bytes, limits: Limits) -> bytes:
     return data
 
 
-def decode_uint8(element: bytes, limits: Limits) -> np.ndarray:
-    """One element -> the resized and cropped uint8 RGB image [224, 224, 3], as the client makes it."""
+def views(element: bytes, limits: Limits) -> List[View]:
+    """Every view of one element, frame by frame; ValueError says why the element cannot be checked."""
+    data = file_bytes(element, limits)
     try:
-        image = open_image(
-            io.BytesIO(file_bytes(element, limits)), max_pixels=limits.max_pixels, formats=limits.formats
+        with Image.open(io.BytesIO(data), formats=limits.formats) as image:
+            _check_header(image, limits)
+            return [view for frame in _frames(image, limits) for view in _frame_views(*frame)]
+    except ImageError as error:  # the client's preprocessing refused the picture (an empty frame, ...)
+        raise ValueError(str(error)) from None
+    except ValueError:  # our own refusals (RecursionError and OverflowError are not ValueErrors)
+        raise
+    except Image.DecompressionBombError as error:
+        raise ValueError(f"decompression bomb refused from its header: {error}") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"not an image file in a format the checker reads ({', '.join(limits.formats)})") from None
+    except Exception as error:  # Pillow raises many types for hostile files: none may fail other requests
+        raise ValueError(f"corrupt or truncated image file, it cannot be decoded{_detail(error)}") from None
+
+
+def _detail(error: Exception) -> str:
+    """Pillow's own words about a broken file, when it has some that are short; never its type or a path."""
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f": {text}" if text and len(text) <= 120 and "/" not in text else ""
+
+
+def _check_header(image: Image.Image, limits: Limits) -> None:
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise ValueError(f"the image is empty ({width}x{height})")
+    if width * height > limits.max_pixels:
+        raise ValueError(
+            f"{width}x{height} is {width * height} pixels, more than the limit of {limits.max_pixels} "
+            f"(max_pixels; checked from the {image.format} header, nothing was decoded)"
         )
-        return resize_and_crop(image)
-    except ImageError as error:
-        reason = str(error)
-        if isinstance(error.__cause__, Exception) and not isinstance(error.__cause__, _NAMED_FAILURES):
-            reason = f"corrupt or truncated image file: {reason}"
-        raise ValueError(reason) from None
+    if max(width, height) > limits.max_aspect_ratio * min(width, height):
+        raise ValueError(
+            f"{width}x{height} is more than {limits.max_aspect_ratio:g} times as long as it is wide "
+            f"(max_aspect_ratio; checked from the {image.format} header, nothing was decoded)"
+        )
 
 
-def decode(elements: Sequence[bytes], limits: Limits) -> np.ndarray:
-    """A request's elements -> uint8 images [N, 224, 224, 3]; raises ImageRefused at the first bad one."""
-    crops = []
+def _frames(image: Image.Image, limits: Limits):
+    """(index, frame) for every frame, upright as the EXIF tag says; refused past max_frames, never cut short."""
+    for index in itertools.count():
+        try:
+            image.seek(index)
+        except EOFError:
+            return
+        if index == limits.max_frames:
+            raise ValueError(
+                f"more than {limits.max_frames} frames (max_frames): an animation is checked frame by frame, "
+                "never cut short"
+            )
+        yield index, ImageOps.exif_transpose(image)
+
+
+def _frame_views(index: int, frame: Image.Image) -> List[View]:
+    """The frame as a viewer composites it; and, when it is not opaque, as a pipeline's convert("RGB") has it."""
+    composited = resize_and_crop(frame)
+    if frame.mode not in _ALPHA_MODES and "transparency" not in frame.info:
+        return [View(index, False, composited)]
+    dropped = resize_and_crop(frame.convert("RGB"))
+    if np.array_equal(dropped, composited):
+        return [View(index, False, composited)]
+    return [View(index, False, composited), View(index, True, dropped)]
+
+
+def decode(elements: Sequence[bytes], limits: Limits) -> Tuple[np.ndarray, np.ndarray]:
+    """A request's elements -> (uint8 images [M, 224, 224, 3], int32 views [M, 3]: the element's index, the frame,
+    1 where alpha was dropped). Raises ImageRefused at the first bad element, RequestRefused for too many views."""
+    found: List[Tuple[int, View]] = []
     for index, element in enumerate(elements):
         try:
-            crops.append(decode_uint8(bytes(element), limits))
+            found += [(index, view) for view in views(bytes(element), limits)]
         except ValueError as error:
             raise ImageRefused(index, str(error)) from None
-    return np.stack(crops)
+        if len(found) > limits.max_views:
+            raise RequestRefused(
+                f"the files of this request make more than {limits.max_views} views to check (max_views: each "
+                "frame, and each frame that is not opaque twice); send fewer files per request"
+            )
+    images = np.stack([view.image for _, view in found])
+    rows = np.array([(index, view.frame, int(view.alpha_dropped)) for index, view in found], dtype=np.int32)
+    return images, rows
 
 
 def set_pillow_limit(limits: Limits) -> None:

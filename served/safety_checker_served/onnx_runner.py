@@ -7,7 +7,10 @@ bundled tritonserver, which has no onnxruntime backend; each model's
 batch go through one session run, so batching pays off as it does on the
 onnxruntime backend. A request that breaks a limit of request_limits.py (an
 unknown request parameter, too many images) gets INVALID_ARG and is not run;
-the others of its batch are.
+the others of its batch are. When the batch's run fails unexpectedly, each
+request runs alone, so that the error fails only the request it comes from;
+that one gets INTERNAL with a message that names no path, exception or value
+(the log names the exception's type).
 
 A dynamically quantised (int8) model quantises its activations over the whole
 tensor it is given, so one image's values would move every other image's
@@ -47,18 +50,26 @@ class OnnxRunner:
             errors.append(error or self.limits.images(len(batch)))
             batches.append(batch)
         run = [b for b, e in zip(batches, errors) if e is None]
-        outputs = []
-        if run:
-            outputs = self._run(run[0] if len(run) == 1 else np.concatenate(run))
+        try:
+            answers = self._answers(run)
+        except Exception:  # ours, not a request's: each request alone, so that it fails only the one it is in
+            answers = [self._alone(batch) for batch in run]
+        answered = iter(answers)
+        return [
+            pb_utils.InferenceResponse(error=pb_utils.TritonError(error, pb_utils.TritonError.INVALID_ARG))
+            if error is not None
+            else next(answered)
+            for error in errors
+        ]
 
+    def _answers(self, batches):
+        """A response for each of these requests' images, from one run (or one per `images_per_run`)."""
+        if not batches:
+            return []
+        outputs = self._run(batches[0] if len(batches) == 1 else np.concatenate(batches))
         responses = []
         start = 0
-        for batch, error in zip(batches, errors):
-            if error is not None:
-                responses.append(
-                    pb_utils.InferenceResponse(error=pb_utils.TritonError(error, pb_utils.TritonError.INVALID_ARG))
-                )
-                continue
+        for batch in batches:
             size = len(batch)
             tensors = [
                 pb_utils.Tensor(name, np.ascontiguousarray(value[start : start + size]))
@@ -67,6 +78,16 @@ class OnnxRunner:
             responses.append(pb_utils.InferenceResponse(output_tensors=tensors))
             start += size
         return responses
+
+    def _alone(self, batch):
+        try:
+            (response,) = self._answers([batch])
+            return response
+        except Exception as error:
+            pb_utils.Logger.log_error(f"running a request failed unexpectedly ({type(error).__name__})")
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError("the server failed to answer this request; nothing in it was checked")
+            )
 
     def _run(self, batch):
         """The session's outputs for the batch: one run, or one per `images_per_run` images."""

@@ -14,7 +14,11 @@ answer, whose decision fp32 cannot differ from and whose scores lie within the
 bound of fp32's. Request parameters (strictness) reach both postprocessor calls. What
 the request itself is at fault for (a bad parameter, non-finite pixels) is
 refused here with INVALID_ARG, because an error that comes back through BLS
-has lost its status; an error of any step answers the request.
+has lost its status; an error of any step answers the request. An
+unexpected error of the cascade's own fails only the request it comes from:
+the batch is then answered request by request, and a request that still
+fails gets INTERNAL with a message that names no path, exception or value
+(the log names the exception's type).
 
 Counted in Prometheus: safety_checker_cascade_images_total{embedder="int8"|"fp32"}.
 """
@@ -74,6 +78,23 @@ class TritonPythonModel:
             checked = self.execute([r for r, no in zip(requests, refused) if no is None]) if not all(refused) else []
             answers = iter(checked)
             return [pb_utils.InferenceResponse(error=no) if no is not None else next(answers) for no in refused]
+        try:
+            return self._answered(requests)
+        except Exception:  # ours, not a request's: each request alone, so that it fails only the one it is in
+            return [self._alone(request) for request in requests]
+
+    def _alone(self, request):
+        try:
+            (response,) = self._answered([request])
+            return response
+        except Exception as error:
+            pb_utils.Logger.log_error(f"the cascade failed unexpectedly on a request ({type(error).__name__})")
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError("the server failed to answer this request; nothing in it was checked")
+            )
+
+    def _answered(self, requests):
+        """Every request's response: int8 for the whole batch in one call, fp32 for what int8 is unsure of."""
         pixels = [pb_utils.get_input_tensor_by_name(r, self.pixels).as_numpy() for r in requests]
         parameters = [_forwardable(json.loads(r.parameters() or "{}")) for r in requests]
         answers = [None] * len(requests)
@@ -117,7 +138,12 @@ class TritonPythonModel:
                     continue
                 for name in self.outputs:
                     answers[index][name][rows] = again[name]
-        return [self._response(answer) for answer in answers]
+        responses = [self._response(answer) for answer in answers]
+        exact = [int(np.count_nonzero(a[self.exact])) for a in answers if not isinstance(a, StepError)]
+        images = [len(a[self.exact]) for a in answers if not isinstance(a, StepError)]
+        self.answered["fp32"].increment(sum(exact))  # counted once every response is made
+        self.answered["int8"].increment(sum(images) - sum(exact))
+        return responses
 
     def _refusal(self, request):
         """INVALID_ARG for an unknown request parameter, too many images or a bad strictness, before any model
@@ -136,9 +162,6 @@ class TritonPythonModel:
     def _response(self, answer):
         if isinstance(answer, StepError):
             return pb_utils.InferenceResponse(error=answer.error)
-        exact = int(np.count_nonzero(answer[self.exact]))
-        self.answered["fp32"].increment(exact)
-        self.answered["int8"].increment(len(answer[self.exact]) - exact)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(n, answer[n]) for n in self.outputs])
 
     def _call(self, model, tensors, names, parameters=None):

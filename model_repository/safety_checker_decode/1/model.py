@@ -1,17 +1,19 @@
-"""safety_checker_decode: image files -> the resized and cropped uint8 images, the first step of safety_checker_images.
+"""safety_checker_decode: image files -> every view of them as uint8 images, the first step of safety_checker_images.
 
 Each element of a request is one image file (PNG, JPEG, WebP, GIF, BMP,
-TIFF), its raw bytes or their base64 text, decoded with the client's own
-preprocessing (safety_checker_served.decoding), within the limits of this
-config's parameters. The ensemble hands the images to the normaliser, the
-embedder and the postprocessor, as safety_checker_uint8 does, so an image file
-gets exactly the answer its pixels get.
+TIFF), its raw bytes or their base64 text, decoded within the limits of this
+config's parameters into its views (safety_checker_served.decoding): each
+frame of an animation, and each frame that is not opaque twice, composited
+and with its alpha dropped. The ensemble checks every view as
+safety_checker_uint8 checks an image, and its last step answers each file by
+its first flagged view; the `views` output says whose view each row is.
 
 Nothing is answered until every element of a request decoded: one element that
 cannot be checked refuses its request with INVALID_ARG naming its index, and
-the other requests of the batch are decoded as usual. The ensemble forwards a
-request's parameters to every step; the strictness ones are the
-postprocessor's to read, so here they are only accepted by name.
+the other requests of the batch are decoded as usual; an unexpected failure
+answers its own request alone. The ensemble forwards a request's parameters
+to every step; the strictness ones are the postprocessor's to read, so here
+they are only accepted by name.
 
 Decoding is CPU work: every configuration runs this model on CPU instances.
 """
@@ -28,19 +30,29 @@ class TritonPythonModel:
     def initialize(self, args):
         config = ModelConfig(args)
         (self.input_name,) = config.inputs
-        (self.output_name,) = config.outputs
+        self.images_name, self.views_name = config.outputs
         self.request_limits = RequestLimits(config.parameters)
         self.limits = decoding.limits_from(config.parameters)
         decoding.set_pillow_limit(self.limits)
         pb_utils.Logger.log_info(
-            f"decoding {', '.join(self.limits.formats)} files of at most {self.limits.max_encoded_bytes} bytes "
-            f"and {self.limits.max_pixels} pixels"
+            f"decoding {', '.join(self.limits.formats)} files of at most {self.limits.max_encoded_bytes} bytes, "
+            f"{self.limits.max_pixels} pixels, aspect ratio {self.limits.max_aspect_ratio:g} and "
+            f"{self.limits.max_frames} frames; at most {self.limits.max_views} views a request"
         )
 
     def execute(self, requests):
         return [self._answer(request) for request in requests]
 
     def _answer(self, request):
+        try:
+            return self._decoded(request)
+        except Exception as error:  # ours, not the request's: it fails this request alone, and says nothing more
+            pb_utils.Logger.log_error(f"decoding a request failed unexpectedly ({type(error).__name__})")
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError("the server failed to decode this request; nothing in it was checked")
+            )
+
+    def _decoded(self, request):
         _, problem = self.request_limits.parameters(request.parameters())
         elements = pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy().reshape(-1)
         if problem is None:
@@ -48,11 +60,14 @@ class TritonPythonModel:
         if problem is not None:
             return _refused(problem)
         try:
-            images = decoding.decode(elements, self.limits)
-        except decoding.ImageRefused as error:
+            images, views = decoding.decode(elements, self.limits)
+        except (decoding.ImageRefused, decoding.RequestRefused) as error:
             return _refused(f"{error}; nothing in this request was checked")
         return pb_utils.InferenceResponse(
-            output_tensors=[pb_utils.Tensor(self.output_name, np.ascontiguousarray(images))]
+            output_tensors=[
+                pb_utils.Tensor(self.images_name, np.ascontiguousarray(images)),
+                pb_utils.Tensor(self.views_name, views),
+            ]
         )
 
 

@@ -8,7 +8,9 @@ Besides the built-in concepts (1/concepts.json, written by the export) it
 scores the operator's custom concepts (1/custom_concepts.json), re-read while
 the server runs when the file changes (safety_checker_served.concept_watch).
 Each execute() takes one snapshot for all of its requests, so a batch is
-answered wholly under the old or wholly under the new set.
+answered wholly under the old or wholly under the new set. A file the watcher
+does not serve (invalid, older, unreadable, gone) leaves the last good set in
+place and is counted in the counter safety_checker_concept_set_rejected_total.
 
 Strictness: the config's `strictness` preset, or a request's `strictness`
 (preset name) or `strictness_adjustment` (number) parameter, shifts every
@@ -18,6 +20,11 @@ to the default strictness.
 
 The concept file is bounded as concept_set says (number of concepts, file
 size; a larger file is not even read), and so is every log line about it.
+
+An unexpected error while scoring a batch fails only the request it comes
+from: the batch is then answered request by request, and a request that
+still fails gets INTERNAL with a message that names no path, exception or
+value (the log names the exception's type).
 """
 
 import json
@@ -90,8 +97,18 @@ class TritonPythonModel:
         # A folder every replica shares (a ConfigMap volume on Kubernetes), or else the version folder.
         concepts_dir = parameters.get("custom_concepts_dir") or version_dir
         path = os.path.join(concepts_dir, parameters["custom_concepts_file"])
+        # Kept on self: a MetricFamily must outlive its Metrics.
+        self.family = pb_utils.MetricFamily(
+            name="safety_checker_concept_set_rejected_total",
+            description="Custom concept files looked at and not served (invalid, not newer, unreadable or gone); "
+            "the last good set stayed in service",
+            kind=pb_utils.MetricFamily.COUNTER,
+        )
+        self.rejected = self.family.Metric(labels={})
         try:
-            self.custom = CustomConceptFile(path, embedding_dim, pb_utils.Logger)
+            self.custom = CustomConceptFile(
+                path, embedding_dim, pb_utils.Logger, on_reject=lambda reason: self.rejected.increment(1)
+            )
         except ConceptFileError as error:
             raise pb_utils.TritonModelException(str(error)) from None
         pb_utils.Logger.log_info(
@@ -104,6 +121,23 @@ class TritonPythonModel:
 
     def execute(self, requests):
         custom = self.custom.refresh()  # one snapshot for every request of this batch
+        try:
+            return self._scored(requests, custom)
+        except Exception:  # ours, not a request's: each request alone, so that it fails only the one it is in
+            return [self._alone(request, custom) for request in requests]
+
+    def _alone(self, request, custom):
+        try:
+            (response,) = self._scored([request], custom)
+            return response
+        except Exception as error:
+            pb_utils.Logger.log_error(f"scoring a request failed unexpectedly ({type(error).__name__})")
+            return pb_utils.InferenceResponse(
+                error=pb_utils.TritonError("the server failed to answer this request; nothing in it was checked")
+            )
+
+    def _scored(self, requests, custom):
+        """Every request's response, the batch scored in one vectorised pass."""
         gathered = [[pb_utils.get_input_tensor_by_name(r, name).as_numpy() for name in self.inputs] for r in requests]
         sizes = [len(g[0]) for g in gathered]
         concept_cos, special_cos, nonfinite, embeds = (np.concatenate(columns) for columns in zip(*gathered))

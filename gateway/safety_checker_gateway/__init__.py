@@ -1,0 +1,1 @@
+"""An HTTP gateway in front of Triton: the seed runtime's route and OpenAI's moderation API."""
