@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Callable, List, Optional
 
 from safety_checker_admin.errors import ServerError
-from safety_checker_admin.server import _HTTP, READY_POLL_S, _die_with_parent, port_in_use
+from safety_checker_admin.server import LOCAL_HTTP, READY_POLL_S, die_with_parent, port_in_use
 
 # The gateway's own package; `pip install ./gateway` installs it.
 PACKAGE = "safety_checker_gateway"
@@ -113,7 +113,7 @@ class GatewayProcess:
                     stdout=log,
                     stderr=subprocess.STDOUT,
                     start_new_session=True,  # Ctrl-C reaches `serve` only, which stops the gateway in order
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
             except OSError as error:
                 raise ServerError(f"cannot run the gateway: {error}") from error
@@ -141,7 +141,7 @@ class GatewayProcess:
 
     def _live(self) -> bool:
         try:
-            with _HTTP.open(f"{self.url}/v2/health/live", timeout=2) as response:
+            with LOCAL_HTTP.open(f"{self.url}/v2/health/live", timeout=2) as response:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False

@@ -52,8 +52,8 @@ from safety_checker_admin.admin_key import ADMIN_KEY_HEADER, check_key, random_k
 from safety_checker_admin.errors import ServerError
 from safety_checker_admin.server_log import log_errors
 
-# Requests to our own server must never go through an http(s)_proxy.
-_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+# Requests to our own servers (tritonserver, the gateway) must never go through an http(s)_proxy.
+LOCAL_HTTP = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 STUB_NAME = "triton_python_backend_stub"
 # How often start() asks whether the server is ready (and kill() whether its processes have ended).
 READY_POLL_S = 0.25
@@ -93,7 +93,7 @@ def _pytriton_dist() -> Tuple[Path, Path]:
     return package / "tritonserver", package.parent / "nvidia_pytriton.libs"
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Runs in the child before exec: SIGTERM tritonserver when we die, so no orphan keeps the ports.
 
     Linux ties this to the *thread* that started the server: call start() from
@@ -258,7 +258,7 @@ class TritonServer:
                     stderr=subprocess.STDOUT,
                     env=_environment(libs),
                     start_new_session=True,  # Ctrl-C reaches us only; we stop the server in order
-                    preexec_fn=_die_with_parent,
+                    preexec_fn=die_with_parent,
                 )
         except OSError as error:
             self.stop()
@@ -388,7 +388,7 @@ class TritonServer:
     # -- HTTP helpers -------------------------------------------------------
     def _ready(self) -> bool:
         try:
-            with _HTTP.open(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
+            with LOCAL_HTTP.open(f"http://{self.http_url}/v2/health/ready", timeout=2) as response:
                 return response.status == 200
         except (urllib.error.URLError, OSError):
             return False
@@ -401,7 +401,7 @@ class TritonServer:
             method="POST",
             headers={"Content-Type": "application/json", ADMIN_KEY_HEADER: self.admin_key},
         )
-        with _HTTP.open(request, timeout=10) as response:
+        with LOCAL_HTTP.open(request, timeout=10) as response:
             index = json.load(response)
         return sorted({m["name"] for m in index if m.get("state") == "READY"})
 
