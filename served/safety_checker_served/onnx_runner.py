@@ -27,6 +27,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from safety_checker_served.model_config import ModelConfig
+from safety_checker_served.request_failure import failed_request
 from safety_checker_served.request_limits import RequestLimits
 from safety_checker_served.session import onnx_session
 
@@ -84,10 +85,7 @@ class OnnxRunner:
             (response,) = self._answers([batch])
             return response
         except Exception as error:
-            pb_utils.Logger.log_error(f"running a request failed unexpectedly ({type(error).__name__})")
-            return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError("the server failed to answer this request; nothing in it was checked")
-            )
+            return failed_request("running a request", error)
 
     def _run(self, batch):
         """The session's outputs for the batch: one run, or one per `images_per_run` images."""

@@ -29,6 +29,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from safety_checker_served.model_config import ModelConfig
+from safety_checker_served.request_failure import failed_request
 from safety_checker_served.request_limits import RequestLimits
 from safety_checker_served.scoring import nonfinite_refusal
 from safety_checker_served.strictness import Strictness
@@ -88,10 +89,7 @@ class TritonPythonModel:
             (response,) = self._answered([request])
             return response
         except Exception as error:
-            pb_utils.Logger.log_error(f"the cascade failed unexpectedly on a request ({type(error).__name__})")
-            return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError("the server failed to answer this request; nothing in it was checked")
-            )
+            return failed_request("answering a request through the cascade", error)
 
     def _answered(self, requests):
         """Every request's response: int8 for the whole batch in one call, fp32 for what int8 is unsure of."""

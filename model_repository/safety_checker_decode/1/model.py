@@ -23,6 +23,7 @@ import triton_python_backend_utils as pb_utils
 
 from safety_checker_served import decoding
 from safety_checker_served.model_config import ModelConfig
+from safety_checker_served.request_failure import failed_request
 from safety_checker_served.request_limits import RequestLimits
 
 
@@ -47,10 +48,7 @@ class TritonPythonModel:
         try:
             return self._decoded(request)
         except Exception as error:  # ours, not the request's: it fails this request alone, and says nothing more
-            pb_utils.Logger.log_error(f"decoding a request failed unexpectedly ({type(error).__name__})")
-            return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError("the server failed to decode this request; nothing in it was checked")
-            )
+            return failed_request("decoding a request", error, "decode")
 
     def _decoded(self, request):
         _, problem = self.request_limits.parameters(request.parameters())

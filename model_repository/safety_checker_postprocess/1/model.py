@@ -36,6 +36,7 @@ import triton_python_backend_utils as pb_utils
 from safety_checker_served import concept_set
 from safety_checker_served.concept_watch import ConceptFileError, CustomConceptFile
 from safety_checker_served.model_config import ModelConfig
+from safety_checker_served.request_failure import failed_request
 from safety_checker_served.request_limits import RequestLimits
 from safety_checker_served.scoring import certain, cosines, nonfinite_refusal, score_all
 from safety_checker_served.strictness import Strictness
@@ -131,10 +132,7 @@ class TritonPythonModel:
             (response,) = self._scored([request], custom)
             return response
         except Exception as error:
-            pb_utils.Logger.log_error(f"scoring a request failed unexpectedly ({type(error).__name__})")
-            return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError("the server failed to answer this request; nothing in it was checked")
-            )
+            return failed_request("scoring a request", error)
 
     def _scored(self, requests, custom):
         """Every request's response, the batch scored in one vectorised pass."""

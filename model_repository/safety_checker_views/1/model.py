@@ -13,6 +13,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from safety_checker_served.model_config import ModelConfig
+from safety_checker_served.request_failure import failed_request
 from safety_checker_served.request_limits import RequestLimits
 from safety_checker_served.views import chosen
 
@@ -34,10 +35,7 @@ class TritonPythonModel:
         try:
             return self._reduced(request)
         except Exception as error:  # ours, not the request's: it fails this request alone, and says nothing more
-            pb_utils.Logger.log_error(f"answering a request's views failed unexpectedly ({type(error).__name__})")
-            return pb_utils.InferenceResponse(
-                error=pb_utils.TritonError("the server failed to answer this request; nothing in it was checked")
-            )
+            return failed_request("answering a request's views", error)
 
     def _reduced(self, request):
         views = pb_utils.get_input_tensor_by_name(request, self.views).as_numpy()
