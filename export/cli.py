@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from export.checkpoint import DEFAULT_MODEL, CheckpointError, check_preprocessor, load_checkpoint
-from export.environment import DEFAULT_WHEELHOUSE, EnvironmentBuildError
+from export.environment import DEFAULT_WHEELHOUSE, EnvironmentBuildError, default_targets, stub_python
 from export.graph import EmbedderGraph
 from export.image_models import host_decoder_instances
 from export.models import Settings
@@ -82,6 +82,13 @@ def _parser() -> argparse.ArgumentParser:
         help="the pinned wheels (requirements/served.txt) the Python models' environments are built from, for "
         "Python 3.10 and this Python (default: .wheelhouse, which `make setup` fills)",
     )
+    parser.add_argument(
+        "--stub-python",
+        metavar="PYTHON",
+        help="build this Python's environments on PYTHON (same version), which the bundled server's stubs then "
+        "run with its own packages only, as the NGC image's Python; default: this Python, with the packages of "
+        "the virtualenv it runs in visible to them too",
+    )
     return parser
 
 
@@ -98,6 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"error: --concepts-dir {args.concepts_dir!r} must be an absolute path on the server", file=sys.stderr)
         return 2
     try:
+        targets = default_targets(stub_python(args.stub_python)) if args.stub_python else ()
         print(f"loading {args.model}", flush=True)
         checkpoint = load_checkpoint(args.model)
         check_preprocessor(checkpoint.preprocessor_config, checkpoint.source)
@@ -130,7 +138,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 settings = dataclasses.replace(settings, cosine_bound=report["cosine_bound"])
             print("packing the Python models' environments", flush=True)
             write_repository(
-                args.repository, onnx_files, dims, metadata, settings, quantization=report, wheelhouse=args.wheelhouse
+                args.repository,
+                onnx_files,
+                dims,
+                metadata,
+                settings,
+                quantization=report,
+                wheelhouse=args.wheelhouse,
+                targets=targets,
             )
     except (CheckpointError, VerificationError, RepositoryError, EnvironmentBuildError) as err:
         print(f"error: {err}", file=sys.stderr)

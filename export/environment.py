@@ -17,22 +17,33 @@ the `python3` the stub was started with:
     bin/activate                          picks <version>/ by `python3`'s version
     3.10/pyvenv.cfg                       home = /usr/bin, the image's packages included
     3.10/bin/python3 -> /usr/bin/python3.10
-    3.10/lib/python3.10/site-packages/    safety_checker_client, safety_checker_served (+ pillow)
+    3.10/lib/python3.10/site-packages/    safety_checker_client, safety_checker_served (+ pillow,
+                                          or onnxruntime: what the model names)
     3.11/...                              the same for the export's Python; a .pth adds the
-                                          site-packages of the virtualenv it runs in (numpy,
-                                          onnxruntime), which the bundled server's stubs see too
+                                          site-packages of the virtualenv it runs in, which the
+                                          bundled server's stubs see too (and whose pillow and
+                                          onnxruntime are not packed again)
 
 The packages are installed by pip from wheels: this checkout's client and
 served packages, built when their sources change, and the pinned third-party
 ones (requirements/served.txt) from the wheelhouse `make setup` fills, so an
-export needs no network. Built archives are cached by a digest of everything
+export needs no network; an environment that sees an outer virtualenv leaves
+out what that virtualenv has (outer_packages). Built archives are cached by a digest of everything
 that goes into them.
+
+`stub_python` builds the export's Python's environment as the NGC one is
+built instead: on a given interpreter of that version, with no .pth, so the
+bundled server's stubs see only what that interpreter has besides the
+environment (the KServe runtime's test gives it one that has only NumPy,
+as the image's Python).
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import os
+import re
 import shutil
 import site
 import subprocess
@@ -41,7 +52,7 @@ import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 # This project's packages every environment holds, by their folders in the checkout.
@@ -103,9 +114,35 @@ def this_python() -> PythonTarget:
     return PythonTarget(version, executable, outer)
 
 
-def default_targets() -> Tuple[PythonTarget, ...]:
-    """The NGC image's Python and the export's own (once, when they are the same version)."""
-    own = this_python()
+def stub_python(executable: str) -> PythonTarget:
+    """The export's Python's environment on `executable`, seeing its packages only, as the NGC image's Python.
+
+    `executable` is kept as given, not resolved: the folder it is in is the environment's `home`, where Python
+    looks for its standard library and site-packages. It must be this Python's version, which the bundled
+    server's stubs embed."""
+    own = this_python().version
+    try:
+        result = subprocess.run(
+            [executable, "-I", "-c", 'import sys; print("%d.%d" % sys.version_info[:2])'],
+            capture_output=True,
+            text=True,
+        )
+    except OSError as error:
+        raise EnvironmentBuildError(f"cannot run the stubs' Python {executable}: {error}") from None
+    version = result.stdout.strip()
+    if result.returncode != 0 or version != own:
+        raise EnvironmentBuildError(
+            f"the stubs' Python {executable} is {version or 'not a Python'} ({result.stderr.strip()[-300:]}), "
+            f"not Python {own}, which the bundled server's stubs embed"
+        )
+    return PythonTarget(own, os.path.abspath(executable))
+
+
+def default_targets(own: Optional[PythonTarget] = None) -> Tuple[PythonTarget, ...]:
+    """The NGC image's Python and the export's own (`own`, default this_python(); once, when it is 3.10)."""
+    if own is not None and own.version == NGC_PYTHON:
+        raise EnvironmentBuildError(f"the stubs' Python is {NGC_PYTHON}, whose environment is the NGC image's")
+    own = own or this_python()
     return (ngc_target(),) if own.version == NGC_PYTHON else (ngc_target(), own)
 
 
@@ -115,16 +152,28 @@ def pinned(requirements: Iterable[str], pins: Path = PINS) -> List[str]:
     for line in pins.read_text().splitlines():
         line = line.split("#")[0].strip()
         if line:
-            table[line.split("==")[0].strip().lower()] = line
-    missing = [name for name in requirements if name.lower() not in table]
+            table[_name(line.split("==")[0])] = line
+    missing = [name for name in requirements if _name(name) not in table]
     if missing:
         raise EnvironmentBuildError(f"{pins} pins no version of {', '.join(missing)}")
-    return [table[name.lower()] for name in requirements]
+    return [table[_name(name)] for name in requirements]
 
 
-def _digest(requirements: Sequence[str], targets: Sequence[PythonTarget]) -> str:
+def _name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name.strip()).lower()
+
+
+def outer_packages(target: PythonTarget) -> Set[str]:
+    """The distributions the target's outer virtualenv has installed, which its environment then leaves out:
+    the bundled server's stubs import the very ones the export ran with (its onnxruntime quantises and verifies
+    the models; requirements/served.txt's is for the NGC image's Python 3.10)."""
+    found = importlib.metadata.distributions(path=list(target.outer_site)) if target.outer_site else ()
+    return {_name(dist.metadata["Name"]) for dist in found}
+
+
+def _digest(requirements: Dict[str, List[str]], targets: Sequence[PythonTarget]) -> str:
     sha = hashlib.sha256()
-    sha.update(repr((list(requirements), [t.__dict__ for t in targets], ACTIVATE, COMPRESS_LEVEL)).encode())
+    sha.update(repr((requirements, [t.__dict__ for t in targets], ACTIVATE, COMPRESS_LEVEL)).encode())
     for folder in PROJECT_PACKAGES:
         for path in sorted((ROOT / folder).rglob("*")):
             relative = path.relative_to(ROOT)
@@ -217,7 +266,10 @@ def build(
 ) -> Path:
     """The packed environment with this project's packages and `requirements` (names, pinned in served.txt)."""
     targets = tuple(targets) or default_targets()
-    pins = pinned(requirements)
+    pins = {}
+    for target in targets:  # what the target's outer virtualenv has is not packed again
+        outer = outer_packages(target)
+        pins[target.version] = [p for p in pinned(requirements) if _name(p.split("==")[0]) not in outer]
     archive = cache / f"python_env-{_digest(pins, targets)}.tar.gz"
     if archive.is_file():
         return archive
@@ -226,7 +278,7 @@ def build(
         wheels = _project_wheels(Path(scratch))
         root = Path(scratch) / "env"
         for target in targets:
-            _install(target, root, wheels, wheelhouse, pins)
+            _install(target, root, wheels, wheelhouse, pins[target.version])
         (root / "bin").mkdir()
         (root / "bin" / "activate").write_text(ACTIVATE)
         _pack(root, archive)

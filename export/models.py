@@ -83,6 +83,8 @@ lookup one thread keeps up with.""",
             parameters=(ONNX_FILE, Parameter("intra_op_num_threads", "1"), NO_ARENA, *REQUEST_LIMITS, ENVIRONMENT),
         ),
     ),
+    # The CPU config's runner imports onnxruntime: the NGC image has no such Python package.
+    requirements=("onnxruntime",),
 )
 
 
@@ -211,6 +213,7 @@ each image runs alone, so no image's values move another's answer.""",
                 warmup_batch=1,
             ),
         ),
+        requirements=("onnxruntime",),
     )
 
 

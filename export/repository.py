@@ -15,7 +15,7 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Sequence
 
 from export import configs, environment
 from export.description import SOURCE_REPOSITORY
@@ -114,6 +114,7 @@ def write_repository(
     settings: Settings = REFERENCE_SETTINGS,
     quantization: Optional[Dict[str, Any]] = None,
     wheelhouse: Path = environment.DEFAULT_WHEELHOUSE,
+    targets: Sequence[environment.PythonTarget] = (),
 ) -> None:
     """Write the model folders; an existing custom concept set is kept, otherwise an empty one is made.
 
@@ -121,6 +122,7 @@ def write_repository(
     `settings`: the export's choices; engine cache keys are the digests of those files.
     `quantization`: the int8 report, stored beside the quantised model.onnx so it is never unlabelled.
     `wheelhouse`: the pinned third-party wheels the Python models' environments are built from.
+    `targets`: the Pythons they are built for (default: environment.default_targets()).
     """
     custom = existing_custom_concepts(destination, dims)
     destination.mkdir(parents=True, exist_ok=True)
@@ -134,7 +136,7 @@ def write_repository(
         )
         models = served_models(settings)
         environments = environment.build_all(
-            (model.requirements for model in models if model.python), wheelhouse=wheelhouse
+            (model.requirements for model in models if model.python), wheelhouse=wheelhouse, targets=targets
         )
         for model in models:
             # Version 1 of every model: its model.py, if it has one (an ensemble's is empty, which git does not keep).

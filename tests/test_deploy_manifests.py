@@ -1,8 +1,8 @@
 """deploy/kserve: every manifest validates offline against its schema, and says what the deployment needs.
 
-Schemas are the vendored ones in deploy/kserve/schemas/ (KServe's CRD
-openAPIV3Schemas, hand-written ones for ConfigMap, Secret, Template and
-ScaledObject; provenance in its README). The validator reads them as the API
+Schemas are the vendored ones in deploy/kserve/schemas/ (KServe's and
+KEDA's CRD openAPIV3Schemas, OpenShift's published OpenAPI for Template, a
+hand-written one for ConfigMap; provenance in its README). The validator reads them as the API
 server does with kubectl's default strict field validation: `nullable`,
 `x-kubernetes-int-or-string`, `x-kubernetes-list-type` (set / map with its
 keys) and int32/int64 formats are enforced, and a field a schema does not
@@ -20,7 +20,7 @@ import json
 import re
 from functools import cache
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import pytest
 import yaml
@@ -329,9 +329,22 @@ def test_runtime_security_context_and_volumes(name):
     runtime = load(name)
     container = kserve_container(runtime)
     security = container["securityContext"]
-    assert security["runAsNonRoot"] is True and security["runAsUser"] == 1000, "KServe's Triton runtime's uid"
-    assert security["allowPrivilegeEscalation"] is False
-    assert security["capabilities"]["drop"] == ["ALL"]
+    # Issue 20: any uid OpenShift's restricted-v2 SCC chooses (tests/test_deploy_runtime.py serves the runtime's
+    # arguments as one, in group 0, with no HOME), and a read-only root filesystem.
+    assert security == {
+        "runAsNonRoot": True,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "privileged": False,
+        "capabilities": {"drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    # It writes only to emptyDirs (the runtime test mounts an empty folder for each): the Python backend unpacks
+    # the models' environments into /tmp, its shared memory is in /dev/shm; the GPU's TensorRT engine cache.
+    writable = {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly", False)}
+    assert writable == {"/tmp", "/dev/shm"} | ({"/trt-cache"} if "gpu" in name else set()), writable
+    for folder in writable:
+        assert volume_for(runtime, folder)[1]["emptyDir"]["sizeLimit"], folder
 
     mount, volume = volume_for(runtime, "/dev/shm")
     assert volume["emptyDir"]["medium"] == "Memory" and volume["emptyDir"]["sizeLimit"]
@@ -367,10 +380,10 @@ def test_gpu_and_cpu_runtimes_differ_only_where_they_must():
     assert "opendatahub.io/recommended-accelerators" not in cpu["metadata"].get("annotations", {})
     for key in ("readinessProbe", "livenessProbe", "securityContext", "ports"):
         assert kserve_container(gpu)[key] == kserve_container(cpu)[key], key
-    # The CPU configs import onnxruntime, which the NGC image lacks: it comes from PYTHONPATH.
-    env = {e["name"]: e for e in kserve_container(cpu)["env"]}
-    mount, volume = volume_for(cpu, env["PYTHONPATH"]["value"])
-    assert "emptyDir" in volume
+    # The CPU configs' onnxruntime comes with the repository: nothing is added to the image's Python path.
+    for runtime in (gpu, cpu):
+        assert not {"PYTHONPATH", "PYTHONHOME"} & {e["name"] for e in kserve_container(runtime)["env"]}
+    assert [v for v in gpu["spec"]["volumes"] if v["name"] != "trt-cache"] == cpu["spec"]["volumes"]
 
 
 @pytest.mark.parametrize("name", RUNTIMES)
@@ -468,7 +481,8 @@ def test_inference_service(name):
     uri = model["storageUri"]
     assert re.fullmatch(r"(s3|pvc)://[a-z0-9][-a-z0-9.]*/[^\s]+", uri), uri
     if uri.startswith("s3://"):
-        assert predictor["serviceAccountName"], "credentials for s3:// come from the service account"
+        assert model["storage"]["key"], "credentials for s3:// come from the data connection storage.key names"
+        assert predictor["serviceAccountName"], "the pods run under the project's service account"
     gpu = runtimes[model["runtime"]].endswith("gpu.yaml")
     resources = model.get("resources") or kserve_container(load(runtimes[model["runtime"]]))["resources"]
     assert gpu_requests(resources) == (["1", "1"] if gpu else [])
@@ -479,16 +493,69 @@ def test_both_storage_examples_are_there():
     assert {"s3", "pvc"} <= uris
 
 
-def test_cpu_inference_service_installs_onnxruntime_with_the_same_image():
-    isvc = load("inferenceservice-cpu.yaml")
-    init = isvc["spec"]["predictor"]["initContainers"][0]
+def test_the_repository_carries_onnxruntime_for_the_cpu_configs_and_no_pod_installs_it():
+    """Issue 20: the CPU configs' runner imports onnxruntime, which the NGC image lacks; the models that run it
+    name it, so the export packs it into their environments (tests/test_environment.py checks the archive), and
+    no InferenceService has an init container."""
+    from export.models import Settings, served_models
+    from export.parameters import ONNX_FILE
+
+    models = served_models(Settings(cascade=True))
+    runners = [m for m in models if any(ONNX_FILE in v.parameters for v in m.variants if v.backend == "python")]
+    assert {m.name for m in runners} >= {"safety_checker_embedder", "safety_checker_normalize"}
+    for model in models:
+        assert ("onnxruntime" in model.requirements) == (model in runners), model.name
+    for name in ISVCS:
+        assert "initContainers" not in load(name)["spec"]["predictor"], name
+
+
+def shipped_manifests() -> List[Path]:
+    """Every Kubernetes manifest this project ships, and docker-compose.yml."""
+    kubernetes = sorted(p for p in (ROOT / "deploy").rglob("*.yaml") if "schemas" not in p.parts)
+    return [*kubernetes, ROOT / "docker-compose.yml"]
+
+
+def nodes(node: Any, where: Tuple[Any, ...] = ()) -> Iterator[Tuple[Tuple[Any, ...], Any]]:
+    yield where, node
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else ()
+    for key, value in items:
+        yield from nodes(value, (*where, key))
+
+
+INSTALLS = re.compile(r"\b(?:pip3?|-m pip|conda|mamba|apt-get|apt|dnf|yum|microdnf|apk)\s+(?:install|add)\b")
+
+
+def pod_start_problems(doc: Any, kubernetes: bool = True) -> List[str]:
+    """Where a manifest fixes a uid or a group for files, has an init container, or (a Kubernetes one) installs
+    packages: a pod must start from the image and the repository alone, as any uid."""
+    found = []
+    for where, node in nodes(doc):
+        path = "/".join(map(str, where))
+        if where and where[-1] in ("runAsUser", "fsGroup", "initContainers"):
+            found.append(f"{path}: {where[-1]}")
+        if kubernetes and isinstance(node, str) and INSTALLS.search(node):
+            found.append(f"{path}: installs packages: {INSTALLS.search(node).group(0)!r}")
+    return found
+
+
+def test_no_manifest_fixes_a_uid_or_installs_packages_at_pod_start():
+    """Issue 20: no runAsUser or fsGroup anywhere (restricted-v2 assigns the uid), no init container, no package
+    installed by a Kubernetes manifest (docker-compose.yml's one-shot export job installs the exporter's
+    packages into its own container, which serves nothing)."""
+    manifests = shipped_manifests()
+    assert {DEPLOY / name for name in [*RUNTIMES, *ISVCS, "template.yaml"]} <= set(manifests)
+    found = []
+    for path in manifests:
+        for doc in yaml.safe_load_all(path.read_text()):
+            found += [f"{path.relative_to(ROOT)}: {p}" for p in pod_start_problems(doc, path.suffix == ".yaml")]
+    assert found == []
+    # The check sees what it looks for.
     runtime = load("servingruntime-cpu.yaml")
-    assert init["image"] == kserve_container(runtime)["image"]
-    assert any(re.fullmatch(r"onnxruntime==\d+\.\d+\.\d+", a) for a in init["command"])
-    target = next(a.split("=", 1)[1] for a in init["command"] if a.startswith("--target="))
-    assert {m["name"] for m in init["volumeMounts"] if m["mountPath"] == target} == {
-        volume_for(runtime, target)[1]["name"]
-    }
+    kserve_container(runtime)["securityContext"]["runAsUser"] = 1000
+    init = {"name": "deps", "image": "x", "command": ["sh", "-c", "python3 -m pip install onnxruntime"]}
+    isvc = load("inferenceservice-cpu.yaml")
+    isvc["spec"]["predictor"]["initContainers"] = [init]
+    assert len(pod_start_problems(runtime)) == 1 and len(pod_start_problems(isvc)) == 2
 
 
 def test_scaled_object_scales_the_predictor_on_triton_queue_time():
@@ -564,7 +631,7 @@ def test_the_seed_services_url_goes_through_the_gateway_transformer():
     assert (ready["path"], ready["port"]) == ("/v2/health/ready", render.GATEWAY_PORT)
     assert (live["path"], live["port"]) == ("/v2/health/live", render.GATEWAY_PORT)
     security = container["securityContext"]
-    assert security["runAsNonRoot"] is True and security["runAsUser"] == 1000
+    assert security["runAsNonRoot"] is True and "runAsUser" not in security  # any uid: OpenShift assigns one
     assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"]
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]["gateway"]
     assert container["image"] == re.fullmatch(r"\$\{GATEWAY_IMAGE:-([^}]+)\}", compose["image"]).group(1)

@@ -15,10 +15,19 @@ as written: each server runs in a private mount namespace (`unshare`) whose /mnt
 /mnt/concepts. The GPU runtime's arguments differ only in the model config
 name (its embedder needs the onnxruntime backend, which the wheel lacks); the
 manifest tests check that.
+
+The container as OpenShift's restricted-v2 SCC runs it (`in_container`): an
+arbitrary non-root uid in group 0, no HOME, a read-only root filesystem with
+empty tmpfs folders where the runtime mounts its emptyDirs (/tmp, /dev/shm),
+and the repository read-only. Its Python models see only what the NGC
+image's Python has (the standard library and NumPy: tests/image_python.py's
+stand-in, which the repository is exported for) besides their packed
+environments.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -31,9 +40,11 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import image_python
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
@@ -140,16 +151,74 @@ def configmap_volume(directory: Path, files: Dict[str, str], stamp: str) -> None
         shutil.rmtree(directory / previous)
 
 
-def namespace(repository: Path, concepts: Path) -> List[str]:
-    """A private mount namespace with the repository at /mnt/models and the concepts at /mnt/concepts."""
-    script = (
-        'mount -t tmpfs tmpfs /mnt && mkdir /mnt/models /mnt/concepts && mount --bind "$1" /mnt/models '
-        '&& mount --bind "$2" /mnt/concepts && shift 2 && exec "$@"'
-    )
-    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(repository), str(concepts)]
+# The uid restricted-v2 gives a pod (one from its project's range), in group 0 as OpenShift runs it.
+UID = 1000680000
 
 
-def replica(repository: Path, concepts: Path) -> TritonServer:
+def empty_dirs() -> List[str]:
+    """Where the CPU runtime mounts an emptyDir: empty tmpfs folders in the container, all else read-only."""
+    runtime = manifest("servingruntime-cpu.yaml")
+    (container,) = runtime["spec"]["containers"]
+    empty = {v["name"] for v in runtime["spec"]["volumes"] if "emptyDir" in v}
+    return [m["mountPath"] for m in container["volumeMounts"] if m["name"] in empty]
+
+
+# The container, in a private mount namespace set up as root: the repository and the concepts read-only at
+# /mnt, the emptyDirs as empty tmpfs folders, the root filesystem read-only, then the command as UID in group 0
+# with no HOME, from /. Arguments: the repository, the concepts, the image's folders that sit where they would
+# be hidden here (":"-separated; in /tmp, in root's home, the launcher's private backends), then the command.
+CONTAINER = (
+    """set -e
+repository=$1 concepts=$2 image=$3
+shift 3
+for arg do
+  case "$arg" in --backend-directory=*) backends=${arg#*=} ;; esac
+done
+if [ -n "${backends:-}" ]; then
+  chmod 755 "$backends"  # the launcher's copy of what the image has, world-readable, in /opt/tritonserver
+  image="$image:$backends"
+fi
+mount -t tmpfs -o mode=755 tmpfs /mnt
+mkdir /mnt/models /mnt/concepts /mnt/.image
+mount --bind "$repository" /mnt/models
+mount -o remount,bind,ro /mnt/models
+mount --bind "$concepts" /mnt/concepts
+mount -o remount,bind,ro /mnt/concepts
+IFS=:
+n=0
+for path in $image; do n=$((n + 1)); mkdir /mnt/.image/$n; mount --bind "$path" /mnt/.image/$n; done
+mount -t tmpfs -o mode=755 tmpfs /root
+"""
+    + "".join(f"mount -t tmpfs -o mode=1777 tmpfs {folder}\n" for folder in empty_dirs())
+    + """n=0
+for path in $image; do
+  n=$((n + 1)); mkdir -p "$path"; mount --move /mnt/.image/$n "$path"; mount -o remount,bind,ro "$path"
+done
+unset IFS
+rmdir /mnt/.image/* /mnt/.image
+mount -o remount,bind,ro /mnt
+mount -o remount,bind,ro /
+cd /
+exec setpriv --reuid=UID --regid=0 --clear-groups env -u HOME "$@"
+""".replace("UID", str(UID))
+)
+
+
+@dataclass(frozen=True)
+class Deployment:
+    repository: Path
+    stub_python: Path  # the stand-in for the image's Python that its environments were built for
+
+
+def in_container(deployment: Deployment, concepts: Path) -> List[str]:
+    """What runs a command as the runtime's container runs it (CONTAINER); this Python's installation (the
+    stubs' libpython and standard library, the venv's interpreter) and the stand-in are the image's."""
+    image = ":".join([sys.base_prefix, str(deployment.stub_python.parent.parent)])
+    paths = [str(deployment.repository), str(concepts), image]
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", CONTAINER, "sh", *paths]
+
+
+def replica(deployment: Deployment, concepts: Path) -> TritonServer:
     ports = {"http": free_port(), "grpc": free_port(), "metrics": free_port()}
     return TritonServer(
         Path(MODELS),
@@ -157,7 +226,7 @@ def replica(repository: Path, concepts: Path) -> TritonServer:
         grpc_port=ports["grpc"],
         metrics_port=ports["metrics"],
         arguments=runtime_arguments(ports),
-        wrapper=[*key_check(secret_key()), *namespace(repository, concepts)],
+        wrapper=[*in_container(deployment, concepts), *key_check(secret_key())],
     )
 
 
@@ -171,12 +240,14 @@ def concept_file(version: int, names: List[str], dim: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def deployed(parity_set, tmp_path_factory):
-    """The repository exported as the KServe guide says: the custom concept set read from /mnt/concepts."""
-    target = tmp_path_factory.mktemp("mnt-models")
-    result = run_export(parity_set.checker_dir, target, "--concepts-dir", CONCEPTS)
+def deployed(parity_set, tmp_path_factory) -> Deployment:
+    """The repository exported as the KServe guide says (the custom concept set read from /mnt/concepts), with
+    its environments built for the stand-in of the image's Python: the stubs see nothing of this venv."""
+    stub_python = image_python.build(tmp_path_factory.mktemp("image-python"))
+    target = tmp_path_factory.mktemp("mnt-models") / "repository"
+    result = run_export(parity_set.checker_dir, target, "--concepts-dir", CONCEPTS, "--stub-python", str(stub_python))
     assert result.returncode == 0, result.stderr
-    return target
+    return Deployment(target, stub_python)
 
 
 def test_runtime_arguments_load_and_answer_with_admin_apis_restricted(deployed, parity_set, tmp_path):
@@ -187,6 +258,13 @@ def test_runtime_arguments_load_and_answer_with_admin_apis_restricted(deployed, 
             (answer,) = client.check_batch(parity_set.pixels[:1])
         assert answer.concept_set_version == 3 and list(answer.custom_scores) == ["logo"]
         assert answer.custom_scores["logo"] > 0 and answer.flagged  # threshold -1 fires on every image
+        # Served as restricted-v2 runs it: its uid in group 0, no HOME; the Python backend unpacked every
+        # environment into the /tmp emptyDir.
+        status = Path(f"/proc/{server.pid}/status").read_text()
+        assert re.search(rf"^Uid:\s+{UID}\s", status, re.M) and re.search(r"^Gid:\s+0\s", status, re.M), status
+        assert not [e for e in Path(f"/proc/{server.pid}/environ").read_bytes().split(b"\0") if e.startswith(b"HOME=")]
+        unpacked = list(Path(f"/proc/{server.pid}/root/tmp").glob("python_env_*/*/bin/activate"))
+        assert len(unpacked) == len(list(deployed.repository.glob("*/python_env.tar.gz"))) > 0
 
         base, key = f"http://{server.http_url}", secret_key()
 
@@ -233,6 +311,23 @@ def test_runtime_arguments_load_and_answer_with_admin_apis_restricted(deployed, 
         assert grpc.is_server_ready()
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{server.ports['metrics']}/metrics", timeout=30).read()
         assert b"nv_inference_queue_duration_us" in metrics and b"nv_inference_request_success" in metrics
+
+
+def test_a_model_importing_what_the_image_lacks_fails_to_load_in_the_container(deployed, tmp_path):
+    """The restriction bites: a model that imports PyYAML, which this venv and this host's system Python have but
+    neither the image's Python nor the model's environment, does not load in the container, and says why."""
+    assert importlib.util.find_spec("yaml") is not None  # this process sees it
+    repository = tmp_path / "repository"
+    shutil.copytree(deployed.repository, repository, symlinks=True)
+    model = repository / spec.POSTPROCESS_MODEL / "1" / "model.py"
+    model.write_text("import yaml  # noqa: F401\n" + model.read_text())
+    concepts = tmp_path / "concepts"
+    configmap_volume(concepts, {spec.CUSTOM_CONCEPTS_FILENAME: concept_file(1, [], 16)}, "2026_11_30_12_00_00.1")
+    server = replica(Deployment(repository, deployed.stub_python), concepts)
+    with pytest.raises(ServerError, match="exited with code 1"):
+        server.start(timeout_s=HUNG_S)
+    log = server.log_path.read_text()
+    assert "No module named 'yaml'" in log and spec.POSTPROCESS_MODEL in log, log[-3000:]
 
 
 def test_two_replicas_follow_one_configmap_swap_under_load(deployed, parity_set, tmp_path):
@@ -445,7 +540,7 @@ def test_the_exec_probes_fail_on_a_dead_stub_and_a_restart_restores_the_replica(
         port = server.ports["HTTP"]
 
         def run(probe: str) -> subprocess.CompletedProcess:
-            command = namespace(deployed, concepts) + probe_command("servingruntime-cpu.yaml", probe, port)
+            command = in_container(deployed, concepts) + probe_command("servingruntime-cpu.yaml", probe, port)
             return subprocess.run(command, capture_output=True, text=True, timeout=HUNG_S)
 
         for probe in ("readinessProbe", "livenessProbe"):
