@@ -1,4 +1,6 @@
-# make serve:     set up, export the model if needed, serve it on CPU.
+# make serve:     set up, export the model if needed, serve it on CPU (MODEL=DIR: a checkpoint saved here).
+# make demo:      offline: a tiny random-weight checker exported, served, and checked and scanned on a few
+#                 photographs in examples/ (its decisions mean nothing; it shows the commands at work).
 # make test:      set up and run the test suite but the install checks (what CI runs, after make lint).
 # make test-fast: the tests that start no tritonserver and are not slow (under a minute).
 # make install-check: the tests that install the packages into fresh virtual environments (the client alone,
@@ -38,7 +40,7 @@ SOAK_MINUTES ?= 10
 # wait on servers and subprocesses as much as they compute, so three keep two cores busy.
 TEST_WORKERS ?= 3
 
-.PHONY: setup repository serve test test-fast install-check deploy-check lint style bench overload soak clean
+.PHONY: setup repository serve demo test test-fast install-check deploy-check lint style bench overload soak clean
 
 setup: $(VENV)/.installed
 
@@ -62,9 +64,17 @@ repository: setup
 		$(PY) -m export --model "$(MODEL)" --repository "$(REPOSITORY)" && echo "$(MODEL)" > "$(STAMP)"; \
 	fi
 
-serve: repository
-	$(VENV)/bin/safety-checker serve --repository "$(REPOSITORY)" \
-		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+# The ports are checked first, so that a conflict is reported at once rather than after the export.
+SERVE_ARGS = --repository "$(REPOSITORY)" --http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT) --metrics-port $(METRICS_PORT)
+serve: setup
+	@$(VENV)/bin/safety-checker serve --check-ports $(SERVE_ARGS)
+	@$(MAKE) --no-print-directory repository
+	$(VENV)/bin/safety-checker serve $(SERVE_ARGS)
+
+# The tiny random-weight checker exported, served on free ports, and checked and scanned on a few photographs
+# written into examples/: offline, and the server stops when the demo ends (python -m demo --help).
+demo: setup
+	$(PY) -m demo $(DEMO_ARGS)
 
 test: setup
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not install"
@@ -77,7 +87,8 @@ test-fast: setup
 
 # The KServe manifests: schemas, the runtime's own arguments served, the admin API, two replicas.
 deploy-check: setup
-	$(PY) -m pytest tests/test_deploy_manifests.py tests/test_deploy_runtime.py
+	$(PY) -m pytest tests/test_deploy_manifests.py tests/test_deploy_runtime.py tests/test_deploy_openshift.py \
+		tests/test_environment.py
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -14,7 +14,7 @@ from typing import Any, Callable, Dict, FrozenSet, List, NamedTuple, Optional, S
 
 import tritonclient.grpc as grpcclient
 
-from bench import gateway, served
+from bench import gateway, pipeline, pipeline_data, served
 from bench.harness import Harness, Worker
 from bench.inputs import decoder_photo_size, encoded_files, encoded_requests
 from bench.loadgen import measure
@@ -23,7 +23,7 @@ from bench.settings import Settings
 from safety_checker_client import spec
 
 # The rows perf_analyzer measures.
-PERF_KINDS = ("triton", "triton-int8", "cascade", "cascade-forced")
+PERF_KINDS = ("triton", "triton-int8", "cascade", "cascade-forced", pipeline.KIND)
 # Whose statistics each kind of served row reads, besides a cascade row's own model.
 STATS = (spec.EMBEDDER_MODEL, spec.POSTPROCESS_MODEL, spec.ENSEMBLE_MODEL)
 CASCADE_STATS = (spec.EMBEDDER_MODEL, spec.INT8_EMBEDDER_MODEL, spec.POSTPROCESS_MODEL)
@@ -85,6 +85,43 @@ def candidates(settings: Settings, selection: Selection, built: Harness, output:
         rows += _image_files(settings, built)
     if "gateway" in kinds:
         rows += _gateway(settings, built)
+    if pipeline.KIND in kinds:
+        rows += _pipeline(settings, built, output)
+    return rows
+
+
+def _pipeline(settings: Settings, built: Harness, output: Path) -> List[Candidate]:
+    """The tiny checker's paths at each batch and concurrency, then its gateway (bench/pipeline.py)."""
+    server = built.pipeline_server
+    cores = pipeline.server_cores(server.pid)
+    folder = output / "perf_analyzer"
+    data = pipeline_data.write_input_data(folder / "pipeline-input")
+    rows = []
+    for batch in settings.pipeline_batches:
+        for path in pipeline.PATHS:
+            rows += [
+                Candidate(
+                    pipeline.label(path.name, path.model, batch),
+                    pipeline.KIND,
+                    pipeline.perf_window(
+                        server.grpc_url, path, batch, c, settings.pipeline_perf, data[path.model], folder
+                    ),
+                    {"concurrency": c, "batch": batch, "path": path.name, "model": path.model, "server_cores": cores},
+                )
+                for c in settings.pipeline_concurrency
+            ]
+    front = built.pipeline_gateway
+    if front is not None:
+        bodies = gateway.seed_bodies(pipeline_data.files())
+        rows += [
+            Candidate(
+                pipeline.GATEWAY_LABEL,
+                pipeline.GATEWAY_KIND,
+                pipeline.gateway_window(front.url, server.grpc_url, bodies, c, settings.warmup_s, front.cpu_s),
+                {"concurrency": c, "batch": 1, "path": pipeline.GATEWAY, "server_cores": cores},
+            )
+            for c in settings.pipeline_concurrency
+        ]
     return rows
 
 

@@ -81,6 +81,12 @@ class Harness:
     forced: Optional[Dict[str, Any]] = None  # the cascade's critical bounds and forced-fallback copies
     int8_report: Optional[Dict[str, Any]] = None
     gateway: Optional[GatewayProcess] = None  # `safety-checker gateway` in front of the fp32 server
+    pipeline_gateway: Optional[GatewayProcess] = None  # the gateway in front of the pipeline rows' server
+
+    @property
+    def pipeline_server(self) -> TritonServer:
+        """The tiny checker's server the pipeline rows measure (with --quick, the fp32 one is the tiny checker)."""
+        return self.servers["tiny"] if "tiny" in self.servers else self.servers["fp32"]
 
 
 def export(checkpoint: Path, repository: Path, log: Path, *extra: str) -> None:
@@ -117,14 +123,26 @@ def harness(
         if "gateway" in selection.kinds:
             say("starting `safety-checker gateway` in front of the fp32 server")
             built.gateway = GatewayProcess(built.servers["fp32"].grpc_url, logs / "gateway.log")
+        if "pipeline" in selection.kinds:
+            _start_pipeline_gateway(built, logs, say)
         yield built
     finally:
-        if built.gateway is not None:
-            built.gateway.close()
+        for process in (built.gateway, built.pipeline_gateway):  # closing one twice (--quick's shared one) is fine
+            if process is not None:
+                process.close()
         for worker in [*built.workers.values(), *built.decoders.values()]:
             worker.close()
         for server in built.servers.values():
             server.stop()
+
+
+def _start_pipeline_gateway(built: Harness, logs: Path, say: Say) -> None:
+    """The pipeline's gateway: the fp32 server's own when that is the pipeline's server (--quick), else a new one."""
+    if built.gateway is not None and built.pipeline_server is built.servers.get("fp32"):
+        built.pipeline_gateway = built.gateway
+        return
+    say("starting `safety-checker gateway` in front of the tiny checker's server (the pipeline rows)")
+    built.pipeline_gateway = GatewayProcess(built.pipeline_server.grpc_url, logs / "gateway-pipeline.log")
 
 
 def _starting(servers: List[str], selection: Selection) -> str:

@@ -6,13 +6,13 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-from bench import served
+from bench import pipeline, served
 from bench.candidates import PERF_KINDS, Candidate
 from bench.loadgen import LoadResult
 from safety_checker_client import spec
 
 # The rows the in-house load generator measures: image files straight to Triton, and through the gateway.
-LOADGEN_KINDS = ("triton-images", "gateway")
+LOADGEN_KINDS = ("triton-images", "gateway", pipeline.GATEWAY_KIND)
 
 
 def pooled_row(candidate: Candidate) -> Dict[str, Any]:
@@ -23,7 +23,10 @@ def pooled_row(candidate: Candidate) -> Dict[str, Any]:
         pooled = _pooled_perf_row(candidate)
     else:
         pooled = _pooled_worker_row(candidate)
-    return {"name": candidate.name, "kind": candidate.kind, **candidate.extra, **pooled}
+    row = {"name": candidate.name, "kind": candidate.kind, **candidate.extra, **pooled}
+    if candidate.kind in (pipeline.KIND, pipeline.GATEWAY_KIND):
+        row.update(pipeline.row_extras(row))
+    return row
 
 
 def _pooled_worker_row(candidate: Candidate) -> Dict[str, Any]:
@@ -69,7 +72,7 @@ def _pooled_loadgen_row(candidate: Candidate) -> Dict[str, Any]:
         "spread": served.spread(rates, rate),
         "client_cpu_ms_per_image": cpu_ms_per_image(pooled.client_cpu_s, pooled.images),
     }
-    if candidate.kind == "gateway":
+    if candidate.kind in ("gateway", pipeline.GATEWAY_KIND):
         gateway_cpu = sum(w["gateway_cpu_s"] for w in candidate.windows)
         row["gateway_cpu_s"] = gateway_cpu
         row["gateway_cpu_ms_per_image"] = cpu_ms_per_image(gateway_cpu, pooled.images)

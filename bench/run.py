@@ -9,7 +9,9 @@ beside results.json. The image-file rows keep the in-house load generator
 (loadgen.py): it sends the files, each of its own size, as raw bytes the way
 the client does, each client going through them in turn; and the same files,
 base64 in the seed's JSON, through `safety-checker gateway` (gateway.py), for
-gateway_vs_triton. The last line on
+gateway_vs_triton. The pipeline rows (pipeline.py) measure the serving
+pipeline's own ceiling on a tiny checker: the embedder alone, each ensemble
+and the gateway, per server core. The last line on
 stdout is one JSON object with the headline numbers. `--rows` measures a
 subset of the rows, and its summary holds the ratios they allow.
 """
@@ -26,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-from bench import perf, report, served
+from bench import perf, pipeline, report, served
 from bench import scan as scan_bench
 from bench import selection as row_selection
 from bench.candidates import PERF_KINDS, Candidate, candidates
@@ -128,8 +130,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(report.table(results))
     if scan:
         print(scan_line(scan, results["summary"]))
-    if gateway_line(results["summary"]):
-        print(gateway_line(results["summary"]))
+    for said in (gateway_line(results["summary"]), pipeline.line(results["summary"])):
+        if said:
+            print(said)
     print(f"results: {output / 'results.json'}, perf_analyzer: {csv_file}, plot: {output / 'throughput.png'}")
     print(json.dumps(results["summary"]))
     return 0
@@ -191,7 +194,7 @@ def _scan(settings: Settings, built: Harness, measured: List[Candidate], logs: P
     triton = [pooled_row(c)["images_per_s"] or 0.0 for c in measured if c.kind == "triton"]
     best = max(triton) if triton else None  # the served fp32 rate sizes the scan; without it, the fewest files
     low, high = settings.scan_files
-    count = int(min(max(round((best or 0.0) * settings.window_s * settings.rounds), low), high))
+    count = int(min(max(round((best or 0.0) * settings.scan_work_s), low), high))
     quick = "tiny" not in built.servers
     ceiling_count = CEILING_IMAGES["quick" if quick else "full"]
     scratch = built.scratch

@@ -5,9 +5,11 @@ files (the scikit-image photographs and their mirror images, as PNG and JPEG:
 300x451 to 2000x2000 pixels, each decoded, resized and cropped by the
 client):
 
-- against the full-size served checker (the tiny one with --quick), to compare
-  with perf_analyzer's best fp32 throughput on the same server in the same run
-  (`scan_vs_server`; the goal is >= 0.95);
+- against the full-size served checker (the tiny one with --quick), with the
+  scan's default options (the window of requests in flight sized from the
+  server's answers, `--concurrency auto`), to compare with perf_analyzer's best
+  fp32 throughput on the same server in the same run (`scan_vs_server`; the
+  goal is >= 0.95);
 - against a tiny checker, where the server costs almost nothing, so the client
   is the limit: images/s, and images per second of client CPU time (every
   thread of the scan process), the ceiling per client core.
@@ -16,19 +18,15 @@ client):
 from __future__ import annotations
 
 import io
+import os
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from fixtures.photos import PHOTOS, photo
-
-# Requests in flight and images per request for the scan runs.
-CONCURRENCY = 8
-BATCH_SIZE = 4
-TIMEOUT_S = 900
 
 _SUMMARY = re.compile(
     r"this run: (?P<images>\d+) images checked in .*?\((?P<rate>[\d.]+) images/s, client CPU (?P<cpu>[\d.]+) s\)"
@@ -51,13 +49,20 @@ def encoded_photos() -> List[bytes]:
 
 
 def write_folder(folder: Path, count: int) -> Path:
-    """`count` real-size image files, cycling through the encoded photographs."""
+    """`count` real-size image files, cycling through the encoded photographs: each written once, the rest hard
+    links to it (a scan of many minutes' work needs no gigabytes)."""
     folder.mkdir(parents=True, exist_ok=True)
     files = encoded_photos()
+    first: Dict[int, Path] = {}
     for i in range(count):
         data = files[i % len(files)]
         extension = "png" if data[:4] == b"\x89PNG" else "jpg"
-        (folder / f"{i:05d}.{extension}").write_bytes(data)
+        path = folder / f"{i:05d}.{extension}"
+        if i % len(files) in first:
+            os.link(first[i % len(files)], path)
+        else:
+            path.write_bytes(data)
+            first[i % len(files)] = path
     return folder
 
 
@@ -65,11 +70,13 @@ def run_scan(
     url: str,
     folder: Path,
     log: Path,
-    concurrency: int = CONCURRENCY,
-    batch_size: int = BATCH_SIZE,
+    concurrency: Optional[int] = None,
+    batch_size: Optional[int] = None,
     workers: Optional[int] = None,
+    env: Optional[Mapping[str, str]] = None,
 ) -> Dict[str, Any]:
-    """One `safety-checker scan` over `folder`; its own summary's numbers."""
+    """One `safety-checker scan` over `folder` with the scan's own defaults but for the options given; its summary's
+    numbers."""
     with tempfile.TemporaryDirectory(prefix="bench-scan-") as scratch:
         command = [
             sys.executable,
@@ -81,16 +88,10 @@ def run_scan(
             url,
             "--report",
             str(Path(scratch) / "report.jsonl"),
-            "--concurrency",
-            str(concurrency),
-            "--batch-size",
-            str(batch_size),
-            "--timeout",
-            str(TIMEOUT_S),
         ]
-        if workers:
-            command += ["--workers", str(workers)]
-        result = subprocess.run(command, capture_output=True, text=True)
+        for option, value in (("--concurrency", concurrency), ("--batch-size", batch_size), ("--workers", workers)):
+            command += [option, str(value)] if value else []
+        result = subprocess.run(command, capture_output=True, text=True, env=env)
         log.write_text(f"$ {' '.join(command)}\n{result.stdout}\n{result.stderr}")
         found = _SUMMARY.search(result.stdout)
         if result.returncode != 0 or found is None:
@@ -101,6 +102,6 @@ def run_scan(
         "images_per_s": rate,
         "client_cpu_s": cpu,
         "images_per_client_cpu_s": images / cpu if cpu > 0 else None,
-        "concurrency": concurrency,
-        "batch_size": batch_size,
+        "concurrency": concurrency or "default",
+        "batch_size": batch_size or "default",
     }

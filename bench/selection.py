@@ -55,6 +55,14 @@ ROWS: Dict[str, RowGroup] = {
         exports=("int8", "cascade"),
         serves=("int8", "cascade"),
     ),
+    # The tiny checker's paths side by side: the embedder alone, the ensembles, image files, the gateway.
+    "pipeline": RowGroup(
+        "the serving pipeline's own ceiling on the tiny checker: embedder alone, float, uint8 and image-file "
+        "ensembles (perf_analyzer, batch 1 and 8) and the gateway",
+        ("pipeline", "pipeline-gateway"),
+        exports=("tiny",),
+        serves=("tiny",),
+    ),
     # Against the served checker and a tiny one (with --quick the served checker is the tiny one).
     "scan": RowGroup(
         "`safety-checker scan` over real-size files (scan_vs_server needs triton too)",
@@ -80,7 +88,7 @@ class Selection:
         return frozenset(kind for name in self.names for kind in ROWS[name].kinds)
 
     def exports(self, quick: bool) -> List[str]:
-        """The repositories to export, in REPOSITORIES order (no tiny one with --quick)."""
+        """The repositories to export, in REPOSITORIES order (with --quick, fp32 for the tiny one)."""
         return self._repositories([ROWS[name].exports for name in self.names], quick)
 
     def serves(self, quick: bool) -> List[str]:
@@ -89,8 +97,11 @@ class Selection:
 
     @staticmethod
     def _repositories(needs: List[Tuple[str, ...]], quick: bool) -> List[str]:
+        """With --quick the fp32 repository is the tiny checker, and stands in for the tiny one."""
         wanted = {repository for need in needs for repository in need}
-        return [r for r in REPOSITORIES if r in wanted and not (quick and r == "tiny")]
+        if quick and "tiny" in wanted:
+            wanted = (wanted - {"tiny"}) | {"fp32"}
+        return [r for r in REPOSITORIES if r in wanted]
 
 
 ALL = Selection(frozenset(ROWS))

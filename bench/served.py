@@ -58,13 +58,16 @@ def window(
     csv_file: Path,
     stats_models: Sequence[str],
     data: Optional[Path] = None,
+    batch: int = 1,
 ) -> Dict[str, Any]:
-    """One perf_analyzer run against `model` at `url` (gRPC); its numbers and the server's statistics."""
+    """One perf_analyzer run against `model` at `url` (gRPC), `batch` images a request; its numbers (images/s:
+    perf_analyzer counts a request of `batch` images as `batch` inferences) and the server's statistics."""
     count = settings.request_count(concurrency)
     arguments = perf.command(
         model,
         url,
         csv_file,
+        batch=batch,
         concurrency=(concurrency,),
         request_count=count,
         stability_percentage=settings.stability_percentage,

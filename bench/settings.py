@@ -21,10 +21,19 @@ class Settings:
     cascade_concurrency: Sequence[int]  # the cascade, as exported and at each forced fallback
     batches: Sequence[int]  # for the in-process candidates
     perf: PerfSettings
-    # Bounds on the files of the scan against the served checker (sized by the served rate within them).
+    # Bounds on the files of the scan against the served checker (sized by the served rate within them), and the
+    # seconds of the served rate's work it is sized to (issue 22: at least five minutes in a full run).
     scan_files: Tuple[int, int]
+    scan_work_s: float
     # gateway_vs_triton's goal: the gateway's images/s over Triton's own encoded path, at GATEWAY_CONCURRENCY.
     gateway_goal: float
+    # The pipeline rows (bench/pipeline.py): the tiny checker's paths at these request batches and concurrencies,
+    # perf_analyzer's windows holding about as many images at every batch.
+    pipeline_batches: Sequence[int] = (1, 8)
+    pipeline_concurrency: Sequence[int] = (1, 2, 4, 8)
+    pipeline_perf: PerfSettings = PerfSettings(
+        min_requests=400, requests_per_client=50, stability_percentage=10, max_trials=6
+    )
 
 
 FULL = Settings(
@@ -37,6 +46,7 @@ FULL = Settings(
     batches=(1, 4),
     perf=PerfSettings(min_requests=16, requests_per_client=4, stability_percentage=10, max_trials=6),
     scan_files=(48, 4000),
+    scan_work_s=300.0,
     gateway_goal=0.95,
 )
 QUICK = Settings(
@@ -51,7 +61,12 @@ QUICK = Settings(
     # criterion can leave every window unstable, with no CSV row to check).
     perf=PerfSettings(min_requests=20, requests_per_client=5, stability_percentage=1000, max_trials=4),
     scan_files=(48, 48),
+    scan_work_s=0.0,
     gateway_goal=0.8,  # the tiny checker: the gateway's cost per image weighs more against a cheap model
+    # pipeline_vs_embedder's point only (tests/test_bench_pipeline.py sends batch 8 through a server).
+    pipeline_batches=(1,),
+    pipeline_concurrency=(8,),
+    pipeline_perf=PerfSettings(min_requests=24, requests_per_client=3, stability_percentage=1000, max_trials=4),
 )
 # Fallback fractions the cascade is measured at, besides its own; of CASCADE_IMAGES images.
 FORCED_FALLBACKS = (0.05, 0.20)

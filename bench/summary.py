@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Sequence
 
+from bench import pipeline
 from bench.settings import GATEWAY_CONCURRENCY
 
 Row = Dict[str, Any]
@@ -180,6 +181,7 @@ def summarize(
         **_gateway(table, gateway_goal),
         **_int8(table),
         **_cascade(table),
+        **pipeline.summarize(rows),
         "cpu_flags": list(cpu_flags),
         **_scan(table, scan),
     }

@@ -29,6 +29,17 @@ class CheckpointError(RuntimeError):
     """The source is not a loadable StableDiffusionSafetyChecker."""
 
 
+class HubUnreachableError(CheckpointError):
+    """The checkpoint is on the hub, which cannot be reached, and not in the local cache: the offline ways out."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(
+            f"cannot download {source!r}: {reason}. Offline, pass a local directory saved with save_pretrained "
+            "instead (python -m export --model DIR; make serve MODEL=DIR), or try everything on a tiny "
+            "random-weight checker with make demo"
+        )
+
+
 @dataclass
 class Checkpoint:
     model: Any  # diffusers StableDiffusionSafetyChecker, in eval mode
@@ -83,6 +94,12 @@ def load_checkpoint(source: str) -> Checkpoint:
     except Exception as err:  # transformers raises many types for the same failures
         if local:
             raise CheckpointError(f"cannot load the safety checker in {source}: {_first_line(err)}") from err
+        if _hub_unreachable(err):
+            raise HubUnreachableError(
+                source,
+                "it is not in the local cache, and the Hugging Face hub is out of reach (offline mode, or "
+                "no connection)",
+            ) from None
         raise CheckpointError(
             f"cannot load {source!r} from the Hugging Face hub (is the hub reachable, or pass a local "
             f"directory saved with save_pretrained?): {_first_line(err)}"
@@ -108,11 +125,23 @@ def _check_hub_reachable(source: str) -> None:
     try:
         socket.create_connection((endpoint.hostname, port), timeout=HUB_CONNECT_TIMEOUT_S).close()
     except OSError as error:
-        raise CheckpointError(
-            f"cannot reach the Hugging Face hub at {constants.ENDPOINT} to download {source!r} "
-            f"({error.strerror or error}): pass a local directory saved with save_pretrained instead "
-            "(python -m export --model DIR; make serve MODEL=DIR)"
-        ) from None
+        reason = f"the Hugging Face hub at {constants.ENDPOINT} cannot be reached ({error.strerror or error})"
+        raise HubUnreachableError(source, reason) from None
+
+
+def _hub_unreachable(error: BaseException) -> bool:
+    """Whether `error`, or one it was raised from, is huggingface_hub's "neither reachable nor cached" (offline
+    mode, or a connection that failed through a proxy): told by type, as diffusers rewords it."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    seen = set()
+    cause: Optional[BaseException] = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, (LocalEntryNotFoundError, OfflineModeIsEnabled)):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _preprocessor_config(source: str, local: bool) -> Optional[Dict[str, Any]]:

@@ -42,6 +42,8 @@ SUMMARY_KEYS = {
     "cascade_forced_20pct_images_per_s",
     "gateway_images_per_s",
     "gateway_vs_triton",
+    "pipeline_vs_embedder",
+    "pipeline_images_per_s_per_core",
 }
 
 
@@ -124,6 +126,8 @@ def test_every_candidate_was_measured_without_errors(quick_run):
         "triton-int8",
         "cascade",
         "cascade-forced",
+        "pipeline",
+        "pipeline-gateway",
     }
     triton = [r for r in results["rows"] if r["kind"] == "triton"]
     assert [r["concurrency"] for r in triton] == [1, 2]
@@ -156,7 +160,8 @@ def test_every_candidate_was_measured_without_errors(quick_run):
 def test_perf_analyzer_measured_the_served_rows_and_its_csv_is_kept(quick_run):
     _, output = quick_run
     results = json.loads((output / "results.json").read_text())
-    perf_rows = [r for r in results["rows"] if r["kind"] in ("triton", "triton-int8", "cascade", "cascade-forced")]
+    kinds = ("triton", "triton-int8", "cascade", "cascade-forced", "pipeline")
+    perf_rows = [r for r in results["rows"] if r["kind"] in kinds]
     with open(output / "perf_analyzer.csv", newline="") as handle:
         kept = list(csv.DictReader(handle))
     # One CSV row per window that met perf_analyzer's criterion; an unstable one wrote none (and is counted).
@@ -169,6 +174,33 @@ def test_perf_analyzer_measured_the_served_rows_and_its_csv_is_kept(quick_run):
             assert any(float(k["Inferences/Second"]) == pytest.approx(x) for x in row["windows_images_per_s"])
     logs = sorted((output / "perf_analyzer").glob("*.log"))
     assert len(logs) == 2 * len(perf_rows) and all("Pass [1] throughput" in log.read_text() for log in logs)
+
+
+def test_the_pipeline_rows_measured_every_path_side_by_side(quick_run):
+    result, output = quick_run
+    results = json.loads((output / "results.json").read_text())
+    summary = results["summary"]
+    rows = [r for r in results["rows"] if r["kind"] in ("pipeline", "pipeline-gateway")]
+    assert sorted((r["path"], r["batch"], r["concurrency"]) for r in rows) == [
+        (path, 1, 8) for path in ("embedder", "float", "gateway", "images", "uint8")
+    ]
+    by_path = {r["path"]: r for r in rows}
+    cores = summary["pipeline_server_cores"]
+    assert cores >= 1 and all(r["server_cores"] == cores for r in rows)
+    for row in rows:
+        assert row["images_per_s_per_core"] == pytest.approx(row["images_per_s"] / cores)
+    assert summary["pipeline_vs_embedder"] == pytest.approx(
+        by_path["float"]["images_per_s"] / by_path["embedder"]["images_per_s"]
+    )
+    assert len(summary["pipeline_vs_embedder_by_round"]) == 2 and summary["pipeline_vs_embedder_spread"] >= 0
+    assert summary["pipeline_images_per_s_per_core"] == pytest.approx(by_path["float"]["images_per_s_per_core"])
+    images = by_path["images"]["server"]
+    assert images["safety_checker_decode"]["inferences"] == images["safety_checker_images"]["requests"] > 0
+    assert 0 < by_path["images"]["decode_share"] < 1 and 0 < summary["pipeline_decode_share_min"] < 1
+    assert summary["pipeline_uint8_vs_float"].keys() == {"b1c8"}
+    # The gateway row went through the gateway to the same server: its image-file ensemble answered it.
+    assert by_path["gateway"]["server"]["safety_checker_images"]["requests"] > 0
+    assert "pipeline: pipeline_vs_embedder " in result.stdout
 
 
 def test_the_cascade_rows_count_their_fallbacks(quick_run):

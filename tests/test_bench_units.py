@@ -399,6 +399,13 @@ FULL_SUMMARY = [
     "cascade_forced_5pct_fallback_fraction",
     "cascade_forced_20pct_images_per_s",
     "cascade_forced_20pct_fallback_fraction",
+    *(f"pipeline_vs_embedder{k}" for k in ("", "_spread", "_by_round", "_concurrency")),
+    "pipeline_images_per_s_per_core",
+    "pipeline_images_per_s_per_core_spread",
+    "pipeline_server_cores",
+    "pipeline_by_path",
+    "pipeline_uint8_vs_float_min",
+    "pipeline_uint8_vs_float",
     "cpu_flags",
     "scan_images_per_s",
     "scan_vs_server",
@@ -411,8 +418,13 @@ class _Unused:
     """A server or worker the candidates hold but that no test asks to measure."""
 
     grpc_url = "127.0.0.1:1"
+    url = "http://127.0.0.1:1"
+    pid = None  # a server's: the cores it may use are this process's
 
     def window(self, batch, window_s):
+        raise AssertionError("no window is measured here")
+
+    def cpu_s(self):
         raise AssertionError("no window is measured here")
 
 
@@ -426,6 +438,7 @@ def _built(chosen, quick, tmp_path):
         decoders={ext: _Unused() for ext in ("png", "jpeg") if "decoder" in chosen.kinds},
         cascade_data=tmp_path / "cascade-images.json" if "cascade" in chosen else None,
         forced=forced if "cascade" in chosen else None,
+        pipeline_gateway=_Unused() if "pipeline" in chosen else None,
     )
 
 
@@ -491,6 +504,11 @@ def test_a_full_run_measures_every_row_in_table_order(tmp_path):
         ("triton-images", 8),
         ("gateway", 1),
         ("gateway", 8),
+        ("pipeline", 8),
+        ("pipeline", 8),
+        ("pipeline", 8),
+        ("pipeline", 8),
+        ("pipeline-gateway", 8),
     ]
     assert list(_summary_of(selection.ALL, QUICK, tmp_path)) == FULL_SUMMARY
 

@@ -72,8 +72,8 @@ def image_files(tmp_path_factory):
     return paths
 
 
-def check(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([COMMAND, "check", *args], capture_output=True, text=True, timeout=300)
+def check(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+    return subprocess.run([COMMAND, "check", *args], input=stdin, capture_output=True, text=True, timeout=300)
 
 
 def lines(result: subprocess.CompletedProcess):
@@ -151,9 +151,10 @@ def test_encoded_form_gives_each_bad_file_its_own_error_line(served, image_files
     assert [good, good_again] == plain
     for bad in (corrupt, text, missing):
         assert "flagged" not in bad and bad["path"] in bad["error"]
-    # Named by its place in the request the server refused: the second of the four files read.
+    # Named by its place in the request the server refused: the second of the three files sent.
     assert "corrupt or truncated image file" in corrupt["error"] and "image 1: " in corrupt["error"]
-    assert "invalid base64" in text["error"]
+    # A text file is not sent (the server would take it for base64): named, with the formats an image file may be.
+    assert "a text file, not an image file (PNG, JPEG, WEBP, GIF, BMP, TIFF)" in text["error"]
     assert "No such file" in missing["error"]
     assert "3 of 5 images were not checked" in result.stderr
     both = check("--url", f"127.0.0.1:{served[1]}", "--encoded", "--uint8", files[0])
@@ -200,6 +201,31 @@ def test_plain_json_request_as_in_the_readme(served, image_files):
     np.testing.assert_allclose(outputs["concept_scores"]["data"], expected["concept_scores"], atol=1e-6)
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_nothing_listening_is_said_on_stderr_at_once_and_check_exits_1(image_files, protocol):
+    """Finding: 116 s of silence, and `--url http://...` crashed with a traceback. A hang guard, not a timing."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    result = check("--url", url, "--protocol", protocol, "--connect-deadline", "1", str(image_files["coffee"]))
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "AttributeError" not in result.stderr
+    told, summary = result.stderr.splitlines()
+    assert told.startswith(f"safety-checker check: cannot reach safety_checker at 127.0.0.1:{port} ({protocol}): ")
+    assert "Connection refused" in told and told.endswith("; retrying for up to 1 s")
+    assert summary == "error: 1 of 1 images were not checked"
+    (record,) = lines(result)
+    assert "flagged" not in record and "Connection refused" in record["error"]
+
+
+def test_check_help_states_the_connect_deadline_and_version_is_the_package_s():
+    from importlib.metadata import version
+
+    usage = subprocess.run([COMMAND, "check", "--help"], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert "--connect-deadline SECONDS" in " ".join(usage.split()) and "(default 20;" in " ".join(usage.split())
+    shown = subprocess.run([COMMAND, "--version"], capture_output=True, text=True, timeout=60, check=True).stdout
+    assert shown.strip() == f"safety-checker {version('safety-checker-client')}"
+
+
 def test_no_server_means_errors_never_safe(image_files):
     result = check(
         "--url", f"127.0.0.1:{free_port()}", "--protocol", "http", "--deadline", "1", str(image_files["astronaut"])
@@ -226,6 +252,19 @@ def test_check_reports_custom_concepts_and_takes_a_strictness(served, image_file
             after["concept_scores"], np.array(before["concept_scores"]) + 0.074 + cascade, atol=1.01e-3
         )
     refused = check("--url", f"127.0.0.1:{served[1]}", "--strictness", "0.5", *files)
-    assert refused.returncode != 0
-    for record in lines(refused):
-        assert "flagged" not in record and "'strictness_adjustment'" in record["error"]
+    assert refused.returncode == 2 and refused.stdout == ""  # refused before anything is sent
+    assert "argument --strictness: request parameter 'strictness_adjustment' = 0.5 must be" in refused.stderr
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_paths_on_stdin_an_http_url_and_fail_on_flagged(served, image_files, protocol):
+    port = served[1] if protocol == "grpc" else served[0]
+    files = [str(image_files[n]) for n in ("astronaut", "coffee", "camera")]
+    plain = lines(check("--url", f"127.0.0.1:{served[1]}", *files))
+    url = f"http://127.0.0.1:{port}/"
+    result = check("--url", url, "--protocol", protocol, "--fail-on-flagged", "-", stdin="\n".join(files) + "\n\n")
+    assert lines(result) == plain and "Traceback" not in result.stderr
+    # Exit 3 exactly when an answer says flagged (the random-weight checker decides which; both branches are also
+    # counted without a server in test_check_cli.py).
+    assert result.returncode == (3 if any(r["flagged"] for r in plain) else 0), result.stderr
+    assert check("--url", url, "--protocol", protocol, *files).returncode == 0

@@ -120,7 +120,7 @@ def test_a_closed_port_is_unavailable_with_the_real_tritonclient(protocol):
     with SafetyCheckerClient(f"127.0.0.1:{free_port()}", protocol=protocol, deadline_s=0) as client:
         outcomes = client.check_each(np.zeros((2, 3, 224, 224), np.float32))
         assert client.attempts == 1
-    assert all(isinstance(o, CheckError) and o.kind == "unavailable" and o.retryable for o in outcomes)
+    assert all(isinstance(o, CheckError) and o.kind == "unavailable" and o.unreachable for o in outcomes)
 
 
 # -- the split of a refused batch -------------------------------------------------------------------------------
@@ -469,7 +469,7 @@ def test_check_prints_one_line_per_file_in_order_and_a_refused_file_takes_no_oth
     triton = FakeTriton(refusing({7}))
     out = io.StringIO()
     client = client_for(triton, uint8=False, encoded=True, outputs=RECORD_OUTPUTS)
-    assert cli.check_files(paths, client, out) == 2
+    assert cli.check_files(paths, client, out) == (2, 1)  # not answered, flagged
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert [line["path"] for line in lines] == paths
     assert [line.get("flagged") for line in lines] == [True, False, None, None, False]

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from safety_checker_admin.server import free_port
-from safety_checker_client.client import CheckError, CheckResult
+from safety_checker_client.client import CONNECT_DEADLINE_S, CheckError, CheckResult
 from safety_checker_diffusers import TritonSafetyChecker, blur, pixelate
+from safety_checker_diffusers.checker import TIMEOUT_S
 
 
 def unreachable(**kwargs) -> TritonSafetyChecker:
@@ -50,6 +51,22 @@ def test_an_unreachable_server_raises(protocol):
     with pytest.raises(CheckError):
         checker(images=images, clip_input=clip_input(2))
     assert checker.last_results == []
+
+
+def test_by_default_a_dead_url_fails_a_call_in_seconds_not_minutes():
+    """Finding: a dead URL stalled a pipeline for 2 minutes. Counted on a fake clock: the defaults give up within the
+    client's connect deadline, and a server that answered before is retried for the drop-in's 30 s, not 120 s."""
+    from fake_tritonclient import FakeClock
+
+    checker = TritonSafetyChecker(f"http://127.0.0.1:{free_port()}/")
+    clock = FakeClock()
+    checker.client._monotonic, checker.client._sleep = clock.monotonic, clock.sleep
+    with pytest.raises(CheckError) as caught:
+        checker(images=np.zeros((1, 8, 8, 3)), clip_input=clip_input(1))
+    assert caught.value.unreachable and "127.0.0.1:" in str(caught.value)
+    assert 0 < sum(clock.sleeps) <= CONNECT_DEADLINE_S and checker.client.attempts == len(clock.sleeps) + 1
+    assert checker.client.timeout_s == checker.client.deadline_s == TIMEOUT_S == 30
+    assert "30 s" in TritonSafetyChecker.__doc__ and "20 s" in TritonSafetyChecker.__doc__
 
 
 def test_on_error_block_blacks_out_every_image_and_flags_it():

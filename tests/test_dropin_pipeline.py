@@ -177,7 +177,7 @@ def with_dropin(pipe, output_type: str, **kwargs):
 @pytest.mark.parametrize("output_type", OUTPUT_TYPES)
 def test_same_decisions_and_images_as_diffusers_own_checker(setup, reference, output_type, protocol):
     pipe, _, _, triton = setup
-    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    url = triton.grpc_url if protocol == "grpc" else f"http://{triton.http_url}/"  # as a browser shows it
     output, dropin = with_dropin(pipe, output_type, url=url, protocol=protocol)
     expected = reference[output_type]
     assert output.nsfw_content_detected == expected.nsfw_content_detected

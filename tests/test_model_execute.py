@@ -413,6 +413,44 @@ def test_normalize_gives_the_clients_pixel_values(repo):
         assert_same(answers(response), {spec.PIXEL_VALUES.name: normalize(batch)})
 
 
+def test_normalize_serves_its_onnx_graph_as_a_numpy_lookup(repo):
+    """On CPU the normaliser's model.onnx is tabulated at load and served by NumPy: its session is the table."""
+    from safety_checker_served.lookup_runner import TabulatedSession  # imports the stand-in pb_utils
+
+    model = repo.model(spec.NORMALIZE_MODEL)
+    session = model.instance.session
+    assert isinstance(session, TabulatedSession)
+    assert session.table.shape == (spec.NUM_CHANNELS, 256)
+    every_level = np.repeat(np.arange(256, dtype=np.uint8), spec.NUM_CHANNELS).reshape(1, 16, 16, spec.NUM_CHANNELS)
+    assert np.array_equal(session.lookup(every_level), normalize(every_level))
+
+
+def test_a_normaliser_graph_that_is_not_a_per_value_lookup_fails_the_load(tmp_path):
+    """A graph whose floats depend on more than each value and its channel (here: minus the image's mean) cannot
+    be served as a table: the load fails instead of answering differently from onnxruntime."""
+    from onnx import TensorProto, helper
+
+    fake_triton.install()
+    from safety_checker_served.lookup_runner import TabulatedSession
+
+    nodes = [
+        helper.make_node("Cast", ["images"], ["values"], to=TensorProto.FLOAT),
+        helper.make_node("ReduceMean", ["values"], ["mean"], axes=[1, 2], keepdims=1),
+        helper.make_node("Sub", ["values", "mean"], ["centred"]),
+        helper.make_node("Transpose", ["centred"], ["pixel_values"], perm=[0, 3, 1, 2]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "not_a_lookup",
+        [helper.make_tensor_value_info("images", TensorProto.UINT8, ["batch", *spec.IMAGES.dims])],
+        [helper.make_tensor_value_info("pixel_values", TensorProto.FLOAT, ["batch", *spec.PIXEL_VALUES.dims])],
+    )
+    path = tmp_path / "model.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    with pytest.raises(fake_triton.TritonModelException, match="not a per-value lookup"):
+        TabulatedSession(onnx_session(str(path), {}), "images", "pixel_values")
+
+
 # -- safety_checker_embedder, safety_checker_embedder_int8 -------------------------------------------------
 @pytest.mark.parametrize("name", EMBEDDERS)
 def test_embedder_runs_the_whole_batch_through_onnxruntime_and_splits_it(repo, name):

@@ -98,12 +98,12 @@ def inference_count(http_url: str, model: str = "safety_checker") -> int:
         return int(json.load(response)["model_stats"][0]["inference_count"])
 
 
-def settled_inference_count(http_url: str) -> int:
+def settled_inference_count(http_url: str, model: str = "safety_checker") -> int:
     """The count once it stops moving: Triton counts an ensemble's request after it has sent the answer."""
-    last = inference_count(http_url)
+    last = inference_count(http_url, model)
     for _ in range(40):
         time.sleep(0.25)
-        now = inference_count(http_url)
+        now = inference_count(http_url, model)
         if now == last:
             break
         last = now
@@ -128,13 +128,14 @@ def tree_scan(server, tree, tmp_path_factory):
 
 def test_a_tree_gets_one_line_per_file_and_the_answers_of_check(server, tree, tree_scan):
     result, records, _ = tree_scan
-    assert result.returncode == 1, result.stderr  # two files could not be checked
+    assert result.returncode == 1, result.stderr  # a file could not be checked
     files = files_under(tree)
     assert sorted(r["path"] for r in records) == files  # exactly one line per file
     by_path = {r["path"]: r for r in records}
-    for bad in ("photos/broken.png", "notes.txt"):
-        record = by_path[str(tree / bad)]
-        assert "flagged" not in record and str(tree / bad) in record["error"]
+    broken = by_path[str(tree / "photos/broken.png")]
+    assert "flagged" not in broken and str(tree / "photos/broken.png") in broken["error"]
+    notes = by_path[str(tree / "notes.txt")]  # not an image: skipped, not an error
+    assert "flagged" not in notes and "error" not in notes and notes["skipped"].startswith("not an image")
     answered = [r for r in records if "flagged" in r]
     assert len(answered) == len(files) - 2 and all(r["error"] is None for r in answered)
     for record in records:
@@ -148,7 +149,10 @@ def test_a_tree_gets_one_line_per_file_and_the_answers_of_check(server, tree, tr
     assert 0 < len(flagged) < len(answered)  # the comparison covers both decisions
 
     summary = result.stdout
-    assert f"scanned {len(files)} files: {len(answered)} images checked, {len(flagged)} flagged, 2 errors" in summary
+    assert (
+        f"scanned {len(files)} files: {len(answered)} images checked, {len(flagged)} flagged, 1 errors, "
+        "1 skipped (not images)" in summary
+    )
     assert re.search(r"this run: \d+ images checked in [\d.]+ s \([\d.]+ images/s", summary)
     concepts = {}
     for record in flagged:
@@ -167,7 +171,7 @@ def test_csv_over_http_with_uint8_says_the_same(server, tree, tree_scan, tmp_pat
     assert result.returncode == 1
     lines = report.read_text().splitlines()
     assert lines[0] == "path,size,sha256,flagged,fired_concepts,concept_scores,special_scores,custom_scores," + (
-        "concept_set_version,strictness_adjustment,exact_scores,view,error"
+        "concept_set_version,strictness_adjustment,exact_scores,view,error,skipped"
     )
     assert len(lines) == len(records) + 1
     assert {r["path"]: r.get("flagged") for r in read_report(str(report))} == {
@@ -180,12 +184,14 @@ def test_encoded_files_go_to_the_server_as_they_are_and_say_the_same(server, tre
     _, records, _ = tree_scan
     report = tmp_path / "report.jsonl"
     result = scan(str(tree), "--url", server.grpc_url, "--encoded", "--report", str(report))
-    assert result.returncode == 1  # the unreadable file and the non-image
+    assert result.returncode == 1  # the unreadable file
     encoded = {r["path"]: r for r in read_report(str(report))}
     assert set(encoded) == {r["path"] for r in records}
     for record in records:
         mine = encoded[record["path"]]
-        if record.get("error"):
+        if record.get("skipped"):
+            assert mine["skipped"] == record["skipped"] and "flagged" not in mine
+        elif record.get("error"):
             assert mine["error"] and "flagged" not in mine  # refused by the server instead: still an error
         else:
             assert {k: mine[k] for k in ("flagged", "concept_scores", "special_scores", "fired_concepts")} == {
@@ -256,7 +262,16 @@ def test_the_html_page_in_headless_chromium(tree_scan, tmp_path):
         browser.open(page.as_uri())
         assert browser.evaluate("document.querySelectorAll('#grid .thumb img').length") == len(flagged)
         summary = browser.evaluate("document.querySelector('#summary').innerText")
-        assert f"{len(flagged)}\nflagged" in summary and "2\nerrors" in summary
+        assert f"{len(flagged)}\nflagged" in summary and "1\nerrors" in summary
+        assert "1\nskipped (not images)" in summary
+        # The axis labels as the browser lays them out: none overlaps another.
+        boxes = browser.evaluate(
+            "Array.from(document.querySelectorAll('#histogram text.tick')).map(t => {"
+            "const b = t.getBBox(); return [b.x, b.x + b.width]; })"
+        )
+        assert len(boxes) >= 2
+        boxes.sort()
+        assert all(left[1] <= right[0] for left, right in zip(boxes, boxes[1:])), boxes
         concepts = browser.evaluate("document.querySelector('#concepts').innerText")
         assert all(name in concepts for r in flagged for name in r["fired_concepts"] if name.startswith("concept_"))
         whole = browser.screenshot(full_page=True)
@@ -415,3 +430,88 @@ def test_finding_10_a_name_that_is_not_utf8_through_scan_html_report_and_resume(
     answered_paths = [os.fsencode(r["path"]) for r in read_report(str(report)) if "flagged" in r]
     assert sorted(answered_paths) == sorted([odd, os.fsencode(other)])  # nothing answered twice
     assert "\ufffd\ufffd-notes.png</b>" in page.read_text(encoding="utf-8")
+
+
+# -- issue 21 ---------------------------------------------------------------------------------------------------
+def test_one_dead_url_of_two_is_left_at_once_and_said_so(server, tmp_path):
+    """A refused connection fails over at once: every image is answered by the live server, and the dead one's
+    first failure is on stderr, naming it and where its images go (the waits are counted in test_scan_filters)."""
+    from safety_checker_admin.server import free_port
+
+    paths = many_images(tmp_path / "many", 40)
+    dead = f"127.0.0.1:{free_port()}"
+    report = tmp_path / "report.jsonl"
+    result = scan(str(tmp_path / "many"), "--url", dead, "--url", server.grpc_url, "--report", str(report),
+                  "--concurrency", "4", "--batch-size", "2")  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    records = read_report(str(report))
+    assert sorted(r["path"] for r in records) == sorted(paths) and all("flagged" in r for r in records)
+    warnings = [line for line in result.stderr.splitlines() if "no answer from" in line]
+    assert warnings and all(line.startswith(f"scan: no answer from {dead}: ") for line in warnings)
+    assert f"its images go to {server.grpc_url} at once" in warnings[0]
+
+
+def test_resume_checks_errors_again_and_leaves_one_line_per_path(server, tmp_path):
+    """Issue 21: a first run against nothing (errors, and a README skipped), then --resume against the server:
+    each image checked again and answered, one line per path; a last --resume finds nothing to check, and the
+    page's images/s card says so instead of 0.0."""
+    from safety_checker_admin.server import free_port
+
+    folder = tmp_path / "files"
+    paths = many_images(folder, 6)
+    (folder / "README.txt").write_text("not an image\n")
+    report, page = tmp_path / "report.csv", tmp_path / "page.html"
+    first = scan(str(folder), "--url", f"127.0.0.1:{free_port()}", "--report", str(report), "--timeout", "1")
+    assert first.returncode == 1 and "6 errors, 1 skipped" in first.stdout, first.stdout
+    for run in ("checks the errors again", "finds nothing left"):
+        again = scan(str(folder), "--url", server.grpc_url, "--resume", "--report", str(report), "--html", str(page))
+        assert again.returncode == 0, again.stderr
+        records = read_report(str(report))
+        assert sorted(r["path"] for r in records) == sorted([*paths, str(folder / "README.txt")])  # one each
+        assert sum("flagged" in r for r in records) == 6 and not any(r.get("error") for r in records)
+        assert len(report.read_text().splitlines()) == 8  # the header and a line per file
+        html = page.read_text()
+        rate = re.search(r"<b>([^<]*)</b>images/s this run", html).group(1)
+        if run == "checks the errors again":
+            assert "this run: 6 images checked" in again.stdout and float(rate) > 0
+        else:
+            assert "this run: 0 images checked" in again.stdout and "6 already checked" in again.stdout
+            assert rate == "-" and "<b>6</b>resumed: already done" in html
+
+
+def test_default_options_size_the_window_from_the_answers_and_compute_each_image_once(server, tmp_path):
+    """`--concurrency auto`: the window grows from one request as the server answers, each request is sent once and
+    nothing is computed twice (the ensemble counts exactly the images the report has)."""
+    folder = tmp_path / "many"
+    write_synthetic(folder, 120, seed=22)
+    report = tmp_path / "report.jsonl"
+    before = settled_inference_count(server.http_url)
+    result = scan(str(folder), "--url", server.grpc_url, "--report", str(report))
+    assert result.returncode == 0, result.stdout + result.stderr
+    records = read_report(str(report))
+    assert len(records) == 120 and all("flagged" in record for record in records)
+    assert settled_inference_count(server.http_url) - before == 120
+    window = re.search(r"requests in flight \(auto\): (\S+) (\d+) at the end, (\d+) at most", result.stdout)
+    assert window is not None, result.stdout
+    assert window[1] == server.grpc_url and 1 <= int(window[2]) <= int(window[3]) and int(window[3]) >= 2
+
+
+def test_a_request_that_times_out_is_cancelled_at_the_server(server, tmp_path):
+    """Large files sent as they are, each attempt's timeout far below their decoding time: every image is reported
+    not checked, and Triton, told by the gRPC deadline, passes none of them on from the decoder to the embedder."""
+    folder = tmp_path / "large"
+    folder.mkdir()
+    rng = np.random.default_rng(22)
+    for i in range(6):
+        pixels = rng.integers(0, 256, (3000, 3000, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / f"large{i}.jpg", quality=90)
+    decoded_before = inference_count(server.http_url, "safety_checker_decode")
+    embedded_before = inference_count(server.http_url, "safety_checker_embedder")
+    result = scan(str(folder), "--url", server.grpc_url, "--encoded", "--timeout", "0.05",
+                  "--concurrency", "6", "--batch-size", "1")  # fmt: skip
+    assert result.returncode == 1
+    lines = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 6 and all("flagged" not in line and "not checked" in line["error"] for line in lines)
+    # The decoder finishes what it had started (its count settles); those answers must go nowhere.
+    assert settled_inference_count(server.http_url, "safety_checker_decode") - decoded_before <= 6
+    assert inference_count(server.http_url, "safety_checker_embedder") == embedded_before

@@ -14,7 +14,7 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import pytest
-from fake_tritonclient import FakeTriton, answers, numbers, refusal
+from fake_tritonclient import FakeClock, FakeTriton, UpperBound, answers, numbers, refusal
 from PIL import Image
 
 from safety_checker_client import spec
@@ -26,7 +26,7 @@ from safety_checker_scan.html_report import histogram
 from safety_checker_scan.progress import Progress
 from safety_checker_scan.report import REPORT_FIELDS, ReportWriter, read_report
 from safety_checker_scan.scanner import Scanner, ScanOptions
-from safety_checker_scan.servers import COOLDOWN_S, MAX_COOLDOWN_S, Servers
+from safety_checker_scan.servers import COOLDOWN_S, MAX_COOLDOWN_S, RETRY_S, Servers, check_items
 
 COMMAND = str(Path(sys.executable).parent / "safety-checker")
 
@@ -108,18 +108,20 @@ def fake_items(count: int, start: int = 0, mode: str = "uint8") -> List[Item]:
     return items
 
 
-def run_fake(items, servers: Dict[str, FakeServer], stop=None, mode="uint8", **options):
+def run_fake(items, servers: Dict[str, FakeServer], stop=None, mode="uint8", clock=None, **options):
     out = io.StringIO()
     writer = ReportWriter(out, ".jsonl", header=False, owned=False)
     settings = ScanOptions(urls=list(servers), mode=mode, workers=2, **options)
     warnings: List[str] = []
+    clock = clock or FakeClock()  # moves only when slept on: a server that failed rests until the scan waits
     scanner = Scanner(
         settings,
         writer,
         make_client=lambda url: servers[url].client(url, mode),
         stop=stop,
         warn=warnings.append,
-        monotonic=lambda: 0.0,  # a frozen clock: a server that failed rests for the whole scan
+        monotonic=clock.monotonic,
+        sleep=clock.sleep,
         prepare=lambda item, mode: item,  # the items are prepared already
     )
     result = scanner.run(items)
@@ -163,7 +165,7 @@ def test_a_server_rests_after_a_failure_doubling_up_to_the_maximum_on_the_inject
     assert [servers.order()[0] for _ in range(4)] == ["a:1", "b:1", "a:1", "b:1"]  # round-robin
 
     def rest_after_a_failure() -> float:
-        servers.failed("a:1")
+        servers.failed("a:1", "connection refused")
         start = now[0]
         while resting(servers, "a:1"):
             now[0] += 0.5
@@ -178,15 +180,32 @@ def test_a_server_rests_after_a_failure_doubling_up_to_the_maximum_on_the_inject
 
 def test_no_server_answers_means_error_lines_never_flagged():
     servers = {url: FakeServer(url, fail=True) for url in ("a:1", "b:1")}
-    result, records, _ = run_fake(fake_items(10), servers, concurrency=2, batch_size=4)
+    result, records, warnings = run_fake(fake_items(10), servers, concurrency=2, batch_size=4)
     assert len(records) == 10
     for record_ in records:
         assert "flagged" not in record_
         assert record_["error"].startswith("no server answered") and "a:1" in record_["error"]
+        assert "b:1" in record_["error"] and "tries in" in record_["error"]
         assert record_["size"] is not None and record_["sha256"]
     assert result.tally.errors == 10 and result.tally.checked == 0
-    # Each server once per request (3 requests), no second retry policy on top of the client's.
-    assert servers["a:1"].requests + servers["b:1"].requests == 6
+    # Each server's first failure is reported once, naming it and what happens next.
+    assert sorted(w.split()[4] for w in warnings) == ["a:1:", "b:1:"]
+    assert all("its images go to" in w for w in warnings)
+
+
+def test_every_server_tried_each_round_with_the_clients_waits_until_the_retry_time():
+    """No server answers: each round tries every server once, then waits as the client's retries do (0.25 s,
+    doubling, at most 5 s: the top of each draw here) until the next wait would pass RETRY_S."""
+    clock = FakeClock()
+    fakes = {url: FakeServer(url, fail=True) for url in ("a:1", "b:1")}
+    servers = Servers(list(fakes), lambda url: fakes[url].client(url, "uint8"), clock.monotonic, clock.sleep,
+                      rng=UpperBound())  # fmt: skip
+    outcomes = check_items(servers, fake_items(3), "uint8", None)
+    assert clock.sleeps == [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0, 5.0, 5.0]  # 27.75 s; a 5 s more would pass 30
+    assert sum(clock.sleeps) < RETRY_S <= sum(clock.sleeps) + 5.0
+    assert fakes["a:1"].requests == fakes["b:1"].requests == 10
+    assert all(error.endswith("(not checked: 20 tries in 27.8 s)") for _, _, error in outcomes)
+    assert [answer for _, answer, _ in outcomes] == [None] * 3
 
 
 def test_a_refused_batch_is_split_so_one_bad_image_takes_no_other_down():
@@ -254,7 +273,14 @@ def test_prepare_reads_hashes_and_fails_closed(tree, tmp_path):
     # --encoded keeps the very bytes it hashed, to send them: the file is read once.
     assert encoded.data == files[0].read_bytes() and encoded.error is None and encoded.sha256 == item.sha256
     text = prepare(Item(str(root / "notes.txt")), "float")
-    assert "not an image file" in text.error and "BytesIO" not in text.error and text.size == 13
+    assert text.skipped.startswith("not an image") and text.error is None and text.size == 13 and text.sha256
+    asked = prepare(Item(str(root / "notes.txt")), "float", non_images="error")
+    assert asked.skipped is None and "not an image" in asked.error and "notes.txt" in asked.error
+    (root / "renamed.png").write_text("not an image\n")  # its name says image: an image that cannot be read
+    renamed = prepare(Item(str(root / "renamed.png")), "encoded")
+    assert renamed.skipped is None and renamed.data is not None  # sent: the server refuses it (an error line)
+    renamed = prepare(Item(str(root / "renamed.png")), "float")
+    assert renamed.skipped is None and "not an image file" in renamed.error and "BytesIO" not in renamed.error
     assert "no such file" in prepare(Item(str(tmp_path / "gone.png")), "float").error
     assert "not a regular file" in prepare(Item(str(root / "sub")), "float").error
 
@@ -262,7 +288,7 @@ def test_prepare_reads_hashes_and_fails_closed(tree, tmp_path):
 @pytest.mark.parametrize("extension", [".jsonl", ".csv"])
 def test_report_round_trip_and_a_partial_last_line(tmp_path, extension):
     path = tmp_path / f"report{extension}"
-    writer = ReportWriter.open(str(path), resume=False)
+    writer = ReportWriter.open(str(path))
     answer = CheckResult(
         flagged=True,
         concept_scores=[0.004] + [-0.2] * 16,
@@ -280,7 +306,7 @@ def test_report_round_trip_and_a_partial_last_line(tmp_path, extension):
     writer.write(good)
     writer.write(bad)
     writer.close()
-    assert list(good) == list(REPORT_FIELDS) and "flagged" not in bad
+    assert list(good) == list(REPORT_FIELDS[:-1]) and REPORT_FIELDS[-1] == "skipped" and "flagged" not in bad
     records = read_report(str(path))
     assert records[0] == good
     assert records[1]["error"] == bad["error"] and "flagged" not in records[1]
@@ -288,10 +314,12 @@ def test_report_round_trip_and_a_partial_last_line(tmp_path, extension):
     with path.open("a") as handle:
         handle.write('{"path": "c.png", "flag' if extension == ".jsonl" else "c.png,12,")
     assert len(read_report(str(path))) == 2
-    writer = ReportWriter.open(str(path), resume=True)  # cuts the partial line, appends, no second header
-    writer.write(good)
+    # --resume rewrites the report with the records it keeps (the partial line is gone), then appends.
+    writer = ReportWriter.open(str(path), keep=read_report(str(path))[:1])
+    writer.write(bad)
     writer.close()
-    assert [r["path"] for r in read_report(str(path))] == ["a.png", "b.png", "a.png"]
+    assert [r["path"] for r in read_report(str(path))] == ["a.png", "b.png"]
+    assert path.read_text().count("path") == (1 if extension == ".csv" else 2)  # one header
 
 
 def test_histogram_puts_zero_on_an_edge_and_zero_scores_left_of_it():
@@ -351,6 +379,9 @@ def test_help_states_the_exit_statuses():
         (["--strictness", "0.5"], "must be a number in [-0.1, 0.1]"),
         (["--strictness", "paranoid"], "unknown preset"),
         (["--concurrency", "0"], "must be at least 1"),
+        (["--url", "ftp://127.0.0.1:8001"], "--url: url 'ftp://127.0.0.1:8001'"),
+        (["--url", "127.0.0.1:8001/v2"], "--url: url '127.0.0.1:8001/v2'"),
+        (["--non-images", "keep"], "invalid choice"),
     ],
 )
 def test_wrong_arguments_exit_2(args, message, tmp_path):
@@ -358,20 +389,32 @@ def test_wrong_arguments_exit_2(args, message, tmp_path):
     assert result.returncode == 2 and message in result.stderr
 
 
-def test_unreachable_server_fails_closed(tree, tmp_path):
+def test_unreachable_server_fails_closed_says_so_at_once_and_resume_keeps_one_line_per_file(tree, tmp_path):
+    """Issue 21: nothing listening: error lines (never "flagged"), the first failure on stderr naming the address
+    and what happens next, the text file skipped; --resume checks the errors again and leaves one line per file."""
     from safety_checker_admin.server import free_port
 
     root, files = tree
     report = tmp_path / "report.jsonl"
-    result = scan_command(str(root), "--url", f"127.0.0.1:{free_port()}", "--report", str(report), "--timeout", "1")
-    assert result.returncode == 1
-    records = read_report(str(report))
-    assert len(records) == 4 and all("flagged" not in r and r["error"] for r in records)
-    assert "0 images checked" in result.stdout and "4 errors" in result.stdout
+    url = f"http://127.0.0.1:{free_port()}/"  # the scheme and the slash are dropped, not a traceback
+    for run in ("first", "resumed"):
+        extra = ["--resume"] if run == "resumed" else []
+        result = scan_command(str(root), "--url", url, "--report", str(report), "--timeout", "1", *extra)
+        assert result.returncode == 1, result.stderr
+        records = read_report(str(report))
+        assert sorted(r["path"] for r in records) == sorted(map(str, [*files, root / "notes.txt"]))  # one each
+        assert all("flagged" not in r for r in records)
+        assert sorted(bool(r.get("error")) for r in records) == [False, True, True, True]
+        assert next(r for r in records if not r.get("error"))["skipped"].startswith("not an image")
+        assert "scanned 4 files: 0 images checked, 0 flagged, 3 errors, 1 skipped (not images)" in result.stdout
+        # The first failure of the server, once, naming it and what happens next (checked again on resume).
+        (warning,) = [line for line in result.stderr.splitlines() if "no answer from" in line]
+        assert warning.startswith(f"scan: no answer from {url}: ") and "then reported as not checked" in warning
+        assert "Traceback" not in result.stderr
 
 
 def test_usage_error_helper_accepts_good_arguments():
-    args = argparse.Namespace(resume=True, report="r.csv", strictness="strong", timeout=10.0)
+    args = argparse.Namespace(resume=True, report="r.csv", strictness="strong", timeout=10.0, urls=["http://a:1/"])
     assert scan_cli._usage_error(args) is None
 
 
@@ -428,7 +471,7 @@ def test_finding_10_a_name_that_is_not_utf8_survives_the_report_and_resume_reads
     assert "\udcff" in name and os.path.isfile(name)
     answer = CheckResult(flagged=False, concept_scores=[-0.2] * 17, special_scores=[-0.1] * 3, image_embeds=None)
     path = tmp_path / f"report{extension}"
-    writer = ReportWriter.open(str(path), resume=False)
+    writer = ReportWriter.open(str(path))
     writer.write(record(name, answer, size=10, sha256="cd" * 32))
     writer.write(record(name + ".gone", error=f"cannot read {name + '.gone'!r}", size=None, sha256=None))
     writer.close()

@@ -12,14 +12,35 @@ import argparse
 import sys
 from pathlib import Path
 
+from safety_checker_admin import command_line
+
+# Where `make serve` exports the checkpoint, and so where serve and concepts look by default.
+DEFAULT_REPOSITORY = "build/repository"
+
 
 def add_serve(commands) -> None:
-    serve = commands.add_parser("serve", help="serve a model repository with the bundled CPU tritonserver")
-    serve.add_argument("--repository", required=True, type=Path)
+    serve = commands.add_parser(
+        "serve",
+        help="serve a model repository with the bundled CPU tritonserver",
+        description="Serve a model repository written by `python -m export` with the tritonserver of the "
+        "nvidia-pytriton wheel, on CPU, until Ctrl-C. `make serve` exports the checkpoint and runs this.",
+    )
+    serve.add_argument(
+        "--repository",
+        type=Path,
+        default=Path(DEFAULT_REPOSITORY),
+        help=f"the model repository to serve (default: {DEFAULT_REPOSITORY}, where make serve exports)",
+    )
     serve.add_argument("--host", default="127.0.0.1", help="address HTTP and gRPC bind to (default 127.0.0.1)")
-    serve.add_argument("--http-port", type=int, default=8000)
-    serve.add_argument("--grpc-port", type=int, default=8001)
-    serve.add_argument("--metrics-port", type=int, default=8002)
+    for name, flag in (("HTTP", "--http-port"), ("gRPC", "--grpc-port"), ("metrics", "--metrics-port")):
+        default = command_line.DEFAULT_PORTS[name]
+        serve.add_argument(flag, type=int, default=default, help=f"the {name} port (default {default})")
+    serve.add_argument(
+        "--check-ports",
+        action="store_true",
+        help="only check that the ports are free, and exit (1 naming a port in use): make serve runs this before "
+        "the export, so that a port conflict is reported at once",
+    )
     serve.add_argument(
         "--model-config-name", default="cpu", help="use configs/NAME.pbtxt where a model has one (default: cpu)"
     )
@@ -33,16 +54,20 @@ def add_serve(commands) -> None:
         "--no-restart",
         dest="supervise",
         action="store_false",
-        help="do not watch the server and restore it after a fault (a dead Python stub, a failing inference)",
+        help="do not watch the server and restore it after a fault (a dead Python stub, a failing inference); "
+        "default: watch it and restart it after a fault",
     )
     serve.add_argument(
-        "--probe-interval", type=float, default=2.0, help="seconds between health probes (a real inference)"
+        "--probe-interval",
+        type=float,
+        default=2.0,
+        help="seconds between health probes (a real inference; default 2)",
     )
     serve.add_argument(
         "--probe-timeout",
         type=float,
         default=5.0,
-        help="seconds a health probe may wait while the server uses no CPU before it counts as hung",
+        help="seconds a health probe may wait while the server uses no CPU before it counts as hung (default 5)",
     )
     serve.add_argument(
         "--gateway-port",
@@ -61,11 +86,16 @@ def add_serve(commands) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from safety_checker_admin.serve import serve_forever
+    from safety_checker_admin.serve import check_ports, serve_forever
 
     if args.gateway_api_key_file is not None and args.gateway_port is None:
         print("error: --gateway-api-key-file needs --gateway-port", file=sys.stderr)
         return 2
+    if args.check_ports:
+        ports = {"HTTP": args.http_port, "gRPC": args.grpc_port, "metrics": args.metrics_port}
+        if args.gateway_port is not None:
+            ports["gateway"] = args.gateway_port
+        return check_ports(args.host, ports)
     return serve_forever(
         args.repository,
         http_port=args.http_port,

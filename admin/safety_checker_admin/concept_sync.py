@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import time
 from pathlib import Path
-from typing import Callable, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -24,10 +24,31 @@ from safety_checker_served.concept_set import ConceptSet
 
 # How often the wait asks the server which set it serves.
 POLL_INTERVAL_S = 0.25
+# How long one request may take, and a failing server's requests be sent again (after the first contact).
+REQUEST_TIMEOUT_S = 60.0
 
 
-def connect(url: str, protocol: str) -> SafetyCheckerClient:
-    return SafetyCheckerClient(url, protocol=protocol, timeout_s=60.0)
+def connect(url: Optional[str], protocol: str, triton=None) -> SafetyCheckerClient:
+    """A client of the server at `url` (default: the client's, where make serve listens) that has answered once.
+
+    The first request is sent once, not retried: a server that is not there is reported at once, naming the
+    address, instead of after the retries a running server gets while the command waits for a new set.
+    `triton`: stands in for the tritonclient module (tests)."""
+    try:
+        client = SafetyCheckerClient(url, protocol=protocol, timeout_s=REQUEST_TIMEOUT_S, triton=triton)
+    except ValueError as error:  # a --url that is no HOST:PORT
+        raise ConceptCommandError(f"--url: {error}") from None
+    deadline_s, client.deadline_s = client.deadline_s, 0.0
+    try:
+        served(client)
+    except ConceptCommandError as error:
+        client.close()
+        raise ConceptCommandError(
+            f"{error}: is a server running there? (make serve starts one; --url HOST:PORT and --protocol say "
+            "where it is)"
+        ) from None
+    client.deadline_s = deadline_s
+    return client
 
 
 def served(client: SafetyCheckerClient) -> Tuple[int, int]:

@@ -26,6 +26,7 @@ from typing import Callable, TextIO
 
 import numpy as np
 
+from safety_checker_admin.commands import DEFAULT_REPOSITORY
 from safety_checker_admin.concept_store import (
     ConceptCommandError,
     builtin_thresholds,
@@ -36,7 +37,7 @@ from safety_checker_admin.concept_store import (
     restore,
 )
 from safety_checker_admin.concept_sync import check_server, connect, image_embeddings, served, wait_for_version
-from safety_checker_client.client import PROTOCOLS, SafetyCheckerClient
+from safety_checker_client.client import DEFAULT_URLS, PROTOCOLS, SafetyCheckerClient
 from safety_checker_served import concept_set
 from safety_checker_served.concept_set import ConceptSet, ConceptSetError
 
@@ -44,6 +45,10 @@ DEFAULT_CLIP_MODEL = "openai/clip-vit-large-patch14"
 DEFAULT_WAIT_S = 30.0
 # Default threshold of an image concept: this far below the least similar example.
 IMAGE_THRESHOLD_MARGIN = 0.02
+NAME_RULE = (
+    "1-64 letters, digits, '_', '.' or '-', starting with a letter or digit, and not concept_NN or special_care_N "
+    "(the built-ins)"
+)
 
 
 def commit(
@@ -89,10 +94,7 @@ def _add(args: argparse.Namespace, out: TextIO) -> int:
         except ConceptSetError as error:
             raise ConceptCommandError(str(error)) from None
     if not concept_set.NAME_PATTERN.match(args.name) or concept_set.RESERVED_NAME.match(args.name):
-        raise ConceptCommandError(
-            f"--name {args.name!r}: a name is 1-64 letters, digits, '_', '.' or '-', starting "
-            "with a letter or digit, and not concept_NN or special_care_N (the built-ins)"
-        )
+        raise ConceptCommandError(f"--name {args.name!r}: a name is {NAME_RULE}")
     path = concept_file(args)
     current = read_set(path)
     # A phrase's default threshold comes from the repository: known (or refused) before any work is done.
@@ -255,8 +257,15 @@ def _calibrate(args: argparse.Namespace, out: TextIO) -> int:
 
 # -- argument parsing ----------------------------------------------------------
 def _server_arguments(parser: argparse.ArgumentParser, wait: bool = True) -> None:
-    parser.add_argument("--url", required=True, metavar="HOST:PORT", help="the running server (gRPC by default)")
-    parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
+    parser.add_argument(
+        "--url",
+        metavar="HOST:PORT",
+        help=f"the running server (default {DEFAULT_URLS['grpc']} for gRPC, {DEFAULT_URLS['http']} for HTTP: "
+        "where make serve listens)",
+    )
+    parser.add_argument(
+        "--protocol", choices=PROTOCOLS, default="grpc", help="how to talk to the server (default grpc)"
+    )
     if wait:
         parser.add_argument(
             "--wait-timeout",
@@ -274,8 +283,12 @@ def _server_arguments(parser: argparse.ArgumentParser, wait: bool = True) -> Non
 
 
 def _set_location(parser: argparse.ArgumentParser) -> None:
-    where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--repository", type=Path, help="the model repository the server serves")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument(
+        "--repository",
+        type=Path,
+        help=f"the model repository the server serves (default {DEFAULT_REPOSITORY}, where make serve exports)",
+    )
     where.add_argument(
         "--concepts-dir",
         type=Path,
@@ -298,13 +311,12 @@ def add_parser(commands) -> None:
     add = actions.add_parser("add", help="add a concept from example images (embedded by the server) or a phrase")
     _set_location(add)
     _server_arguments(add)
-    add.add_argument("--name", required=True)
+    add.add_argument("--name", required=True, help=f"the new concept's name ({NAME_RULE})")
     add.add_argument(
         "--image",
         action="extend",
         nargs="+",
         metavar="FILE",
-        default=[],
         help="example image; repeat (or list several) for more",
     )
     add.add_argument("--text", metavar="PHRASE", help="a phrase, embedded with the CLIP text encoder")
@@ -330,15 +342,15 @@ def add_parser(commands) -> None:
     remove = actions.add_parser("remove", help="remove a concept")
     _set_location(remove)
     _server_arguments(remove)
-    remove.add_argument("--name", required=True)
+    remove.add_argument("--name", required=True, help="the custom concept to remove")
 
     threshold = actions.add_parser(
         "set-threshold", help="change a concept's threshold (e.g. to what calibrate proposed)"
     )
     _set_location(threshold)
     _server_arguments(threshold)
-    threshold.add_argument("--name", required=True)
-    threshold.add_argument("--threshold", required=True, type=float)
+    threshold.add_argument("--name", required=True, help="the custom concept whose threshold changes")
+    threshold.add_argument("--threshold", required=True, type=float, help="its new cosine threshold, in [-1, 1]")
 
     restoring = actions.add_parser(
         "restore",
@@ -371,8 +383,8 @@ def add_parser(commands) -> None:
         "highest built-in concept score, given as the equivalent strictness adjustment.",
     )
     _server_arguments(calibrate, wait=False)
-    calibrate.add_argument("--positive", required=True, metavar="DIR")
-    calibrate.add_argument("--negative", required=True, metavar="DIR")
+    calibrate.add_argument("--positive", required=True, metavar="DIR", help="images the concept should fire on")
+    calibrate.add_argument("--negative", required=True, metavar="DIR", help="images it should not fire on")
     calibrate.add_argument("--name", help="a custom concept served now (default: the built-in concepts)")
     calibrate.add_argument(
         "--target-fpr",
@@ -399,6 +411,8 @@ def run(args: argparse.Namespace, out: TextIO = sys.stdout) -> int:
         "export": _export,
         "calibrate": _calibrate,
     }[args.action]
+    if getattr(args, "repository", False) is None and getattr(args, "concepts_dir", None) is None:
+        args.repository = Path(DEFAULT_REPOSITORY)  # neither given: where make serve exports
     try:
         return action(args, out)
     except ConceptCommandError as error:

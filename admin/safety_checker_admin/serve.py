@@ -7,12 +7,12 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Mapping, Optional
 
 from safety_checker_admin.admin_key import ADMIN_APIS, read_admin_key
 from safety_checker_admin.errors import ServerError
 from safety_checker_admin.gateway_process import GatewayProcess
-from safety_checker_admin.server import TritonServer
+from safety_checker_admin.server import TritonServer, check_ports_free
 from safety_checker_admin.supervisor import Supervisor
 
 # The freshly started server's first probe may wait for a model's first batch (onnxruntime warms up).
@@ -48,6 +48,18 @@ def _banner(
     if gateway is not None:
         print(f"           {gateway.log_path} (the gateway)")
     print("Press Ctrl-C to stop.", flush=True)
+
+
+def check_ports(host: str, ports: Mapping[str, int]) -> int:
+    """`serve --check-ports`: 0 when every port is free on `host`, else 1 with a line naming the one in use, so
+    that `make serve` stops before the export rather than after it."""
+    try:
+        check_ports_free(host, ports)
+    except ServerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"ports free on {host}: " + ", ".join(f"{name} {port}" for name, port in ports.items()))
+    return 0
 
 
 def serve_forever(

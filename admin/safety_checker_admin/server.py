@@ -45,7 +45,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Type
+from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
 
 from safety_checker_admin import command_line, procfs
 from safety_checker_admin.admin_key import ADMIN_KEY_HEADER, check_key, random_key
@@ -82,6 +82,15 @@ def port_in_use(host: str, port: int) -> bool:
         except OSError:
             return True
     return False
+
+
+def check_ports_free(host: str, ports: Mapping[str, int]) -> None:
+    """ServerError naming the first of `ports` (name -> port) that is given twice or already in use on `host`."""
+    if len(set(ports.values())) != len(ports):
+        raise ServerError(f"the ports must differ, got {dict(ports)}")
+    for name, port in ports.items():
+        if port_in_use(host, port):
+            raise ServerError(f"{name} port {port} on {host} is already in use")
 
 
 def _pytriton_dist() -> Tuple[Path, Path]:
@@ -242,9 +251,7 @@ class TritonServer:
             raise ServerError("tritonserver is already running")
         if self.arguments is None and not self.repository.is_dir():
             raise ServerError(f"model repository not found: {self.repository}")
-        for name, port in self.ports.items():
-            if port_in_use(self.host, port):
-                raise ServerError(f"{name} port {port} on {self.host} is already in use")
+        check_ports_free(self.host, self.ports)
         dist, libs = _pytriton_dist()
         self._backend_dir = _backend_directory(dist)
         fd, log_name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")

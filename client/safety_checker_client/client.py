@@ -1,25 +1,24 @@
 """A thin client for the served `safety_checker` ensembles, over gRPC or HTTP.
 
-It only ever returns a result for an image the server actually answered: any
-transport or server error is a `CheckError`, so a caller cannot mistake a
-failure for a "not flagged".
+It only ever returns a result for an image the server actually answered: any transport or server error is a
+`CheckError`, so a caller cannot mistake a failure for a "not flagged".
 
-A request whose server failed (unreachable, overloaded or restarting, or it
-failed while answering: `CheckError.retryable`) is sent again, after 0.25 s,
-0.5 s, 1 s ... (at most 5 s, with jitter), until the deadline; then its
-images count as not checked. A request the server refused for what it holds
-is never sent again as it was: `check_each` sends a batch refused for one
-image again without it, and splits in halves a batch that failed otherwise
-(a refusal naming no image, an internal error), so that every image that can
-be answered is and each failing one gets its own error.
+A request whose server failed (`CheckError.retryable`) is sent again, after 0.25 s, 0.5 s, 1 s ... (at most 5 s, with
+jitter), until the deadline; then its images count as not checked. While no connection can be made to a server that
+never answered (a wrong address), the client gives up `connect_deadline_s` after its first attempt: a typo fails in
+seconds, a server that answered before is waited for through a restart. A request refused for what it holds is never
+sent again as it was: `check_each` leaves out the image a refusal names, or splits the batch in halves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import os
 import random
+import re
+import string
 import time
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -33,24 +32,17 @@ from safety_checker_client.strictness import Strictness, StrictnessError, reques
 
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
 PROTOCOLS = tuple(DEFAULT_URLS)
+CONNECT_DEADLINE_S = 20.0  # how long a server that has not answered yet is tried while nothing listens
 
 # Retries: the first wait, its growth and its cap (each wait is drawn between half and all of it).
-RETRY_FIRST_WAIT_S = 0.25
-RETRY_GROWTH = 2.0
-RETRY_MAX_WAIT_S = 5.0
+RETRY_FIRST_WAIT_S, RETRY_GROWTH, RETRY_MAX_WAIT_S = 0.25, 2.0, 5.0
+# Bytes of a text file, and of base64 text in lines; `read_file` refuses a file of the first but not the second.
+_TEXT = bytes(range(0x20, 0x7F)) + b"\t\n\r\x0b\x0c"
+_BASE64_LINES = (string.ascii_letters + string.digits + "+/=\r\n").encode()
 
 # What a record shows of an answer, in its order (CheckResult.as_dict, `check`'s lines, scan's report).
-ANSWER_FIELDS = (
-    "flagged",
-    "fired_concepts",
-    "concept_scores",
-    "special_scores",
-    "custom_scores",
-    "concept_set_version",
-    "strictness_adjustment",
-    "exact_scores",
-    "view",
-)
+ANSWER_FIELDS = ("flagged", "fired_concepts", "concept_scores", "special_scores", "custom_scores")
+ANSWER_FIELDS += ("concept_set_version", "strictness_adjustment", "exact_scores", "view")
 ALL_OUTPUTS = tuple(t.name for t in spec.IMAGES_OUTPUTS)  # the pixel ensembles answer all but `view`
 # The outputs a record needs: all but the embedding and the raw cosines (most of an answer's bytes).
 RECORD_OUTPUTS = tuple(n for n in ALL_OUTPUTS if n not in (spec.IMAGE_EMBEDS.name, spec.CUSTOM_COSINES.name))
@@ -83,13 +75,22 @@ Outcome = Union[CheckResult, CheckError]  # one image's answer, or why it has no
 
 def triton_module(protocol: str):
     """tritonclient.grpc or tritonclient.http, imported on demand."""
-    if protocol == "grpc":
-        import tritonclient.grpc as module
-    elif protocol == "http":
-        import tritonclient.http as module
-    else:
+    if protocol not in PROTOCOLS:
         raise ValueError(f"protocol must be one of {PROTOCOLS}, not {protocol!r}")
-    return module
+    return importlib.import_module(f"tritonclient.{protocol}")
+
+
+def server_address(url: str) -> str:
+    """HOST:PORT as tritonclient takes it, from a url as a user may paste it: "http://" or "https://" and a trailing "/"
+    are dropped (the client speaks plain HTTP or gRPC); another scheme, a path or no port is a ValueError."""
+    scheme, separator, address = url.strip().rpartition("://")
+    if separator and scheme.lower() not in ("http", "https"):
+        raise ValueError(f"url {url!r}: only http:// or https:// may come before HOST:PORT")
+    address = address.rstrip("/")
+    host_port = re.fullmatch(r"[^\s/]+:([0-9]{1,5})", address)
+    if host_port is None or not 0 < int(host_port.group(1)) < 65536:
+        raise ValueError(f"url {url!r} must be HOST:PORT (a port in 1-65535, no path)")
+    return address
 
 
 class SafetyCheckerClient:
@@ -99,10 +100,9 @@ class SafetyCheckerClient:
     `safety_checker_uint8` (a quarter of the bytes); with `encoded=True` image files as they are to
     `safety_checker_images`, which decodes them. The same decisions in every form.
 
-    `outputs`: the output names to request (default: all; `check`, scan and the drop-in ask for
-    RECORD_OUTPUTS); `has_nsfw_concepts` always is. `monotonic`, `sleep` and `rng` pace the retries;
-    `triton` stands in for the tritonclient module (tests pass fakes).
-    """
+    `url`: HOST:PORT, http(s):// allowed. `outputs`: the outputs to request (default: all; `check`, scan and the
+    drop-in ask for RECORD_OUTPUTS), `has_nsfw_concepts` always. `warn` hears at once of a failure that will be retried
+    (once until an answer). `monotonic`, `sleep`, `rng` pace the retries; `triton` stands in for tritonclient."""
 
     def __init__(
         self,
@@ -115,13 +115,16 @@ class SafetyCheckerClient:
         deadline_s: Optional[float] = None,
         max_batch_size: Optional[int] = None,
         outputs: Optional[Sequence[str]] = None,
+        connect_deadline_s: float = CONNECT_DEADLINE_S,
+        warn: Optional[Callable[[str], None]] = None,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         rng: Optional[random.Random] = None,
         triton=None,
     ) -> None:
-        """`timeout_s`: how long one attempt may take. `deadline_s`: how long a request may take, retries
-        included, before its images count as not checked (default: `timeout_s`; 0 sends each request once)."""
+        """`timeout_s`: how long one attempt may take. `deadline_s`: how long a request may take, retries included,
+        before its images count as not checked (default: `timeout_s`; 0 sends each request once). `connect_deadline_s`:
+        the shorter one while no connection can be made to a server not reached yet."""
         if uint8 and encoded:
             raise ValueError("choose one input form: uint8=True or encoded=True")
         unknown = sorted(set(outputs or ()) - set(ALL_OUTPUTS))
@@ -131,7 +134,7 @@ class SafetyCheckerClient:
             raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
         self.protocol = protocol
         self._triton = triton or triton_module(protocol)
-        self.url = url or DEFAULT_URLS[protocol]
+        self.url = server_address(url or DEFAULT_URLS[protocol])
         self.uint8, self.encoded = uint8, encoded
         if encoded:
             self.input, default_model = spec.IMAGE, spec.IMAGES_MODEL
@@ -146,14 +149,16 @@ class SafetyCheckerClient:
         served = spec.IMAGES_OUTPUTS if encoded else spec.ENSEMBLE_OUTPUTS
         self.outputs = tuple(t.name for t in served if t.name in requested)
         self.timeout_s, self.deadline_s = timeout_s, timeout_s if deadline_s is None else deadline_s
+        self.connect_deadline_s, self._warn = connect_deadline_s, warn
         self._monotonic, self._sleep, self._rng = monotonic, sleep, rng or random.Random()
         self.attempts = 0  # requests sent so far, retries included
+        # When the first request was sent; whether a server answered (anything); `warn` was told since the last answer.
+        self._first_attempt, self._reached, self._warned = float("inf"), False, False
         self._client = self._connect()
 
     def _connect(self):
-        timeout = self.timeout_s
-        kwargs = {"network_timeout": timeout, "connection_timeout": timeout} if self.protocol == "http" else {}
-        return self._triton.InferenceServerClient(self.url, **kwargs)
+        timeout = {"network_timeout": self.timeout_s, "connection_timeout": self.timeout_s}
+        return self._triton.InferenceServerClient(self.url, **(timeout if self.protocol == "http" else {}))
 
     def close(self) -> None:
         self._client.close()
@@ -165,24 +170,36 @@ class SafetyCheckerClient:
         self.close()
 
     def _infer(self, *args, retry_internal: bool = True, **kwargs):
-        """tritonclient's infer, sent again while the server fails, until the deadline; an internal error is
-        raised at once unless `retry_internal` (check_each splits a batch instead of sending it whole again)."""
+        """tritonclient's infer, sent again while the server fails, until the deadline; an internal error is raised at
+        once unless `retry_internal` (check_each splits a batch instead of sending it whole again)."""
         started, wait, tries = self._monotonic(), RETRY_FIRST_WAIT_S, 0
+        self._first_attempt = min(self._first_attempt, started)
         while True:
             tries += 1
             self.attempts += 1
             try:
-                return self._client.infer(*args, **kwargs)
+                result = self._client.infer(*args, **kwargs)
+                self._reached, self._warned = True, False
+                return result
             except Exception as exc:  # connection refused, timeouts: tritonclient raises several types
                 error = CheckError.from_exception(exc, self.where)
+                self._reached = self._reached or not error.unreachable
                 if not error.retryable or (error.kind == INTERNAL and not retry_internal):
                     raise error from exc
+                since, budget = started, self.deadline_s or 0.0
+                if error.unreachable and not self._reached:  # nothing listens there, perhaps never will
+                    since, budget = self._first_attempt, min(budget, self.connect_deadline_s)
                 pause = wait * self._rng.uniform(0.5, 1.0)
-                elapsed = self._monotonic() - started
-                if elapsed + pause >= (self.deadline_s or 0.0):
+                now = self._monotonic()
+                if now - since + pause >= budget:
                     if tries > 1:
-                        error = CheckError(f"{error} (not checked: {tries} attempts in {elapsed:.1f} s)", error.kind)
+                        note = f"not checked: {tries} attempts in {now - started:.1f} s"
+                        error = CheckError(f"{error} ({note})", error.kind, unreachable=error.unreachable)
                     raise error from exc
+                if self._warn is not None and not self._warned:
+                    self._warned = True
+                    reach = "cannot reach " if error.unreachable else ""
+                    self._warn(f"{reach}{error}; retrying for up to {budget - (now - since):.0f} s")
             self._sleep(pause)
             wait = min(wait * RETRY_GROWTH, RETRY_MAX_WAIT_S)
             with contextlib.suppress(Exception):  # a fresh connection: the old one may lead to a server that is gone
@@ -205,23 +222,19 @@ class SafetyCheckerClient:
     def infer(self, batch: np.ndarray, strictness: Strictness = None) -> Dict[str, np.ndarray]:
         """The requested outputs for a batch, in requests of max_batch_size; any failed request fails the call.
 
-        The batch is float32 pixel_values [N, 3, 224, 224] (other float dtypes are cast), uint8 images
-        [N, 224, 224, 3] (`uint8=True`), or image files (`encoded=True`): bytes, or an object array of them.
-        """
-        batch = self._checked(batch)
-        parameters = self._parameters(strictness)
-        size = self.max_batch_size
+        The batch is float32 pixel_values [N, 3, 224, 224] (other float dtypes are cast), uint8 images [N, 224, 224, 3]
+        (`uint8=True`), or image files (`encoded=True`): bytes, or an object array of them."""
+        batch, parameters, size = self._checked(batch), self._parameters(strictness), self.max_batch_size
         chunks = [self._infer_once(batch[i : i + size], parameters) for i in range(0, len(batch), size)]
         return {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
 
     def check_each(self, batch: np.ndarray, strictness: Strictness = None) -> List[Outcome]:
         """One outcome per image of a batch (see `infer`): its CheckResult or its CheckError.
 
-        A request refused for one image (a refusal naming its index) is sent again without it; one that failed
-        otherwise (a refusal naming no image, an internal error) is sent again as two halves, and so on down to
-        one image, whose failure is its own. An unavailable server is not split: the images it left unanswered
-        share its error (each half would wait for it until the deadline again).
-        """
+        A request refused for one image (a refusal naming its index) is sent again without it; one that failed otherwise
+        (a refusal naming no image, an internal error) is sent again as two halves, and so on down to one image, whose
+        failure is its own. An unavailable server is not split: the images it left unanswered share its error (each half
+        would wait for it until the deadline again)."""
         batch = self._checked(batch)
         try:
             parameters = self._parameters(strictness)
@@ -264,10 +277,7 @@ class SafetyCheckerClient:
 
     def _infer_once(self, batch: np.ndarray, parameters: Optional[dict], retry_internal=True) -> Dict[str, np.ndarray]:
         tensor = self._triton.InferInput(self.input.name, list(batch.shape), self.input.datatype)
-        if self.protocol == "http":
-            tensor.set_data_from_numpy(batch, binary_data=True)  # the bytes as they are, not base64 in JSON
-        else:
-            tensor.set_data_from_numpy(batch)
+        tensor.set_data_from_numpy(batch)  # over HTTP as binary data (tritonclient's default), not base64 in JSON
         outputs = [self._triton.InferRequestedOutput(name) for name in self.outputs]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         if parameters:
@@ -292,8 +302,8 @@ class SafetyCheckerClient:
         return self.check_batch(self.preprocess(images, value_range), strictness)
 
     def check_encoded(self, files: Sequence[bytes], strictness: Strictness = None) -> List[CheckResult]:
-        """Check image files given as their bytes (PNG, JPEG, ...), sent untouched (`encoded=True`), in order;
-        a batch the server refuses is split as in `check_each`, and the first file left without an answer raises."""
+        """Check image files given as their bytes (PNG, JPEG, ...), sent untouched (`encoded=True`), in order; a batch
+        the server refuses is split as in `check_each`, and the first file left without an answer raises."""
         if not self.encoded:
             raise ValueError("check_encoded sends image files: create the client with encoded=True")
         return _every_answer(self.check_each(_encoded_batch(files), strictness))
@@ -301,9 +311,8 @@ class SafetyCheckerClient:
     def check_files(self, paths: Sequence[Union[str, os.PathLike]], strictness: Strictness = None) -> List[CheckResult]:
         """Check image files, one result each, in order.
 
-        With `encoded=True` the server decodes each file's bytes (as `check_encoded`), otherwise this client does.
-        A file that cannot be read raises ImageError; one left without an answer, a CheckError naming it.
-        """
+        With `encoded=True` the server decodes each file's bytes (as `check_encoded`), otherwise this client does. A
+        file that cannot be read raises ImageError; one left without an answer, a CheckError naming it."""
         if not self.encoded:
             return self.check([load_image(path) for path in paths], strictness=strictness)
         return _every_answer(self.check_each(_encoded_batch([read_file(path) for path in paths]), strictness), paths)
@@ -320,12 +329,17 @@ def _every_answer(outcomes: List[Outcome], paths: Optional[Sequence[Union[str, o
 
 
 def read_file(path: Union[str, os.PathLike]) -> bytes:
-    """An image file's bytes, untouched; ImageError if it cannot be read."""
+    """An image file's bytes, untouched; ImageError if it cannot be read, or if it is text that is not base64 (the
+    server takes a text element for base64 and would only call it invalid base64)."""
     try:
         with open(path, "rb") as handle:
-            return handle.read()
+            data = handle.read()
     except OSError as error:
         raise ImageError(f"cannot read image file {os.fspath(path)!r}: {error.strerror or error}") from error
+    if not data.translate(None, _TEXT) and data.translate(None, _BASE64_LINES):
+        formats = ", ".join(spec.IMAGE_FORMATS)
+        raise ImageError(f"cannot check {os.fspath(path)!r}: a text file, not an image file ({formats})")
+    return data
 
 
 def _encoded_batch(files: Union[Sequence[bytes], np.ndarray]) -> np.ndarray:

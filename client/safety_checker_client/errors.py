@@ -1,13 +1,14 @@
 """The one error a check raises: what happened, which image a refusal names, and whether to send again.
 
-Every tritonclient or socket exception is classified here, once, by
-`CheckError.from_exception`; the client, `check`, `scan` and the drop-in read
-`.kind`, `.index` and `.retryable` and never a message's text.
+Every tritonclient or socket exception is classified here, once, by `CheckError.from_exception`; the client, `check`,
+`scan` and the drop-in read `.kind`, `.index`, `.retryable` and `.unreachable`, never a message's text.
 """
 
 from __future__ import annotations
 
+import errno
 import re
+import socket
 from typing import Optional
 
 from safety_checker_client.strictness import StrictnessError
@@ -25,17 +26,20 @@ _INTERNAL_STATUSES = {"StatusCode.INTERNAL", "StatusCode.UNKNOWN", "500"}
 
 # How the served models name the element they refused: "image 3: ...", its index in the request.
 _REFUSED_INDEX = re.compile(r"\bimage (\d+): ")
+# gRPC's words (status UNAVAILABLE) when no connection could be made; HTTP raises the socket's OSError.
+_NO_CONNECTION = re.compile(r"failed to connect|errors? resolving|DNS resolution failed|Connection refused", re.I)
+_NO_CONNECTION_ERRNOS = {errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH, errno.EADDRNOTAVAIL}
 
 
 class CheckError(RuntimeError):
-    """No answer for the images of a request; `kind` says why, `index` which image a refusal names."""
+    """No answer for the images of a request: `kind` says why, `index` which image a refusal names, `unreachable` that
+    no connection could be made (nothing listens there, or its name does not resolve; always UNAVAILABLE)."""
 
-    def __init__(self, message: str, kind: str, index: Optional[int] = None) -> None:
+    def __init__(self, message: str, kind: str, index: Optional[int] = None, unreachable: bool = False) -> None:
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
         super().__init__(message)
-        self.kind = kind
-        self.index = index
+        self.kind, self.index, self.unreachable = kind, index, unreachable and kind == UNAVAILABLE
 
     @property
     def retryable(self) -> bool:
@@ -54,6 +58,7 @@ class CheckError(RuntimeError):
         message = getattr(error, "message", None)
         if callable(status) and callable(message):  # tritonclient's InferenceServerException
             text, code = str(message()), status()
+            unreachable = str(code) == "StatusCode.UNAVAILABLE" and bool(_NO_CONNECTION.search(text))
             if code is None:  # tritonclient refused the request itself, before sending it
                 kind = REFUSED
             elif str(code) in _UNAVAILABLE_STATUSES:
@@ -64,5 +69,6 @@ class CheckError(RuntimeError):
                 kind = REFUSED
         else:  # connection refused or reset, timeouts: tritonclient lets several types through
             text, kind = str(error) or type(error).__name__, UNAVAILABLE
+            unreachable = isinstance(error, socket.gaierror) or getattr(error, "errno", None) in _NO_CONNECTION_ERRNOS
         named = _REFUSED_INDEX.search(text) if kind == REFUSED else None
-        return cls(f"{where}: {text}", kind, None if named is None else int(named.group(1)))
+        return cls(f"{where}: {text}", kind, None if named is None else int(named.group(1)), unreachable)

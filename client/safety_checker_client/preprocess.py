@@ -1,19 +1,12 @@
 """Turn images into the checker's `pixel_values`, exactly as transformers does.
 
-The safety checker was trained on what `CLIPImageProcessor` makes of an image,
-so the client reproduces its PIL path (`CLIPImageProcessorPil` in
-transformers 5) step by step with numpy and Pillow only: convert to RGB
-(compositing transparency onto white), bicubic resize of the uint8 image so
-that its shortest edge is 224, centre crop to 224x224, scale by 1/255 in
-float64, cast to float32, normalise per channel in float32, channels first.
-Each step copies transformers' arithmetic and dtypes, so the result is
-bit-identical to the processor's `pixel_values`.
-
-Rescaling and normalising act on each uint8 value alone, so they are a table
-lookup: `preprocess_uint8` stops before them, and the `safety_checker_uint8`
-ensemble applies the same table on the server.
-
-Float arrays from a Stable Diffusion pipeline become uint8 the way diffusers'
+The safety checker was trained on what `CLIPImageProcessor` makes of an image, so the client reproduces its PIL path
+(`CLIPImageProcessorPil` in transformers 5) step by step with numpy and Pillow only, copying each step's arithmetic and
+dtypes: RGB (transparency composited onto white), bicubic resize of the uint8 image to a shortest edge of 224, centre
+crop to 224x224, scale by 1/255 in float64, cast to float32, normalise per channel in float32, channels first. The
+result is bit-identical to the processor's `pixel_values`. Rescaling and normalising act on each uint8 value alone, so
+they are a table lookup: `preprocess_uint8` stops before them, and the `safety_checker_uint8` ensemble applies the same
+table on the server. Float arrays from a Stable Diffusion pipeline become uint8 the way diffusers'
 `VaeImageProcessor.postprocess` makes the PIL images it hands to the checker.
 """
 
@@ -51,26 +44,17 @@ ImageLike = Union[Image.Image, np.ndarray]
 
 
 class ImageError(ValueError):
-    """An input that is not an image the checker can be given.
-
-    Raised for unreadable or corrupt files and for arrays of the wrong shape,
-    dtype or value range, so that callers can tell bad input from a failing
-    server with one `except`.
-    """
+    """An input that is not an image the checker can be given (an unreadable or corrupt file, an array of the wrong
+    shape, dtype or value range): one `except` tells bad input from a failing server."""
 
 
 def load_image(path: str | os.PathLike) -> Image.Image:
     """Open and fully decode an image file, upright as its EXIF tag says: the one picture the pixel path checks.
 
-    Decoding everything here makes truncated or corrupt files fail at once,
-    with the path in the message, instead of somewhere inside `preprocess`.
-    The EXIF orientation is applied as transformers' and diffusers'
-    `load_image` do, so the checker sees the picture a person would see.
-    The mode is kept: `to_uint8_image` converts it as CLIPImageProcessor does.
-    A file that is more than one picture (an animation, or colour under
-    transparency that a pipeline's convert("RGB") would show) is refused:
-    only the server, given the file itself (`encoded`), checks all it holds.
-    """
+    Decoding it all makes a corrupt file fail here, naming it, not inside `preprocess`. The EXIF orientation is applied
+    as transformers' and diffusers' `load_image` do; the mode is kept (`to_uint8_image` converts it). A file of more
+    than one picture (an animation, or colour under transparency that convert("RGB") would show) is refused: only the
+    server, given the file itself (`encoded`), checks all it holds."""
     return _opened(path, os.fspath(path))
 
 
@@ -102,13 +86,10 @@ def open_image(
 ) -> Image.Image:
     """The first frame of an image file (GIF, WebP, APNG: as Pillow opens it), upright, with limits.
 
-    Refused from the header, before any pixel is decoded: width x height over
-    `max_pixels` (a decompression bomb costs nothing), a longer side over
-    `max_aspect_ratio` times the shorter (it would grow huge resized to a 224
-    shortest side), more than one frame when `one_picture`. `formats` are
-    the Pillow format names tried (None: every format Pillow reads). Any
-    failure raises ImageError.
-    """
+    Refused from the header, before any pixel is decoded: width x height over `max_pixels` (a decompression bomb costs
+    nothing), a longer side over `max_aspect_ratio` times the shorter (it would grow huge resized to a 224 shortest
+    side), more than one frame when `one_picture`. `formats` are the Pillow format names tried (None: every format
+    Pillow reads). Any failure raises ImageError."""
     try:
         with Image.open(file, formats=formats) as image:
             width, height, frames = image.width, image.height, getattr(image, "n_frames", 1)
@@ -137,16 +118,12 @@ def open_image(
 def to_uint8_image(image: ImageLike, value_range: tuple[float, float] = ZERO_ONE) -> Image.Image:
     """Convert one image to the 8-bit RGB PIL image that CLIPImageProcessor resizes.
 
-    Accepts a PIL image of any mode, or an array of shape (H, W), (H, W, C)
-    or (C, H, W) with C in 1 (gray), 3 (RGB), 4 (RGBA); channels-last wins
-    when both ends could be channels. uint8 arrays are taken as they are.
-    float16/32/64 arrays hold values in `value_range`, (0, 1) as diffusers'
-    output_type="np" gives or (-1, 1) as the VAE decodes, and become uint8
-    as diffusers' postprocess does it: x / 2 + 0.5 for (-1, 1) in the
-    input's dtype, clamp to [0, 1], cast to float32, round(x * 255). Floats
-    more than RANGE_TOLERANCE outside the range raise ImageError, since
-    clamping them would hide that the caller passed the wrong range.
-    """
+    Accepts a PIL image of any mode, or an array of shape (H, W), (H, W, C) or (C, H, W) with C in 1 (gray), 3 (RGB), 4
+    (RGBA); channels-last wins when both ends could be channels. uint8 arrays are taken as they are. float16/32/64
+    arrays hold values in `value_range`, (0, 1) as diffusers' output_type="np" gives or (-1, 1) as the VAE decodes, and
+    become uint8 as diffusers' postprocess does it: x / 2 + 0.5 for (-1, 1) in the input's dtype, clamp to [0, 1], cast
+    to float32, round(x * 255). Floats more than RANGE_TOLERANCE outside the range raise ImageError, since clamping them
+    would hide that the caller passed the wrong range."""
     value_range = _checked_value_range(value_range)
     if isinstance(image, np.ndarray):
         image = Image.fromarray(_uint8_array(image, value_range))
@@ -160,18 +137,16 @@ def to_uint8_image(image: ImageLike, value_range: tuple[float, float] = ZERO_ONE
 def preprocess(images: Sequence[ImageLike] | np.ndarray, value_range: tuple[float, float] = ZERO_ONE) -> np.ndarray:
     """Make the checker's `pixel_values`: float32 [N, 3, 224, 224], C-contiguous.
 
-    `images` is a sequence of images as `to_uint8_image` accepts them, or one
-    4-D array holding a batch, (N, H, W, C) or (N, C, H, W). The result equals
-    CLIPImageProcessor's (PIL path) `pixel_values` for the same uint8 images.
-    """
+    `images` is a sequence of images as `to_uint8_image` accepts them, or one 4-D array holding a batch, (N, H, W, C) or
+    (N, C, H, W). The result equals CLIPImageProcessor's (PIL path) `pixel_values` for the same uint8 images."""
     return normalize(preprocess_uint8(images, value_range))
 
 
 def preprocess_uint8(
     images: Sequence[ImageLike] | np.ndarray, value_range: tuple[float, float] = ZERO_ONE
 ) -> np.ndarray:
-    """Resize and crop only: uint8 RGB [N, 224, 224, 3], what the uint8 ensemble takes; `normalize` of this is
-    exactly `preprocess`, so the server can do the last step and the wire carries a quarter of the bytes."""
+    """Resize and crop only: uint8 RGB [N, 224, 224, 3], what the uint8 ensemble takes; `normalize` of this is exactly
+    `preprocess`, so the server can do the last step and the wire carries a quarter of the bytes."""
     if isinstance(images, np.ndarray) and images.ndim != 4:
         raise ImageError(
             f"a batch array must be 4-D (N, H, W, C) or (N, C, H, W), got shape {images.shape}; "
@@ -194,8 +169,8 @@ def resize_and_crop(image: ImageLike, value_range: tuple[float, float] = ZERO_ON
 
 
 def normalization_table() -> np.ndarray:
-    """float32 [256, 3]: every uint8 level normalised, per channel. Each value is normalised alone, so this table is
-    the whole step: the served normaliser is a lookup in it, bit-identical to CLIPImageProcessor by construction."""
+    """float32 [256, 3]: every uint8 level normalised, per channel. Each value is normalised alone, so this table is the
+    whole step: the served normaliser is a lookup in it, bit-identical to CLIPImageProcessor by construction."""
     levels = np.arange(256, dtype=np.uint8)
     scaled = (levels.astype(np.float64) * RESCALE_FACTOR).astype(np.float32)
     return (scaled[:, None] - IMAGE_MEAN) / IMAGE_STD
@@ -260,19 +235,14 @@ def _convert_rgb(image: Image.Image) -> Image.Image:
 
 def _resized_and_cropped(image: Image.Image) -> np.ndarray:
     """Resize and centre-crop one RGB image; returns uint8 (224, 224, 3)."""
-    # transformers' get_resize_output_image_size(default_to_square=False): the
-    # short side becomes SHORTEST_EDGE and the long side int(SHORTEST_EDGE *
-    # long / short), truncated; applied even when the short side is already
-    # SHORTEST_EDGE (PIL then returns a copy) and for images smaller than it.
+    # transformers' get_resize_output_image_size(default_to_square=False): the short side becomes SHORTEST_EDGE, the
+    # long side int(SHORTEST_EDGE * long / short), truncated; even when the short side is that already, or smaller.
     width, height = image.size
     if width <= height:
         size = (SHORTEST_EDGE, int(SHORTEST_EDGE * height / width))
     else:
         size = (int(SHORTEST_EDGE * width / height), SHORTEST_EDGE)
     pixels = np.asarray(image.resize(size, resample=RESAMPLE))
-
-    # transformers' center_crop. Both sides are >= CROP_SIZE after the resize,
-    # so its zero-padding branch for small images can never run here.
-    top = (pixels.shape[0] - CROP_SIZE) // 2
-    left = (pixels.shape[1] - CROP_SIZE) // 2
+    # transformers' center_crop; both sides are >= CROP_SIZE now, so its zero-padding branch never runs here.
+    top, left = (pixels.shape[0] - CROP_SIZE) // 2, (pixels.shape[1] - CROP_SIZE) // 2
     return pixels[top : top + CROP_SIZE, left : left + CROP_SIZE]

@@ -1,9 +1,7 @@
 """One record per image: the JSON object `check` prints and scan writes to its report.
 
-An answered image's record holds every answer field (CheckResult.as_dict)
-and "error": null; any other's holds "error" and never "flagged", so no
-reader can take a failure for "not flagged". Scan adds "size" and "sha256"
-after "path".
+An answered image's record holds every answer field (CheckResult.as_dict) and "error": null; any other's holds "error"
+and never "flagged", so no reader can take a failure for "not flagged". Scan adds "size" and "sha256" after "path".
 """
 
 from __future__ import annotations
@@ -20,13 +18,9 @@ def record(
     path: str, result: Optional[CheckResult] = None, error: Union[BaseException, str, None] = None, **extra: object
 ) -> Record:
     """The record of `path`: its answer, or why it has none ("not checked" when nothing says)."""
-    line: Record = {"path": path, **extra}
     if result is None:
-        line["error"] = error_text(path, error)
-        return line
-    line.update(result.as_dict())
-    line["error"] = None
-    return line
+        return {"path": path, **extra, "error": error_text(path, error)}
+    return {"path": path, **extra, **result.as_dict(), "error": None}
 
 
 def error_text(path: str, error: Union[BaseException, str, None]) -> str:

@@ -1,10 +1,9 @@
 """The strictness a request chooses: one reading of the rule, for the client, scan and the server.
 
-A request chooses a preset by name (`strictness`) or an adjustment by number
-(`strictness_adjustment`), at most one of them. The server reads both from the
-request parameters with its config's presets and limit; the client and scan
-check a user's choice with the contract's own before sending anything. Both
-call `adjustment`, so a choice is refused with the same words everywhere.
+A request chooses a preset by name (`strictness`) or an adjustment by number (`strictness_adjustment`), at most one of
+them. The server reads both from the request parameters with its config's presets and limit; the client and scan check a
+user's choice with the contract's own before sending anything. Both call `adjustment`, so a choice is refused with the
+same words everywhere.
 """
 
 from __future__ import annotations
@@ -32,11 +31,8 @@ def adjustment(
 ) -> Optional[float]:
     """The adjustment a preset name or a number chooses, None when neither is given.
 
-    A preset is matched without regard to case; a number may be given as text
-    (the HTTP/JSON protocol carries strings). Raises StrictnessError for both
-    at once, an unknown preset, or a number that is not finite or beyond
-    `limit`.
-    """
+    A preset is matched without regard to case; a number may be given as text (the HTTP/JSON protocol carries strings).
+    Raises StrictnessError for both at once, an unknown preset, or a number that is not finite or beyond `limit`."""
     if preset is not None and value is not None:
         raise StrictnessError(
             f"request parameters {preset_parameter!r} and {adjustment_parameter!r} were both given; give one"

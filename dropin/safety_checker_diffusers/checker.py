@@ -20,10 +20,20 @@ from typing import Any, List, Optional, Tuple
 
 import numpy as np
 
-from safety_checker_client.client import RECORD_OUTPUTS, CheckError, CheckResult, SafetyCheckerClient, Strictness
+from safety_checker_client.client import (
+    CONNECT_DEADLINE_S,
+    RECORD_OUTPUTS,
+    CheckError,
+    CheckResult,
+    SafetyCheckerClient,
+    Strictness,
+)
 from safety_checker_diffusers.filters import ACTIONS, is_torch, replaced
 
 ON_ERROR = ("raise", "block")
+# How long one request may take, retries included, by default: a pipeline waits seconds for a failing server, not
+# minutes (a CPU server answers a pipeline's few images well within it).
+TIMEOUT_S = 30.0
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +53,15 @@ class TritonSafetyChecker:
     `strictness`: a preset name or an adjustment for every request (None: the
     server's configured preset; one the server would refuse is a refusal,
     CheckError, for every image). `on_error`: "raise" (default) or "block".
-    `timeout_s` and `deadline_s` are the client's. After each call,
-    `last_results` holds the server's answer per image (scores, fired
-    concepts; None for an image blocked for want of one).
+    After each call, `last_results` holds the server's answer per image
+    (scores, fired concepts; None for an image blocked for want of one).
+
+    How long a call may wait (the client's arguments): `timeout_s` for one
+    attempt (default 30 s), `deadline_s` for a request and its retries while
+    a server that answered before fails or restarts (default: `timeout_s`),
+    and `connect_deadline_s` (default 20 s) while nothing listens at `url`
+    at all, so a wrong URL fails a pipeline's call in seconds. Then the call
+    raises CheckError (or blocks the images, with `on_error="block"`).
     """
 
     def __init__(
@@ -55,8 +71,9 @@ class TritonSafetyChecker:
         action: str = "black",
         strictness: Strictness = None,
         on_error: str = "raise",
-        timeout_s: Optional[float] = 120.0,
+        timeout_s: Optional[float] = TIMEOUT_S,
         deadline_s: Optional[float] = None,
+        connect_deadline_s: float = CONNECT_DEADLINE_S,
     ) -> None:
         if action not in ACTIONS:
             raise ValueError(f"action must be one of {ACTIONS}, not {action!r}")
@@ -66,7 +83,12 @@ class TritonSafetyChecker:
         self.strictness = strictness
         self.on_error = on_error
         self.client = SafetyCheckerClient(
-            url, protocol=protocol, timeout_s=timeout_s, deadline_s=deadline_s, outputs=RECORD_OUTPUTS
+            url,
+            protocol=protocol,
+            timeout_s=timeout_s,
+            deadline_s=deadline_s,
+            connect_deadline_s=connect_deadline_s,
+            outputs=RECORD_OUTPUTS,
         )
         self.last_results: List[Optional[CheckResult]] = []
 

@@ -106,7 +106,12 @@ def add_parser(commands) -> argparse.ArgumentParser:
         help=f"redirects followed for one image URL, each checked as the URL was (default "
         f"{defaults.DEFAULT_MAX_REDIRECTS})",
     )
-    gateway.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    gateway.add_argument(
+        "--log-level",
+        default="info",
+        choices=["debug", "info", "warning", "error"],
+        help="the least severe log lines written (default info); no level writes image data",
+    )
     gateway.set_defaults(run=run)
     return gateway
 

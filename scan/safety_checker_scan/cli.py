@@ -3,11 +3,12 @@
 Registered in the `safety-checker` command through the entry-point group
 `safety_checker.commands`. The report (JSON lines or CSV, by the extension)
 gets one line per file, written as its answer arrives. With `--resume`, files
-that already have an answer in the report are skipped; files that only have
-an error line there are checked again and get a new line (the last line for a
-path is the one that counts). Ctrl-C stops handing out work, waits for the
-requests in flight and writes their answers, so `--resume` checks every
-remaining image exactly once; a second Ctrl-C abandons the requests in flight.
+whose newest line in the report has an answer are not checked again; the
+report is first rewritten (atomically) with one line per path, without the
+lines of the files about to be checked again (an error, a skip), whose new
+line is then appended. Ctrl-C stops handing out work, waits for the requests
+in flight and writes their answers, so `--resume` checks every remaining
+image exactly once; a second Ctrl-C abandons the requests in flight.
 """
 
 from __future__ import annotations
@@ -20,19 +21,19 @@ import threading
 from typing import Dict, List, Optional
 
 from safety_checker_client import spec, strictness
-from safety_checker_client.client import DEFAULT_URLS, PROTOCOLS
+from safety_checker_client.client import DEFAULT_URLS, PROTOCOLS, server_address
 from safety_checker_client.records import answered
-from safety_checker_scan.files import Item, expand, path_key
+from safety_checker_scan.files import NON_IMAGES, Filters, Item, expand, path_key
+from safety_checker_scan.pacing import MAX_TIMEOUT_S, MAX_WINDOW, MIN_TIMEOUT_S, TIMEOUT_FACTOR
 from safety_checker_scan.progress import Progress
-from safety_checker_scan.report import ReportWriter, read_report, report_format, shown
+from safety_checker_scan.report import ReportWriter, newest, read_report, report_format, shown
 from safety_checker_scan.scanner import (
     DEFAULT_BATCH_SIZE,
-    DEFAULT_CONCURRENCY,
-    DEFAULT_TIMEOUT_S,
     Scanner,
     ScanOptions,
     is_tty,
 )
+from safety_checker_scan.servers import COOLDOWN_S, RETRY_S
 from safety_checker_scan.tally import Tally, merge, summary_lines
 
 EXIT_OK = 0
@@ -42,7 +43,8 @@ EXIT_INTERRUPTED = 130
 
 EPILOG = """\
 exit status:
-  0    every image was checked (and, with --fail-on-flagged, none was flagged)
+  0    every image was checked (and, with --fail-on-flagged, none was flagged);
+       files that are not images were skipped
   1    any error: a file could not be read or was not answered (its report
        line has "error" and never "flagged"), or a flagged file could not be
        copied or moved; this wins over 3
@@ -52,13 +54,25 @@ exit status:
   130  interrupted (Ctrl-C or SIGTERM): the answers in flight were written;
        run again with --resume to check the rest
 
-Folders are walked recursively and every file in them is checked (a file that
-is not an image gets an error line: nothing in the tree is skipped silently).
-PATH may also be a file, a glob ('photos/**/*.png', quoted) or '-' for a list
-of paths, one per line, on stdin. Without --report the report goes to stdout
-(JSON lines) and the progress to stderr; with --report the progress and the
-summary go to stdout. A progress bar is drawn on a terminal, plain lines
-every few seconds otherwise.
+Folders are walked recursively and every file in them is checked, except
+those --include/--exclude leave out. A file that is not an image (neither its
+content nor its extension is an image format's: a README.txt) gets a
+"skipped" line and is counted apart (--non-images error: an error line); an
+image that cannot be read is an error. PATH may also be a file, a glob
+('photos/**/*.png', quoted) or '-' for a list of paths, one per line, on
+stdin. Without --report the report goes to stdout (JSON lines) and the
+progress to stderr; with --report the progress and the summary go to stdout.
+A progress bar is drawn on a terminal, plain lines every few seconds
+otherwise.
+
+--include/--exclude GLOB match the path of a file relative to the folder it
+was found in (a PATH folder, or a glob's leading folders), with '/' between
+folders; a file named itself is matched by its name. A GLOB without '/'
+matches the name alone, at any depth ('*.txt'); one with '/' the whole
+relative path ('raw/*.png', '**/thumbs/**', '/raw': the top folder only).
+'*', '?' and '[...]' stay within a folder, '**' crosses folders; case counts. A file is checked if it matches
+some --include (when any is given) and no --exclude; a folder matching an
+--exclude is not walked.
 """
 
 
@@ -67,6 +81,11 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _concurrency(text: str) -> Optional[int]:
+    """`auto` (None: each server's window sized from its answers) or a fixed number of requests in flight."""
+    return None if text == "auto" else _positive(text)
 
 
 def _strictness(text: str) -> strictness.Strictness:
@@ -93,16 +112,41 @@ def add_parser(commands) -> argparse.ArgumentParser:
         action="append",
         dest="urls",
         metavar="URL",
-        help=f"HOST:PORT of a server; repeat for several (default {DEFAULT_URLS['grpc']} for gRPC, "
-        f"{DEFAULT_URLS['http']} for HTTP)",
+        help=f"HOST:PORT of a server (http:// or https:// before it is dropped); repeat for several (default "
+        f"{DEFAULT_URLS['grpc']} for gRPC, {DEFAULT_URLS['http']} for HTTP)",
     )
-    scan.add_argument("--protocol", choices=PROTOCOLS, default="grpc")
+    scan.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="the servers' protocol (default grpc)")
+    scan.add_argument(
+        "--include",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="check only files whose path below the scanned folder matches GLOB; repeatable (default: every file; "
+        "see below)",
+    )
+    scan.add_argument(
+        "--exclude",
+        action="append",
+        default=[],
+        metavar="GLOB",
+        help="leave out files and folders whose path below the scanned folder matches GLOB; repeatable, wins over "
+        "--include (default: none)",
+    )
+    scan.add_argument(
+        "--non-images",
+        choices=NON_IMAGES,
+        default="skip",
+        help="a file that is not an image: skip it (a 'skipped' line, counted apart, exit status unaffected) or "
+        "error (an error line, exit 1) (default skip)",
+    )
     scan.add_argument(
         "--concurrency",
-        type=_positive,
-        default=DEFAULT_CONCURRENCY,
-        metavar="N",
-        help=f"requests in flight, over all servers (default {DEFAULT_CONCURRENCY})",
+        type=_concurrency,
+        default=None,
+        metavar="auto|N",
+        help="requests in flight: auto (the default) gives each server as many as keep it busy without a queue, "
+        f"measured from its answers as the scan runs (1 to {MAX_WINDOW}); N: exactly N over all servers, in turn. "
+        f"A server that fails is left at once for the others and rests {COOLDOWN_S:g} s or more",
     )
     scan.add_argument(
         "--batch-size",
@@ -144,7 +188,8 @@ def add_parser(commands) -> argparse.ArgumentParser:
     scan.add_argument(
         "--resume",
         action="store_true",
-        help="skip files that already have an answer in --report, append the rest",
+        help="do not check again the files whose line in --report has an answer; check the rest (errors and skips "
+        "included) and leave one line per file",
     )
     aside = scan.add_mutually_exclusive_group()
     aside.add_argument("--copy-flagged", metavar="DIR", help="copy each flagged file into DIR")
@@ -159,9 +204,12 @@ def add_parser(commands) -> argparse.ArgumentParser:
     scan.add_argument(
         "--timeout",
         type=float,
-        default=DEFAULT_TIMEOUT_S,
+        default=None,
         metavar="SECONDS",
-        help=f"per request (default {DEFAULT_TIMEOUT_S:g})",
+        help=f"per request (default: {TIMEOUT_FACTOR:g} times the server's recent latency, at least "
+        f"{MIN_TIMEOUT_S:g} s, at most {MAX_TIMEOUT_S:g} s; over gRPC a request that times out is cancelled at the "
+        f"server); images no server answers are tried again for up to {RETRY_S:g} s (or SECONDS, if shorter), then "
+        "reported as not checked",
     )
     scan.set_defaults(run=run)
     return scan
@@ -175,8 +223,13 @@ def _usage_error(args: argparse.Namespace) -> Optional[str]:
             report_format(args.report)
         except ValueError as error:
             return str(error)
-    if args.timeout <= 0:
+    if args.timeout is not None and args.timeout <= 0:
         return "--timeout must be positive"
+    for url in args.urls or ():
+        try:
+            server_address(url)
+        except ValueError as error:
+            return f"--url: {error}"
     return None
 
 
@@ -197,6 +250,7 @@ def run(args: argparse.Namespace) -> int:
         timeout_s=args.timeout,
         copy_to=args.copy_flagged,
         move_to=args.move_flagged,
+        non_images=args.non_images,
     )
     human = sys.stdout if args.report else sys.stderr
 
@@ -204,30 +258,29 @@ def run(args: argparse.Namespace) -> int:
     earlier: Dict[str, Dict[str, object]] = {}
     if args.resume:
         try:
-            for record in read_report(args.report):
-                if answered(record):
-                    earlier[path_key(str(record["path"]))] = record
+            earlier = newest(read_report(args.report), path_key)
         except (OSError, ValueError) as error:
             print(f"error: cannot resume from {args.report}: {error}", file=sys.stderr)
             return EXIT_ERROR
-    try:
-        writer = ReportWriter.open(args.report, args.resume)
-    except OSError as error:
-        print(f"error: cannot write the report {args.report}: {error}", file=sys.stderr)
-        return EXIT_ERROR
+    filters = Filters(args.include, args.exclude)
     items: List[Item] = []
     previous = Tally()
     try:
-        for item in expand(args.paths, sys.stdin, skip):
+        for item in expand(args.paths, sys.stdin, skip, filters):
             record = earlier.get(path_key(item.path))
-            if record is not None and item.error is None:
+            if record is not None and answered(record) and item.error is None:
                 previous.add(record)
             else:
                 items.append(item)
+                earlier.pop(path_key(item.path), None)  # checked again: its new line replaces the old one
     except KeyboardInterrupt:
-        writer.close()
         print("interrupted while listing the files; nothing was checked", file=sys.stderr)
         return EXIT_INTERRUPTED
+    try:
+        writer = ReportWriter.open(args.report, list(earlier.values()) if args.resume else None)
+    except OSError as error:
+        print(f"error: cannot write the report {args.report}: {error}", file=sys.stderr)
+        return EXIT_ERROR
 
     progress = Progress(human, len(items), tty=is_tty(human))
     stop = threading.Event()
@@ -254,7 +307,8 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
     progress.close()
     writer.close()
-    result.skipped = previous.checked
+    result.already_done = previous.checked
+    result.excluded_files, result.excluded_folders = filters.files, filters.folders
     total = merge(previous, result.tally)
 
     if args.html:

@@ -15,18 +15,21 @@ import html
 import io
 import math
 import os
-import tempfile
 from typing import List, Optional, Sequence, Tuple
 
 from PIL import Image, ImageOps
 
-from safety_checker_scan.report import shown
+from safety_checker_scan.report import replace_atomically, shown
+from safety_checker_scan.tally import ScanResult, Tally, rate_text
 
 THUMBNAIL_SIZE = 192  # px, the longer side
 MAX_THUMBNAILS = 2000  # beyond this the page would grow past ~15 MB; the rest are listed by path
 MAX_ERROR_LINES = 1000
 BLUR_PX = 18
 HISTOGRAM_BINS = 40
+FONT_PX = 11  # the histogram's labels
+LABEL_GAP_PX = 6  # the least room between two axis labels
+THRESHOLD_LABEL = "threshold (score &gt; 0 flags)"
 
 
 def thumbnail_uri(path: str, size: int = THUMBNAIL_SIZE) -> Optional[str]:
@@ -67,6 +70,24 @@ def histogram(values: Sequence[float], bins: int = HISTOGRAM_BINS) -> Tuple[List
     return edges, counts
 
 
+def label_width(text: str) -> float:
+    """The most a label takes across: 0.62 em per character covers the digits, signs and letters of a sans-serif
+    font (HTML entities count as one character)."""
+    return len(html.unescape(text)) * FONT_PX * 0.62
+
+
+def axis_labels(ticks: Sequence[Tuple[float, str]], low: float, high: float) -> List[Tuple[float, str]]:
+    """The (x, text) of each tick label that fits, in the order given (most wanted first), centred on its x (kept
+    within [low, high]); one that would come nearer another than their half-widths and a gap is left out."""
+    placed: List[Tuple[float, str]] = []
+    for x, text in ticks:
+        half = label_width(text) / 2
+        x = min(max(x, low + half), high - half)
+        if all(abs(x - other) >= half + label_width(them) / 2 + LABEL_GAP_PX for other, them in placed):
+            placed.append((x, text))
+    return placed
+
+
 def histogram_svg(values: Sequence[float]) -> str:
     edges, counts = histogram(values)
     width, height, left, bottom, top, right = 720, 240, 48, 34, 12, 12
@@ -93,14 +114,22 @@ def histogram_svg(values: Sequence[float]) -> str:
         f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#333"/>'
         f'<line x1="{x(0):.1f}" y1="{top - 4}" x2="{x(0):.1f}" y2="{top + plot_h}" stroke="#c62828" '
         'stroke-dasharray="4 3"/>'
-        f'<text x="{x(0) + 4:.1f}" y="{top + 10}" font-size="11" fill="#c62828">threshold (score &gt; 0 flags)</text>'
-        f'<text x="{left - 6}" y="{top + 10}" font-size="11" text-anchor="end">{peak}</text>'
-        f'<text x="{left - 6}" y="{top + plot_h}" font-size="11" text-anchor="end">0</text>'
     )
-    for value in (low, 0.0, high):
+    if x(0) + 4 + label_width(THRESHOLD_LABEL) <= width:
+        parts.append(f'<text x="{x(0) + 4:.1f}" y="{top + 10}" font-size="{FONT_PX}" fill="#c62828">')
+    else:  # near the right edge: to the left of the line
+        parts.append(f'<text x="{x(0) - 4:.1f}" y="{top + 10}" font-size="{FONT_PX}" fill="#c62828" text-anchor="end">')
+    parts.append(
+        f"{THRESHOLD_LABEL}</text>"
+        f'<text x="{left - 6}" y="{top + 10}" font-size="{FONT_PX}" text-anchor="end">{peak}</text>'
+        f'<text x="{left - 6}" y="{top + plot_h}" font-size="{FONT_PX}" text-anchor="end">0</text>'
+    )
+    # The range's ends first, then 0 where it fits (the dashed line marks it anyway).
+    ticks = [(x(value), f"{value:+.3f}") for value in (low, high, 0.0)]
+    for tick_x, text in axis_labels(ticks, 0.0, width):
         parts.append(
-            f'<text x="{x(value):.1f}" y="{height - bottom + 16}" font-size="11" text-anchor="middle">'
-            f"{value:+.3f}</text>"
+            f'<text class="tick" x="{tick_x:.1f}" y="{height - bottom + 16}" font-size="{FONT_PX}" '
+            f'text-anchor="middle">{text}</text>'
         )
     parts.append(
         f'<text x="{left + plot_w / 2:.1f}" y="{height - 4}" font-size="11" text-anchor="middle">'
@@ -148,29 +177,28 @@ document.querySelectorAll('.thumb button').forEach(function (button) {
 
 
 def render(
-    tally,
+    tally: Tally,
+    result: ScanResult,
     *,
-    seconds: float,
-    this_run: int,
-    images_per_s: float,
-    skipped: int,
-    interrupted: bool,
     urls: Sequence[str],
     mode: str,
     strictness: object,
     report: Optional[str],
 ) -> str:
-    """The page as text. `tally` is a scan Tally (counts, per-concept counts, top scores, flagged, errors)."""
+    """The page as text: `tally` counts the whole scan (with --resume, the report's earlier answers too), `result`
+    this run (its images/s are this run's answers over this run's time, never the earlier ones')."""
     esc = html.escape
     now = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
-    files = tally.checked + tally.errors
+    files = tally.checked + tally.errors + tally.skipped
     title = f"Safety checker scan: {tally.flagged} flagged of {tally.checked} checked"
     cards = [
         ("files", files, ""),
         ("images checked", tally.checked, ""),
         ("flagged", tally.flagged, "flagged"),
         ("errors", tally.errors, "flagged" if tally.errors else ""),
-        ("images/s", f"{images_per_s:.1f}", ""),
+        *([("skipped (not images)", tally.skipped, "")] if tally.skipped else []),
+        ("images/s this run", rate_text(result), ""),
+        *([("resumed: already done", result.already_done, "")] if result.already_done else []),
     ]
     out = [
         "<!doctype html>",
@@ -187,10 +215,10 @@ def render(
     for label, value, css in cards:
         out.append(f'<div class="card {css}"><b>{esc(str(value))}</b>{esc(label)}</div>')
     out.append("</div>")
-    run_note = f"This run checked {this_run} images in {seconds:.1f} s"
-    if skipped:
-        run_note += f"; {skipped} were already checked in the report"
-    if interrupted:
+    run_note = f"This run checked {result.this_run} images in {result.seconds:.1f} s"
+    if result.already_done:
+        run_note += f"; {result.already_done} were already checked in the report"
+    if result.interrupted:
         run_note += "; it was interrupted before the end"
     out.append(f'<p class="muted">{esc(run_note)}.</p></section>')
 
@@ -252,36 +280,29 @@ def render(
         if len(tally.error_lines) > MAX_ERROR_LINES:
             out.append(f"<li>... and {len(tally.error_lines) - MAX_ERROR_LINES} more (see the report)</li>")
         out.append("</ul></details></section>")
+    if tally.skipped_paths:
+        out.append(
+            f'<section id="skipped"><h2>Skipped ({tally.skipped})</h2><details><summary>files that are not images'
+            "</summary><ul>"
+        )
+        out.extend(f"<li>{esc(path)}</li>" for path in tally.skipped_paths[:MAX_ERROR_LINES])
+        if len(tally.skipped_paths) > MAX_ERROR_LINES:
+            out.append(f"<li>... and {len(tally.skipped_paths) - MAX_ERROR_LINES} more (see the report)</li>")
+        out.append("</ul></details></section>")
     out.append(f"<script>{SCRIPT}</script></body></html>")
     return shown("\n".join(out) + "\n")
 
 
-def write_page(path: str, tally, result, options, report: Optional[str] = None) -> str:
+def write_page(path: str, tally: Tally, result: ScanResult, options, report: Optional[str] = None) -> str:
     """Render the page for a finished scan and write it atomically; returns the path."""
     text = render(
         tally,
-        seconds=result.seconds,
-        this_run=result.this_run,
-        images_per_s=result.images_per_s,
-        skipped=result.skipped,
-        interrupted=result.interrupted,
+        result,
         urls=options.urls,
         mode=options.mode,
         strictness=options.strictness,
         report=report,
     )
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, temporary = tempfile.mkstemp(dir=folder, prefix=".scan-", suffix=".html")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # as open() would have made it, not mkstemp's 0600
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    replace_atomically(path, lambda handle: handle.write(text))
     return path

@@ -2,7 +2,9 @@
 
 Each line is written and flushed as its answer arrives (and a file is
 fsynced every second), so an interrupted scan loses nothing; `read_report`
-reads back every complete line, for `--resume`.
+reads back every complete line, for `--resume`, which first rewrites the
+report atomically with the records it keeps (`newest`), so that a report
+holds at most one line per path at every moment.
 
 A file name need not be UTF-8 (Python holds its other bytes as lone
 surrogates, PEP 383). The report keeps such a path usable, the name's exact
@@ -19,13 +21,15 @@ import io
 import json
 import os
 import sys
+import tempfile
 import time
-from typing import Dict, List, Optional, TextIO
+from typing import Callable, Dict, Iterable, List, Optional, TextIO
 
 from safety_checker_client.client import ANSWER_FIELDS
 
-# One line per file, in this order; the CSV header.
-REPORT_FIELDS = ("path", "size", "sha256", *ANSWER_FIELDS, "error")  # size in bytes
+# One line per file, in this order; the CSV header. "skipped" says why a file that is not an image was not checked.
+REPORT_FIELDS = ("path", "size", "sha256", *ANSWER_FIELDS, "error", "skipped")  # size in bytes
+_FIELDS_BEFORE_SKIPPED = REPORT_FIELDS[:-1]  # the header of a report written before "skipped": resumable
 REPORT_FORMATS = (".jsonl", ".csv")
 # CSV columns holding JSON text (lists and objects), and those holding true/false.
 _JSON_COLUMNS = ("fired_concepts", "concept_scores", "special_scores", "custom_scores", "view")
@@ -62,18 +66,21 @@ class ReportWriter:
             self.out.flush()
 
     @classmethod
-    def open(cls, path: Optional[str], resume: bool) -> ReportWriter:
+    def open(cls, path: Optional[str], keep: Optional[Iterable[Dict[str, object]]] = None) -> ReportWriter:
+        """A writer to `path` (None: stdout). Without `keep` the report is replaced; with it (--resume) it is first
+        rewritten atomically with those records only, and new lines are appended."""
         if path is None:
             return cls(sys.stdout, ".jsonl", header=False, owned=False)
         kind = report_format(path)
-        fresh = not (resume and os.path.exists(path) and os.path.getsize(path) > 0)
-        if not fresh:
-            _drop_partial_last_line(path)
         folder = os.path.dirname(os.path.abspath(path))
         os.makedirs(folder, exist_ok=True)
         newline = "" if kind == ".csv" else None
-        out = open(path, "w" if fresh else "a", newline=newline, encoding="utf-8", errors="surrogateescape")
-        return cls(out, kind, header=fresh, owned=True)
+        if keep is None:
+            out = open(path, "w", newline=newline, encoding="utf-8", errors="surrogateescape")
+            return cls(out, kind, header=True, owned=True)
+        replace_atomically(path, lambda handle: _write_all(cls(handle, kind, header=True, owned=False), keep))
+        out = open(path, "a", newline=newline, encoding="utf-8", errors="surrogateescape")
+        return cls(out, kind, header=False, owned=True)
 
     def write(self, record: Dict[str, object]) -> None:
         if self._csv is not None:
@@ -123,31 +130,42 @@ def _from_csv_row(row: Dict[str, str]) -> Dict[str, object]:
     if row.get("strictness_adjustment"):
         record["strictness_adjustment"] = float(row["strictness_adjustment"])
     record["error"] = row.get("error") or None
+    if row.get("skipped"):
+        record["skipped"] = row["skipped"]
     return record
 
 
-def _drop_partial_last_line(path: str) -> None:
-    """A scan killed mid-write leaves half a line; cut it so appended lines start on their own."""
-    with open(path, "rb+") as handle:
-        handle.seek(0, os.SEEK_END)
-        size = handle.tell()
-        if size == 0:
-            return
-        handle.seek(size - 1)
-        if handle.read(1) == b"\n":
-            return
-        step = 65536
-        position = size
-        while position > 0:
-            start = max(0, position - step)
-            handle.seek(start)
-            chunk = handle.read(position - start)
-            newline = chunk.rfind(b"\n")
-            if newline >= 0:
-                handle.truncate(start + newline + 1)
-                return
-            position = start
-        handle.truncate(0)
+def _write_all(writer: ReportWriter, records: Iterable[Dict[str, object]]) -> None:
+    for line in records:
+        writer.write(line)
+
+
+def replace_atomically(path: str, fill: Callable[[TextIO], None]) -> None:
+    """Write a new `path` beside it and rename it over the old one: a reader sees the old file or the new one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, temporary = tempfile.mkstemp(dir=folder, prefix=".scan-", suffix=os.path.splitext(path)[1])
+    try:
+        newline = "" if path.lower().endswith(".csv") else None
+        with os.fdopen(fd, "w", newline=newline, encoding="utf-8", errors="surrogateescape") as handle:
+            fill(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # as open() would have made it, not mkstemp's 0600
+        os.replace(temporary, path)
+    except BaseException:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+        raise
+
+
+def newest(records: Iterable[Dict[str, object]], key: Callable[[str], str]) -> Dict[str, Dict[str, object]]:
+    """The last record of each path (by `key`), in the order the paths first appear: the one that counts."""
+    latest: Dict[str, Dict[str, object]] = {}
+    for line in records:
+        latest[key(str(line["path"]))] = line
+    return latest
 
 
 def read_report(path: str) -> List[Dict[str, object]]:
@@ -163,7 +181,8 @@ def read_report(path: str) -> List[Dict[str, object]]:
             if not text.endswith("\n"):
                 text = text[: text.rfind("\n") + 1]
             reader = csv.DictReader(io.StringIO(text))
-            if reader.fieldnames is not None and tuple(reader.fieldnames) != REPORT_FIELDS:
+            header = tuple(reader.fieldnames or REPORT_FIELDS)
+            if header not in (REPORT_FIELDS, _FIELDS_BEFORE_SKIPPED):
                 raise ValueError(f"{path} is not a scan report (its header is {reader.fieldnames})")
             records = [_from_csv_row(row) for row in reader]
         else:

@@ -1,10 +1,13 @@
 """The scheduler: worker threads prepare files while requests are in flight, until every file has a line.
 
 Worker threads read, hash and preprocess files (Pillow's decoders and
-resize, hashlib and numpy release the GIL) while up to `concurrency`
-requests of `batch_size` images are in flight across the servers. Each
-answer or error is written to the report as it arrives. When `stop` is set
-(Ctrl-C) nothing more is handed out, and the answers in flight are written.
+resize, hashlib and numpy release the GIL) while requests of `batch_size`
+images are in flight across the servers, as many as each server's window
+allows (pacing.py: sized from its answers, or `concurrency` over all). Each
+answer, error or skip (a file that is not an image) is written to the report
+as it arrives, and a server's first failure is reported as soon as the main
+loop wakes. When `stop` is set (Ctrl-C) nothing more is handed out, and the
+answers in flight are written.
 """
 
 from __future__ import annotations
@@ -16,21 +19,24 @@ import threading
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Set, TextIO
+from functools import partial
+from typing import Callable, Dict, List, Optional, Sequence, Set, TextIO, Tuple
 
 from safety_checker_client.client import RECORD_OUTPUTS, CheckResult, SafetyCheckerClient
 from safety_checker_client.records import record
-from safety_checker_scan.files import Item, path_key, prepare
+from safety_checker_scan import files
+from safety_checker_scan.files import Item, path_key
+from safety_checker_scan.pacing import MAX_TIMEOUT_S, Pacing, Ticket
 from safety_checker_scan.progress import Progress
 from safety_checker_scan.report import ReportWriter
-from safety_checker_scan.servers import Failure, Servers, check_items
+from safety_checker_scan.servers import RETRY_S, Failure, Servers, check_items
 from safety_checker_scan.tally import ScanResult, Tally
 
-DEFAULT_CONCURRENCY = 8
-DEFAULT_BATCH_SIZE = 8
-DEFAULT_TIMEOUT_S = 600.0  # per request: a scan is batch work, and a CPU server queues many images
-# How long one server's client may retry a request (with backoff) before the scan sends it to the next server.
-FAILOVER_S = 30.0
+# Requests in flight: None sizes each server's window from its answers (`--concurrency auto`).
+DEFAULT_CONCURRENCY: Optional[int] = None
+# Images per request: a CPU server with the full-size checker answers 4 in about 2 s, so a request rarely waits
+# long behind another; a fast server gets more requests in flight instead, and its batcher joins them.
+DEFAULT_BATCH_SIZE = 4
 # The main loop wakes at least this often to redraw the progress and notice Ctrl-C.
 TICK_S = 0.2
 
@@ -39,14 +45,15 @@ TICK_S = 0.2
 class ScanOptions:
     urls: List[str]
     protocol: str = "grpc"
-    concurrency: int = DEFAULT_CONCURRENCY
+    concurrency: Optional[int] = DEFAULT_CONCURRENCY  # None: each server's window from its answers
     batch_size: int = DEFAULT_BATCH_SIZE
     workers: int = max(2, os.cpu_count() or 1)
     mode: str = "float"  # float | uint8 | encoded
     strictness: object = None
-    timeout_s: float = DEFAULT_TIMEOUT_S
+    timeout_s: Optional[float] = None  # per attempt; None: from the server's latency, at most MAX_TIMEOUT_S
     copy_to: Optional[str] = None
     move_to: Optional[str] = None
+    non_images: str = "skip"  # skip | error
 
 
 class Scanner:
@@ -61,16 +68,27 @@ class Scanner:
         stop: Optional[threading.Event] = None,
         warn: Callable[[str], None] = lambda message: print(message, file=sys.stderr),
         monotonic: Callable[[], float] = time.monotonic,
-        prepare: Callable[[Item, str], Item] = prepare,
+        prepare: Optional[Callable[[Item, str], Item]] = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
+        """`monotonic` and `sleep` pace the failover and the waits between tries (tests inject a clock)."""
         self.options = options
         self.writer = writer
         self.progress = progress
         self.stop = stop or threading.Event()
         self.warn = warn
         self._monotonic = monotonic
-        self._prepare = prepare
-        self.servers = Servers(options.urls, make_client or self._client, monotonic)
+        self._prepare = prepare or partial(files.prepare, non_images=options.non_images)
+        retry_s = min(options.timeout_s or RETRY_S, RETRY_S)
+        self.servers = Servers(options.urls, make_client or self._client, monotonic, sleep, retry_s)
+        self.pacing = Pacing(
+            options.urls,
+            options.concurrency,
+            monotonic,
+            self.servers.resting,
+            timeout_cap_s=options.timeout_s or MAX_TIMEOUT_S,
+            fixed_timeout=options.timeout_s is not None,
+        )
         self.tally = Tally()
         self.file_errors = 0
         self._destinations: Set[str] = set()
@@ -81,15 +99,15 @@ class Scanner:
 
     def _client(self, url: str) -> SafetyCheckerClient:
         options = self.options
-        # The client retries a failed request with backoff for up to FAILOVER_S; then the scan sends its images
-        # to another server. Only what the report shows is requested.
+        # Each request is sent once (deadline 0): the servers' pool fails over and waits between tries. Only what
+        # the report shows is requested.
         return SafetyCheckerClient(
             url,
             protocol=options.protocol,
             uint8=options.mode == "uint8",
             encoded=options.mode == "encoded",
-            timeout_s=options.timeout_s,
-            deadline_s=min(options.timeout_s, FAILOVER_S),
+            timeout_s=options.timeout_s or MAX_TIMEOUT_S,  # each attempt's own is set as it is sent
+            deadline_s=0,
             outputs=RECORD_OUTPUTS,
         )
 
@@ -100,11 +118,10 @@ class Scanner:
         todo = iter(items)
         ready: List[Item] = []
         preparing: Dict[Future, Item] = {}
-        in_flight: Dict[Future, List[Item]] = {}
-        buffered = options.concurrency * options.batch_size + 2 * options.workers
+        in_flight: Dict[Future, Tuple[List[Item], Ticket]] = {}
         exhausted = stopped = False
         prep_pool = ThreadPoolExecutor(options.workers, thread_name_prefix="scan-prepare")
-        check_pool = ThreadPoolExecutor(options.concurrency, thread_name_prefix="scan-check")
+        check_pool = ThreadPoolExecutor(self.pacing.most, thread_name_prefix="scan-check")
         try:
             while True:
                 if self.stop.is_set() and not stopped:
@@ -119,6 +136,8 @@ class Scanner:
                         f"interrupted: writing the answers of {len(in_flight)} requests in flight "
                         "(Ctrl-C again to abandon them); --resume checks the rest"
                     )
+                # Files prepared ahead: a batch for each place in the windows and one more, and work for the workers.
+                buffered = (self.pacing.limit + 1) * options.batch_size + 2 * options.workers
                 while not exhausted and len(preparing) + len(ready) < buffered:
                     item = next(todo, None)
                     if item is None:
@@ -128,14 +147,15 @@ class Scanner:
                         self._record(item, None, item.error)
                         continue
                     preparing[prep_pool.submit(self._prepare, item, options.mode)] = item
-                while (
-                    not self.stop.is_set()
-                    and len(in_flight) < options.concurrency
-                    and (len(ready) >= options.batch_size or (ready and exhausted and not preparing))
+                while not self.stop.is_set() and (
+                    len(ready) >= options.batch_size or (ready and exhausted and not preparing)
                 ):
+                    ticket = self.pacing.take(full=len(ready) >= options.batch_size)
+                    if ticket is None:
+                        break
                     batch, ready = ready[: options.batch_size], ready[options.batch_size :]
-                    future = check_pool.submit(check_items, self.servers, batch, options.mode, options.strictness)
-                    in_flight[future] = batch
+                    check = partial(check_items, self.servers, batch, options.mode, options.strictness, ticket)
+                    in_flight[check_pool.submit(check)] = (batch, ticket)
                 if not preparing and not in_flight and (exhausted and (not ready or self.stop.is_set())):
                     break
                 done, _ = wait([*preparing, *in_flight], timeout=TICK_S, return_when=FIRST_COMPLETED)
@@ -147,13 +167,14 @@ class Scanner:
                         failure = future.exception()
                         if failure is not None:  # prepare() catches what it expects; anything else is an error too
                             item.error = f"cannot read {item.path!r}: {type(failure).__name__}: {failure}"
-                        if item.error is not None:
+                        if item.error is not None or item.skipped is not None:
                             self._record(item, None, item.error)
                         else:
                             ready.append(item)
                     else:
-                        batch = in_flight.pop(future)
+                        batch, ticket = in_flight.pop(future)
                         failure = future.exception()
+                        ticket.finish(answered=False)  # a no-op unless its first attempt never ended
                         outcomes = (
                             future.result()
                             if failure is None
@@ -162,9 +183,11 @@ class Scanner:
                         for item, result, error in outcomes:
                             self._record(item, result, error)
                             received += result is not None
+                self._report_warnings()
                 if self.progress is not None:
                     self.progress.show()
         finally:
+            self._report_warnings()
             prep_pool.shutdown(wait=False, cancel_futures=True)
             check_pool.shutdown(wait=False, cancel_futures=True)
             self.servers.close()
@@ -172,14 +195,23 @@ class Scanner:
             tally=self.tally,
             seconds=self._monotonic() - started,
             this_run=received,
-            skipped=0,
             interrupted=self.stop.is_set(),
             file_errors=self.file_errors,
             cpu_s=_cpu_s() - cpu_started,
+            windows=self.pacing.sizes(),
         )
 
+    def _report_warnings(self) -> None:
+        for message in self.servers.take_warnings():
+            if self.progress is not None:
+                self.progress.clear()
+            self.warn(message)
+
     def _record(self, item: Item, result: Optional[CheckResult], error: Optional[Failure]) -> None:
-        line = record(item.path, result, error, size=item.size, sha256=item.sha256)
+        if item.skipped is not None:
+            line = {"path": item.path, "size": item.size, "sha256": item.sha256, "skipped": item.skipped}
+        else:
+            line = record(item.path, result, error, size=item.size, sha256=item.sha256)
         item.data = None
         location = None
         if result is not None and result.flagged and (self.options.copy_to or self.options.move_to):
@@ -189,7 +221,8 @@ class Scanner:
         self.writer.write(line)
         self.tally.add(line, location)
         if self.progress is not None:
-            self.progress.update(done=1, flagged=int(bool(line.get("flagged"))), errors=int(result is None))
+            failed = result is None and item.skipped is None
+            self.progress.update(done=1, flagged=int(bool(line.get("flagged"))), errors=int(failed))
 
     def _set_aside(self, item: Item) -> Optional[str]:
         """Copy or move a flagged file into the chosen folder; returns where it is now."""

@@ -1,0 +1,3 @@
+from demo.steps import main
+
+raise SystemExit(main())
