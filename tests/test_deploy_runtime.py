@@ -212,8 +212,9 @@ class Deployment:
 
 def in_container(deployment: Deployment, concepts: Path) -> List[str]:
     """What runs a command as the runtime's container runs it (CONTAINER); this Python's installation (the
-    stubs' libpython and standard library, the venv's interpreter) and the stand-in are the image's."""
-    image = ":".join([sys.base_prefix, str(deployment.stub_python.parent.parent)])
+    stubs' libpython and standard library), the virtualenv (the wheel's tritonserver, which a checkout in /tmp
+    would otherwise leave under the /tmp emptyDir) and the stand-in are the image's."""
+    image = ":".join(dict.fromkeys([sys.base_prefix, sys.prefix, str(deployment.stub_python.parent.parent)]))
     paths = [str(deployment.repository), str(concepts), image]
     return ["unshare", "--mount", "--propagation", "private", "sh", "-c", CONTAINER, "sh", *paths]
 
