@@ -20,7 +20,7 @@ import json
 import re
 from functools import cache
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import pytest
 import yaml
@@ -145,19 +145,24 @@ def validator_for(name: str):
     return KubernetesValidator(schema(name), format_checker=FORMATS)
 
 
-def problems(doc: Dict[str, Any]) -> List[str]:
-    """Every schema violation of one resource (and of the resources a Template holds), as readable lines."""
-    found = []
+def problems(doc: Dict[str, Any], schemas: Optional[Dict[Tuple[str, str], str]] = None) -> List[str]:
+    """Every schema violation of one resource (and of the resources a Template holds), as readable lines; `schemas`
+    maps (apiVersion, kind) to a schema file (default SCHEMA_FILES, the kinds of this folder's top level)."""
+    schemas = SCHEMA_FILES if schemas is None else schemas
     kind = (doc.get("apiVersion"), doc.get("kind"))
-    if kind not in SCHEMA_FILES:
+    if kind not in schemas:
         return [f"no schema for apiVersion {kind[0]!r} kind {kind[1]!r}"]
-    for name, instance, where in ((SCHEMA_FILES[kind], doc, ""), ("objectmeta.json", doc.get("metadata"), "metadata")):
+    found = []
+    # The API server allows apiVersion, kind and metadata at the root of any custom resource, declared or not.
+    declared = schema(schemas[kind]).get("properties", {})
+    body = {k: v for k, v in doc.items() if k in declared or k not in ("apiVersion", "kind", "metadata")}
+    for name, instance, where in ((schemas[kind], body, ""), ("objectmeta.json", doc.get("metadata"), "metadata")):
         for error in validator_for(name).iter_errors(instance):
             path = "/".join(str(p) for p in ([where] if where else []) + list(error.absolute_path))
             found.append(f"{doc.get('kind')} {path or '(top)'}: {error.message}")
     if doc.get("kind") == "Template":
         for index, inner in enumerate(doc.get("objects") or []):
-            found += [f"objects/{index}: {line}" for line in problems(inner)]
+            found += [f"objects/{index}: {line}" for line in problems(inner, schemas)]
     return found
 
 

@@ -42,8 +42,8 @@ from test_deploy_manifests import (
     load,
     one,
     schema,
-    validator_for,
 )
+from test_deploy_manifests import problems as manifest_problems
 
 from safety_checker_admin.admin_key import key_problem
 
@@ -96,21 +96,7 @@ CREDENTIAL = re.compile(r"KEY|SECRET|TOKEN|PASSWORD", re.I)
 # -- reading and validating -----------------------------------------------------------------------------------------
 def problems(doc: Dict[str, Any]) -> List[str]:
     """Every schema violation of one resource and of the resources a Template holds (test_deploy_manifests' rules)."""
-    kind = (doc.get("apiVersion"), doc.get("kind"))
-    if kind not in KINDS:
-        return [f"no schema for apiVersion {kind[0]!r} kind {kind[1]!r}"]
-    found = []
-    # The API server allows apiVersion, kind and metadata at the root of any custom resource, declared or not.
-    declared = schema(KINDS[kind]).get("properties", {})
-    body = {k: v for k, v in doc.items() if k in declared or k not in ("apiVersion", "kind", "metadata")}
-    for name, instance, where in ((KINDS[kind], body, ""), ("objectmeta.json", doc.get("metadata"), "metadata")):
-        for error in validator_for(name).iter_errors(instance):
-            path = "/".join(str(p) for p in ([where] if where else []) + list(error.absolute_path))
-            found.append(f"{doc.get('kind')} {path or '(top)'}: {error.message}")
-    if doc.get("kind") == "Template":
-        for index, inner in enumerate(doc.get("objects") or []):
-            found += [f"objects/{index}: {line}" for line in problems(inner)]
-    return found
+    return manifest_problems(doc, KINDS)
 
 
 def documents(path: Path) -> List[Dict[str, Any]]:
