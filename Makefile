@@ -10,6 +10,8 @@
 # make style:     let ruff fix and format what it can.
 # make bench:     diffusers vs onnxruntime vs the served checker (perf_analyzer), full size (~80 min on 2 cores);
 #                 BENCH_ARGS="--rows triton,images" measures a subset (python -m bench --help).
+# make bench-docs: copy bench-results/ (results, perf_analyzer CSV) into docs/, draw the plot and write
+#                 docs/benchmarks.md's figures from them (python -m bench.figures; the tests check they agree).
 # make overload:  64 clients sending 32-image requests in three bursts: memory, refusals, latency (~6 min).
 # make soak:      ten minutes at saturation, concept reloads, one stub kill (not part of make test).
 
@@ -40,7 +42,7 @@ SOAK_MINUTES ?= 10
 # wait on servers and subprocesses as much as they compute, so three keep two cores busy.
 TEST_WORKERS ?= 3
 
-.PHONY: setup repository serve demo test test-fast install-check deploy-check lint style bench overload soak clean
+.PHONY: setup repository serve demo test test-fast install-check deploy-check lint style bench bench-docs overload soak clean
 
 setup: $(VENV)/.installed
 
@@ -101,6 +103,9 @@ style: setup
 
 bench: setup
 	$(PY) -m bench --output bench-results $(BENCH_ARGS)
+
+bench-docs: setup
+	$(PY) -m bench.figures --from bench-results
 
 overload: setup
 	$(PY) -m bench.overload --output bench-results

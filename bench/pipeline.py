@@ -196,6 +196,11 @@ def summarize(rows: List[Dict[str, Any]]) -> Dict[str, Any]:
             uint8_vs_float[key] = uint8[concurrency]["images_per_s"] / floats[concurrency]["images_per_s"]
     if uint8_vs_float:
         summary["pipeline_uint8_vs_float_min"] = min(uint8_vs_float.values())
+        summary["pipeline_uint8_vs_float_min_spread"] = max(
+            r.get("spread") or 0.0
+            for r in rows
+            if r.get("path") in (UINT8, FLOAT) and r.get("images_per_s") is not None
+        )
         summary["pipeline_uint8_vs_float"] = uint8_vs_float
     shares = [r["decode_share"] for r in rows if r.get("path") == IMAGES and r.get("decode_share") is not None]
     if shares:

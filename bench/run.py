@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import datetime
 import json
 import os
 import sys
@@ -111,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logs = output / "logs"
     logs.mkdir(parents=True, exist_ok=True)
     (output / "perf_analyzer").mkdir(exist_ok=True)
-    started = time.monotonic()
+    started, load_at_start = time.monotonic(), os.getloadavg()[0]
     say = lambda message: tqdm.write(message, file=sys.stderr)
     if selection.kinds & set(PERF_KINDS):
         perf.binary()  # no perf_analyzer, no benchmark: say so before the exports
@@ -124,6 +125,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     rows = [pooled_row(candidate) for candidate in measured]
     results = _results(args, settings, selection, built, rows, scan, time.monotonic() - started)
+    # Whether something else ran beside the benchmark: the 1-minute load average before and after it.
+    results["machine"]["load_average"] = {"start": load_at_start, "end": os.getloadavg()[0]}
     csv_file = _keep_csv(measured, output)
     report.write_json(results, output / "results.json")
     report.plot(results, output / "throughput.png")
@@ -171,6 +174,7 @@ def _results(
     """results.json: the machine, the settings, every row, the scan and the summary."""
     computer = machine()
     return {
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),  # when it ended
         "machine": computer,
         "settings": {
             **dataclasses.asdict(settings),

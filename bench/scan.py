@@ -23,8 +23,9 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from fixtures.photos import PHOTOS, photo
 
@@ -76,27 +77,25 @@ def run_scan(
     env: Optional[Mapping[str, str]] = None,
 ) -> Dict[str, Any]:
     """One `safety-checker scan` over `folder` with the scan's own defaults but for the options given; its summary's
-    numbers."""
+    numbers, and the rates of the two halves of its run (from its report's lines as they were written) and their
+    spread."""
     with tempfile.TemporaryDirectory(prefix="bench-scan-") as scratch:
-        command = [
-            sys.executable,
-            "-m",
-            "safety_checker_client.cli",
-            "scan",
-            str(folder),
-            "--url",
-            url,
-            "--report",
-            str(Path(scratch) / "report.jsonl"),
-        ]
+        report = Path(scratch) / "report.jsonl"
+        command = [sys.executable, "-m", "safety_checker_client.cli", "scan", str(folder), "--url", url]
+        command += ["--report", str(report)]
         for option, value in (("--concurrency", concurrency), ("--batch-size", batch_size), ("--workers", workers)):
             command += [option, str(value)] if value else []
-        result = subprocess.run(command, capture_output=True, text=True, env=env)
-        log.write_text(f"$ {' '.join(command)}\n{result.stdout}\n{result.stderr}")
-        found = _SUMMARY.search(result.stdout)
-        if result.returncode != 0 or found is None:
-            raise RuntimeError(f"safety-checker scan failed (exit {result.returncode}); see {log}")
+        stdout, stderr = Path(scratch) / "stdout", Path(scratch) / "stderr"
+        with stdout.open("w") as out, stderr.open("w") as err:
+            process = subprocess.Popen(command, stdout=out, stderr=err, text=True, env=env)
+            samples = _watch(process, report)
+        printed = stdout.read_text()
+        log.write_text(f"$ {' '.join(command)}\n{printed}\n{stderr.read_text()}")
+        found = _SUMMARY.search(printed)
+        if process.returncode != 0 or found is None:
+            raise RuntimeError(f"safety-checker scan failed (exit {process.returncode}); see {log}")
     images, rate, cpu = int(found["images"]), float(found["rate"]), float(found["cpu"])
+    halves = halves_images_per_s(samples)
     return {
         "images": images,
         "images_per_s": rate,
@@ -104,4 +103,33 @@ def run_scan(
         "images_per_client_cpu_s": images / cpu if cpu > 0 else None,
         "concurrency": concurrency or "default",
         "batch_size": batch_size or "default",
+        "halves_images_per_s": halves,
+        "spread": (max(halves) - min(halves)) / rate if halves and rate else None,
     }
+
+
+def _watch(process: subprocess.Popen, report: Path, every_s: float = 1.0) -> List[Tuple[float, int]]:
+    """(seconds, report lines) every `every_s` until the scan exits: how its checked images accrued."""
+    samples: List[Tuple[float, int]] = []
+    started = time.monotonic()
+    while True:
+        try:
+            returned = process.wait(timeout=every_s)
+        except subprocess.TimeoutExpired:
+            returned = None
+        lines = report.read_bytes().count(b"\n") if report.exists() else 0
+        samples.append((time.monotonic() - started, lines))
+        if returned is not None:
+            return samples
+
+
+def halves_images_per_s(samples: Sequence[Tuple[float, int]]) -> List[float]:
+    """The rates of the first and second half of the time from the first line written to the last: how steady the
+    scan ran (empty when too few samples fall between)."""
+    moving = [(t, n) for t, n in samples if n > 0]
+    if len(moving) < 3 or moving[-1][1] == moving[0][1]:
+        return []
+    first, last = moving[0], max(moving, key=lambda s: s[1])
+    middle_t = (first[0] + last[0]) / 2
+    middle = min(moving, key=lambda s: abs(s[0] - middle_t))
+    return [(b[1] - a[1]) / (b[0] - a[0]) for a, b in ((first, middle), (middle, last)) if b[0] > a[0]]

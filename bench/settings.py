@@ -43,7 +43,7 @@ FULL = Settings(
     concurrency=tuple(range(1, 9)),
     images_concurrency=(1, 4, GATEWAY_CONCURRENCY),
     cascade_concurrency=(8,),
-    batches=(1, 4),
+    batches=(1, 2, 3, 4),  # the in-process reference at batch min(c, best batch) for every concurrency c (issue 22)
     perf=PerfSettings(min_requests=16, requests_per_client=4, stability_percentage=10, max_trials=6),
     scan_files=(48, 4000),
     scan_work_s=300.0,

@@ -28,13 +28,30 @@ class Rows:
         return max(self.of(kind), key=lambda r: r["images_per_s"]) if self.of(kind) else None
 
 
-def _ratios(served_rows: List[Row], reference: Row) -> Dict[str, Any]:
-    """Served over in-process, per concurrency and at worst; and the worst of each round on its own (the rounds
-    are repeated runs: how far apart their minima lie says how far the ratio can be trusted)."""
-    by_concurrency = {str(r["concurrency"]): r["images_per_s"] / reference["images_per_s"] for r in served_rows}
-    rounds = min(len(r["windows_images_per_s"]) for r in [*served_rows, reference])
+def reference_batch(concurrency: int, best_batch: int, measured: Sequence[int]) -> int:
+    """The in-process batch a server at `concurrency` is held to: min(concurrency, best batch), since c clients
+    one image each can form no larger batch (issue 22); the largest measured batch up to that, if it was not."""
+    wanted = min(concurrency, best_batch)
+    return max((b for b in measured if b <= wanted), default=min(measured))
+
+
+def _ratios(served_rows: List[Row], references: List[Row]) -> Dict[str, Any]:
+    """Served over in-process at reference_batch, per concurrency and at worst; the worst of each round on its own
+    (the rounds are repeated runs: how far apart their minima lie says how far the ratio can be trusted); and the
+    spread: the largest of the rows' own."""
+    best = max(references, key=lambda r: r["images_per_s"])
+    by_batch = {r["batch"]: r for r in references}
+    held_to = {
+        r["concurrency"]: by_batch[reference_batch(r["concurrency"], best["batch"], list(by_batch))]
+        for r in served_rows
+    }
+    by_concurrency = {
+        str(r["concurrency"]): r["images_per_s"] / held_to[r["concurrency"]]["images_per_s"] for r in served_rows
+    }
+    used = [*served_rows, *{id(r): r for r in held_to.values()}.values()]
+    rounds = min(len(r["windows_images_per_s"]) for r in used)
     by_round = [
-        min(r["windows_images_per_s"][k] for r in served_rows) / reference["windows_images_per_s"][k]
+        min(r["windows_images_per_s"][k] / held_to[r["concurrency"]]["windows_images_per_s"][k] for r in served_rows)
         for k in range(rounds)
     ]
     return {
@@ -42,29 +59,38 @@ def _ratios(served_rows: List[Row], reference: Row) -> Dict[str, Any]:
         "min": min(by_concurrency.values()),
         "min_at_concurrency": int(min(by_concurrency, key=by_concurrency.get)),
         "min_by_round": by_round,
-        "spread": max(r["spread"] for r in [*served_rows, reference]),
+        "reference_batch_by_concurrency": {str(c): r["batch"] for c, r in held_to.items()},
+        "spread": max(r["spread"] or 0.0 for r in used),
     }
 
 
 def _served_vs_in_process(key: str, rows: Rows, served_kind: str, reference_kind: str) -> Dict[str, Any]:
-    """`key` (best served over best in-process) and its ratios per concurrency; empty without both rows."""
+    """`key` (best served over best in-process) and its ratios per concurrency against reference_batch; empty
+    without both rows."""
     served, reference = rows.best(served_kind), rows.best(reference_kind)
     if served is None or reference is None:
         return {}
-    ratios = _ratios(rows.of(served_kind), reference)
+    ratios = _ratios(rows.of(served_kind), rows.of(reference_kind))
     return {
         key: served["images_per_s"] / reference["images_per_s"],
         f"{key}_min": ratios["min"],
         f"{key}_min_at_concurrency": ratios["min_at_concurrency"],
         f"{key}_by_concurrency": ratios["by_concurrency"],
         f"{key}_min_by_round": ratios["min_by_round"],
+        f"{key}_reference_batch_by_concurrency": ratios["reference_batch_by_concurrency"],
         f"{key}_spread": ratios["spread"],
     }
 
 
 def _over(key: str, row: Optional[Row], reference: Optional[Row]) -> Dict[str, Any]:
-    """{key: row's rate over the reference's}; empty without both."""
-    return {key: row["images_per_s"] / reference["images_per_s"]} if row and reference else {}
+    """{key: row's rate over the reference's, key_spread: the larger of the two rows' spreads}; empty without
+    both."""
+    if not (row and reference):
+        return {}
+    return {
+        key: row["images_per_s"] / reference["images_per_s"],
+        f"{key}_spread": max(row.get("spread") or 0.0, reference.get("spread") or 0.0),
+    }
 
 
 def _fp32(rows: Rows) -> Dict[str, Any]:
@@ -121,6 +147,7 @@ def _gateway(rows: Rows, goal: Optional[float]) -> Dict[str, Any]:
                 str(c): through[c]["images_per_s"] / direct[c]["images_per_s"] for c in shared
             },
             "gateway_vs_triton_by_round": [g / t if t else None for g, t in windows],
+            "gateway_vs_triton_spread": max(through[at].get("spread") or 0.0, direct[at].get("spread") or 0.0),
         }
     )
     if goal is not None:
@@ -156,14 +183,19 @@ def _cascade(rows: Rows) -> Dict[str, Any]:
 
 
 def _scan(rows: Rows, scan: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """The scan against the served checker over the best fp32 row, and against the tiny checker over the best
+    rate of the path it sends to (the float ensemble's pipeline rows); each ratio's spread is the larger of the
+    scan's own (its two halves' rates) and the row's."""
     if not scan:
         return {}
     served_scan, ceiling = scan["served"], scan["ceiling"]
+    tiny = [r for r in rows.of(pipeline.KIND) if r.get("path") == pipeline.FLOAT]
     return {
         "scan_images_per_s": served_scan["images_per_s"],
         **_over("scan_vs_server", served_scan, rows.best("triton")),
         "scan_ceiling_images_per_s": ceiling["images_per_s"],
         "scan_ceiling_images_per_client_core_s": ceiling["images_per_client_cpu_s"],
+        **_over("scan_tiny_vs_server", ceiling, max(tiny, key=lambda r: r["images_per_s"]) if tiny else None),
     }
 
 

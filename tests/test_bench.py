@@ -72,13 +72,18 @@ def test_last_line_is_the_summary_json(quick_run):
     best = {kind: max(r["images_per_s"] for r in rows if r["kind"] == kind) for kind in ("baseline", "ort", "triton")}
     assert summary["speedup_vs_diffusers"] == pytest.approx(best["triton"] / best["baseline"])
     assert summary["triton_vs_ort"] == pytest.approx(best["triton"] / best["ort"])
-    # The worst concurrency against the best in-process batch, for fp32 and for int8.
+    # Each concurrency c against in-process at batch min(c, best batch), for fp32 and for int8.
     for served, ort, key in (
         ("triton", "ort", "triton_vs_ort"),
         ("triton-int8", "ort-int8", "triton_int8_vs_ort_int8"),
     ):
-        reference = max(r["images_per_s"] for r in rows if r["kind"] == ort)
-        ratios = {str(r["concurrency"]): r["images_per_s"] / reference for r in rows if r["kind"] == served}
+        in_process = {r["batch"]: r["images_per_s"] for r in rows if r["kind"] == ort}
+        best_batch = max(in_process, key=in_process.get)
+        ratios = {
+            str(r["concurrency"]): r["images_per_s"] / in_process[min(r["concurrency"], best_batch)]
+            for r in rows
+            if r["kind"] == served
+        }
         assert summary[f"{key}_by_concurrency"] == pytest.approx(ratios)
         assert summary[f"{key}_min"] == pytest.approx(min(ratios.values()))
         assert len(summary[f"{key}_min_by_round"]) == 2 and summary[f"{key}_spread"] >= 0
@@ -86,6 +91,7 @@ def test_last_line_is_the_summary_json(quick_run):
     assert summary["cascade_speedup_vs_diffusers"] == pytest.approx(cascade["images_per_s"] / best["baseline"])
     assert summary["cpu_flags"] == results["machine"]["cpu_flags"]
     assert summary["scan_vs_server"] == pytest.approx(summary["scan_images_per_s"] / best["triton"])
+    assert summary["scan_vs_server_spread"] >= 0 and summary["scan_tiny_vs_server"] > 0
     encoded = max((r for r in rows if r["kind"] == "triton-images"), key=lambda r: r["images_per_s"])
     assert summary["images_encoded_per_s"] == pytest.approx(encoded["images_per_s"])
     assert summary["encoded_best_concurrency"] == encoded["concurrency"]

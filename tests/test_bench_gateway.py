@@ -178,11 +178,12 @@ def _row(kind, concurrency, rates, **extra):
 def test_gateway_vs_triton_is_taken_at_concurrency_8_in_the_same_run():
     rows = [
         _row("triton-images", 1, [10.0, 12.0]),
-        _row("triton-images", 8, [40.0, 20.0]),
+        _row("triton-images", 8, [40.0, 20.0], spread=0.2),
         _row("gateway", 1, [9.0, 13.0], gateway_cpu_ms_per_image=4.0),
-        _row("gateway", 8, [36.0, 21.0], gateway_cpu_ms_per_image=3.0),
+        _row("gateway", 8, [36.0, 21.0], gateway_cpu_ms_per_image=3.0, spread=0.3),
     ]
     summary = summarize(rows, gateway_goal=0.8)
+    assert summary["gateway_vs_triton_spread"] == 0.3  # the larger of the two rows' at concurrency 8
     assert summary["gateway_images_per_s"] == pytest.approx(28.5) and summary["gateway_best_concurrency"] == 8
     assert summary["gateway_vs_triton"] == pytest.approx(28.5 / 30.0)
     assert summary["gateway_vs_triton_concurrency"] == 8

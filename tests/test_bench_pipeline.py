@@ -217,6 +217,8 @@ def test_the_summary_reports_every_path_per_batch_and_uint8_against_float():
     # uint8 is 0.7 of float at batch 1 and 1.05 at batch 8, at both concurrencies.
     assert summary["pipeline_uint8_vs_float"] == pytest.approx({"b1c1": 0.7, "b1c8": 0.7, "b8c1": 1.05, "b8c8": 1.05})
     assert summary["pipeline_uint8_vs_float_min"] == pytest.approx(0.7)
+    spreads = [r["spread"] for r in _run_rows() if r.get("path") in (pipeline.UINT8, pipeline.FLOAT)]
+    assert summary["pipeline_uint8_vs_float_min_spread"] == pytest.approx(max(spreads))
     assert "pipeline_vs_embedder" in pipeline.line(summary) and "per server core" in pipeline.line(summary)
 
 

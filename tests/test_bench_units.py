@@ -12,11 +12,12 @@ import json
 import numpy as np
 import pytest
 
-from bench import cascade, loadgen, report, run, selection, served
+from bench import cascade, loadgen, pipeline, report, run, selection, served
+from bench import scan as scan_bench
 from bench.candidates import candidates
 from bench.harness import Harness
 from bench.settings import FULL, QUICK
-from bench.summary import summarize
+from bench.summary import reference_batch, summarize
 from safety_checker_client import spec
 
 STATS_MODELS = (spec.ENSEMBLE_MODEL, spec.EMBEDDER_MODEL)
@@ -246,6 +247,16 @@ def test_plot_without_series(results, tmp_path):
     assert report.plot(results, tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_the_plot_draws_each_in_process_kinds_fastest_batch_once():
+    rows = [
+        {"kind": "ort", "batch": 1, "images_per_s": 1.0},
+        {"kind": "baseline", "batch": 1, "images_per_s": 0.8},
+        {"kind": "ort", "batch": 4, "images_per_s": 1.2},
+        {"kind": "ort", "batch": 2, "images_per_s": 1.1},
+    ]
+    assert report._best_per_kind(rows) == [rows[2], rows[1]]
+
+
 def test_table_has_every_row(results):
     text = report.table(results)
     lines = text.splitlines()
@@ -299,29 +310,77 @@ def _row(kind, rates, concurrency=None, batch=1):
     }
 
 
-def test_the_summary_takes_the_worst_concurrency_against_the_best_in_process_batch():
+def test_the_summary_holds_each_concurrency_to_in_process_at_batch_min_of_it_and_the_best_batch():
     rows = [
         _row("baseline", [0.8, 0.9]),
         _row("ort", [1.0, 1.0], batch=1),
-        _row("ort", [1.1, 0.9], batch=4),  # same mean: the first best stays
+        _row("ort", [1.1, 0.9], batch=4),  # same mean as batch 1
         _row("ort", [1.2, 1.0], batch=8),  # the best batch: 1.1
-        _row("triton", [1.1, 1.0], concurrency=1),
-        _row("triton", [1.0, 1.09], concurrency=2),
-        _row("ort-int8", [3.0, 3.2]),
+        _row("triton", [1.1, 1.0], concurrency=1),  # held to batch 1
+        _row("triton", [1.0, 1.09], concurrency=2),  # batch 2 was not measured: held to batch 1
+        _row("triton", [1.0, 1.0], concurrency=5),  # held to batch 4
+        _row("triton", [1.2, 1.0], concurrency=8),  # held to batch 8
+        _row("ort-int8", [3.0, 3.0], batch=1),
+        _row("ort-int8", [3.2, 3.4], batch=4),
         _row("triton-int8", [3.0, 3.0], concurrency=1),
         _row("triton-int8", [3.2, 3.1], concurrency=8),
     ]
     summary = summarize(rows)
     assert summary["ort_images_per_s"] == pytest.approx(1.1) and summary["ort_best_batch"] == 8
-    assert summary["triton_vs_ort_by_concurrency"] == pytest.approx({"1": 1.05 / 1.1, "2": 1.045 / 1.1})
-    assert summary["triton_vs_ort_min"] == pytest.approx(1.045 / 1.1)
-    assert summary["triton_vs_ort_min_at_concurrency"] == 2
-    # Each round on its own: its worst served window over the best batch's window of that round.
-    assert summary["triton_vs_ort_min_by_round"] == pytest.approx([1.0 / 1.2, 1.0 / 1.0])
-    assert summary["triton_vs_ort_spread"] == pytest.approx(0.2 / 1.1)
-    assert summary["triton_int8_vs_ort_int8_min"] == pytest.approx(3.0 / 3.1)
-    assert summary["triton_int8_vs_ort_int8_min_at_concurrency"] == 1
+    assert summary["triton_vs_ort"] == pytest.approx(1.1 / 1.1)
+    assert summary["triton_vs_ort_reference_batch_by_concurrency"] == {"1": 1, "2": 1, "5": 4, "8": 8}
+    assert summary["triton_vs_ort_by_concurrency"] == pytest.approx({"1": 1.05, "2": 1.045, "5": 1.0, "8": 1.0})
+    assert summary["triton_vs_ort_min"] == pytest.approx(1.0)
+    assert summary["triton_vs_ort_min_at_concurrency"] == 5
+    # Each round on its own: the worst of every served window over its reference's window of that round.
+    assert summary["triton_vs_ort_min_by_round"] == pytest.approx(
+        [min(1.1, 1.0, 1.0 / 1.1, 1.0), min(1.0, 1.09, 1.0 / 0.9, 1.0)]
+    )
+    assert summary["triton_vs_ort_spread"] == pytest.approx(0.2)  # batch 4's, the largest of the rows used
+    # int8: concurrency 1 against batch 1, 8 against the best batch, 4.
+    assert summary["triton_int8_vs_ort_int8_by_concurrency"] == pytest.approx({"1": 1.0, "8": 3.15 / 3.3})
+    assert summary["triton_int8_vs_ort_int8_min"] == pytest.approx(3.15 / 3.3)
+    assert summary["triton_int8_vs_ort_int8_min_at_concurrency"] == 8
+    assert summary["speedup_vs_diffusers"] == pytest.approx(1.1 / 0.85)
+    assert summary["speedup_vs_diffusers_spread"] == pytest.approx(0.2 / 1.1)
     assert "cascade_images_per_s" not in summary
+
+
+@pytest.mark.parametrize(
+    "concurrency, best, measured, held_to",
+    [
+        (1, 4, [1, 2, 3, 4], 1),
+        (3, 4, [1, 2, 3, 4], 3),
+        (8, 4, [1, 2, 3, 4], 4),
+        (3, 4, [1, 4], 1),
+        (8, 2, [1, 2, 4], 2),
+    ],
+)
+def test_the_reference_batch_is_the_largest_measured_up_to_min_of_concurrency_and_best(
+    concurrency, best, measured, held_to
+):
+    assert reference_batch(concurrency, best, measured) == held_to
+
+
+def test_the_scan_ratios_carry_the_spread_of_the_scan_and_of_the_row():
+    rows = [
+        _row("triton", [2.0, 2.2], concurrency=4),
+        {**_row(pipeline.KIND, [100.0, 100.0], concurrency=8), "path": pipeline.FLOAT, "server_cores": 2},
+        {**_row(pipeline.KIND, [300.0, 300.0], concurrency=8), "path": pipeline.EMBEDDER, "server_cores": 2},
+    ]
+    served = {"images_per_s": 2.0, "images_per_client_cpu_s": 9.0, "spread": 0.3}
+    ceiling = {"images_per_s": 40.0, "images_per_client_cpu_s": 60.0, "spread": 0.01}
+    summary = summarize(rows, {"served": served, "ceiling": ceiling})
+    assert summary["scan_vs_server"] == pytest.approx(2.0 / 2.1)
+    assert summary["scan_vs_server_spread"] == pytest.approx(0.3)
+    assert summary["scan_tiny_vs_server"] == pytest.approx(0.4)  # over the float path, not the embedder
+    assert summary["scan_tiny_vs_server_spread"] == pytest.approx(0.01)
+
+
+def test_the_scan_halves_are_the_rates_either_side_of_the_middle_of_its_writing():
+    samples = [(0.5, 0), (1.0, 2), (2.0, 12), (3.0, 22), (4.0, 27), (5.0, 32), (6.0, 32)]
+    assert scan_bench.halves_images_per_s(samples) == pytest.approx([10.0, 5.0])
+    assert scan_bench.halves_images_per_s([(1.0, 0), (2.0, 4)]) == []
 
 
 def test_the_summary_reports_the_cascade_with_its_fallbacks_and_the_cpu_flags():
@@ -366,6 +425,16 @@ def test_a_forced_bound_lies_between_neighbouring_critical_bounds():
 
 # -- --rows: which rows a selection sets up and measures, and which summary keys it yields -------
 
+# The keys of a served-over-in-process ratio (summary._served_vs_in_process).
+RATIO_KEYS = (
+    "",
+    "_min",
+    "_min_at_concurrency",
+    "_by_concurrency",
+    "_min_by_round",
+    "_reference_batch_by_concurrency",
+    "_spread",
+)
 # Every key of a full run's summary, in the order it prints them.
 FULL_SUMMARY = [
     "diffusers_images_per_s",
@@ -374,27 +443,28 @@ FULL_SUMMARY = [
     "triton_images_per_s",
     "triton_best_concurrency",
     "speedup_vs_diffusers",
-    *(f"triton_vs_ort{k}" for k in ("", "_min", "_min_at_concurrency", "_by_concurrency", "_min_by_round", "_spread")),
+    "speedup_vs_diffusers_spread",
+    *(f"triton_vs_ort{k}" for k in RATIO_KEYS),
     "unstable_perf_analyzer_windows",
     "images_encoded_per_s",
     "encoded_best_concurrency",
     "encoded_vs_pixels",
+    "encoded_vs_pixels_spread",
     "decoded_png_per_s_per_instance",
     "decoded_jpeg_per_s_per_instance",
     "gateway_images_per_s",
     "gateway_best_concurrency",
-    *(f"gateway_vs_triton{k}" for k in ("", "_concurrency", "_by_concurrency", "_by_round", "_goal")),
+    *(f"gateway_vs_triton{k}" for k in ("", "_concurrency", "_by_concurrency", "_by_round", "_spread", "_goal")),
     "gateway_cpu_ms_per_image",
     "triton_int8_images_per_s",
     "ort_int8_images_per_s",
     "int8_speedup_vs_diffusers",
-    *(
-        f"triton_int8_vs_ort_int8{k}"
-        for k in ("", "_min", "_min_at_concurrency", "_by_concurrency", "_min_by_round", "_spread")
-    ),
+    "int8_speedup_vs_diffusers_spread",
+    *(f"triton_int8_vs_ort_int8{k}" for k in RATIO_KEYS),
     "cascade_images_per_s",
     "cascade_fallback_fraction",
     "cascade_speedup_vs_diffusers",
+    "cascade_speedup_vs_diffusers_spread",
     "cascade_forced_5pct_images_per_s",
     "cascade_forced_5pct_fallback_fraction",
     "cascade_forced_20pct_images_per_s",
@@ -405,12 +475,16 @@ FULL_SUMMARY = [
     "pipeline_server_cores",
     "pipeline_by_path",
     "pipeline_uint8_vs_float_min",
+    "pipeline_uint8_vs_float_min_spread",
     "pipeline_uint8_vs_float",
     "cpu_flags",
     "scan_images_per_s",
     "scan_vs_server",
+    "scan_vs_server_spread",
     "scan_ceiling_images_per_s",
     "scan_ceiling_images_per_client_core_s",
+    "scan_tiny_vs_server",
+    "scan_tiny_vs_server_spread",
 ]
 
 
@@ -532,6 +606,7 @@ def test_triton_and_images_measure_encoded_vs_pixels_at_the_levels_given(tmp_pat
         "images_encoded_per_s",
         "encoded_best_concurrency",
         "encoded_vs_pixels",
+        "encoded_vs_pixels_spread",
         "cpu_flags",
     }
 
