@@ -88,10 +88,6 @@ def _percent(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:.0%}"
 
 
-def _flags(results: Mapping[str, Any]) -> List[str]:
-    return list(results["machine"].get("cpu_flags", []))
-
-
 def verdict(goal: Goal, summary: Mapping[str, Any], flags: Sequence[str]) -> str:
     """met, missed, or missed within the spread (the goal lies within value * (1 + spread)); not applicable where
     the goal is for CPUs with a flag this one lacks."""
@@ -230,7 +226,7 @@ def render(results: Mapping[str, Any]) -> str:
     """The generated part of docs/benchmarks.md, markers included."""
     machine, settings, summary = results["machine"], results["settings"], results["summary"]
     load = machine.get("load_average") or {}
-    flags = _flags(results)
+    flags = list(machine.get("cpu_flags", []))
     intro = (
         f"`make bench` ended {results.get('date', 'on an unrecorded date')}, on {machine['description']}; CPU flags "
         f"`{' '.join(flags) or 'none of interest'}`; Python {machine['python']}, torch {machine['torch']}, "
@@ -278,9 +274,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.source:
         report.plot(results, args.docs / PLOT)
     page = args.docs / "benchmarks.md"
-    written = rewrite(page.read_text(), render(results))
+    current = page.read_text()
+    written = rewrite(current, render(results))
     if args.check:
-        if written != page.read_text():
+        if written != current:
             print(
                 f"{page} does not say what {COPIED['results.json']} holds: run python -m bench.figures", file=sys.stderr
             )

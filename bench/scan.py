@@ -109,18 +109,26 @@ def run_scan(
 
 
 def _watch(process: subprocess.Popen, report: Path, every_s: float = 1.0) -> List[Tuple[float, int]]:
-    """(seconds, report lines) every `every_s` until the scan exits: how its checked images accrued."""
+    """(seconds, report lines) every `every_s` until the scan exits: how its checked images accrued. Each poll reads
+    only what the scan wrote since the last one."""
     samples: List[Tuple[float, int]] = []
-    started = time.monotonic()
-    while True:
-        try:
-            returned = process.wait(timeout=every_s)
-        except subprocess.TimeoutExpired:
-            returned = None
-        lines = report.read_bytes().count(b"\n") if report.exists() else 0
-        samples.append((time.monotonic() - started, lines))
-        if returned is not None:
-            return samples
+    started, lines, handle = time.monotonic(), 0, None
+    try:
+        while True:
+            try:
+                returned = process.wait(timeout=every_s)
+            except subprocess.TimeoutExpired:
+                returned = None
+            if handle is None and report.exists():
+                handle = report.open("rb")
+            if handle is not None:
+                lines += handle.read().count(b"\n")
+            samples.append((time.monotonic() - started, lines))
+            if returned is not None:
+                return samples
+    finally:
+        if handle is not None:
+            handle.close()
 
 
 def halves_images_per_s(samples: Sequence[Tuple[float, int]]) -> List[float]:

@@ -377,6 +377,24 @@ def test_the_scan_ratios_carry_the_spread_of_the_scan_and_of_the_row():
     assert summary["scan_tiny_vs_server_spread"] == pytest.approx(0.01)
 
 
+def test_the_scan_is_watched_until_it_exits_counting_its_report_lines_as_they_are_written(tmp_path):
+    import subprocess
+    import sys
+
+    report = tmp_path / "report.jsonl"
+    writer = (
+        "import sys, time\n"
+        "with open(sys.argv[1], 'w') as out:\n"
+        "    for i in range(6):\n"
+        "        out.write('{}\\n'); out.flush(); time.sleep(0.1)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", writer, str(report)])
+    samples = scan_bench._watch(process, report, every_s=0.05)
+    assert process.returncode == 0
+    counts = [n for _, n in samples]
+    assert counts[-1] == 6 and counts == sorted(counts) and len(set(counts)) > 2  # seen growing, all counted
+
+
 def test_the_scan_halves_are_the_rates_either_side_of_the_middle_of_its_writing():
     samples = [(0.5, 0), (1.0, 2), (2.0, 12), (3.0, 22), (4.0, 27), (5.0, 32), (6.0, 32)]
     assert scan_bench.halves_images_per_s(samples) == pytest.approx([10.0, 5.0])
